@@ -1,0 +1,32 @@
+# Quick start: `make run` (install + default experiment on embedded synthetic data),
+# `make test` (install + test suite). Both create .venv from scratch when it is missing.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-fast lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch + torchvision from PyPI the ordinary way (they run on the CPU too)
+	$(BIN)/pip install -q torch torchvision
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python run.py -m experiment=quickstart data.category=texture,object,tile
+	$(BIN)/python -m ad_lightning.report outputs/multirun/latest --metric image_auroc --rows data.category --cols model
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=10
+
+lint: $(STAMP)
+	$(BIN)/ruff check ad_lightning tests run.py
+	$(BIN)/ruff format --check ad_lightning tests run.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,87 @@
+"""Frozen timm feature extractor: chosen blocks, resized to one size and concatenated.
+
+Block b is the stage whose output is downsampled 2**(b+1) times (ResNeXt layer1..layer4 are
+blocks 1..4), so `blocks: [1, 2, 3]` means the same stages for every timm backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ad_lightning.backbones.weights import resolve_weights
+
+log = logging.getLogger(__name__)
+
+
+class FeatureExtractor(nn.Module):
+    """FE(x) of Skip-DFR/DFR: frozen, always in eval mode, blocks concatenated channel-wise."""
+
+    def __init__(
+        self,
+        name: str = "efficientnet_lite0",
+        blocks: Sequence[int] = (1, 2, 3),
+        pretrained: bool = True,
+        weights: str | None = None,
+        allow_download: bool = True,
+        feature_size: int | None = None,
+        alias: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.alias = alias or name
+        self.blocks = sorted(int(b) for b in blocks)
+        if not self.blocks:
+            raise ValueError("backbone.blocks is empty; pick stages such as [1, 2, 3]")
+        probe = timm.create_model(name, features_only=True, pretrained=False)
+        reductions = probe.feature_info.reduction()
+        indices = []
+        for block in self.blocks:
+            if 2 ** (block + 1) not in reductions:
+                raise ValueError(f"backbone.blocks={list(blocks)}: {name} has no block {block} (stride {2 ** (block + 1)}); its strides are {reductions}")
+            indices.append(reductions.index(2 ** (block + 1)))
+        self.net = timm.create_model(name, features_only=True, pretrained=False, out_indices=indices)
+        self.pretrained = bool(pretrained)
+        if self.pretrained:
+            full = timm.create_model(name, pretrained=False)
+            self.weights_source = resolve_weights(full, name, weights, allow_download)
+            missing, _ = self.net.load_state_dict(full.state_dict(), strict=False)
+            if missing:
+                raise RuntimeError(f"{name}: feature extractor keys missing from the loaded weights: {missing[:5]}")
+            log.info("backbone %s blocks %s: ImageNet weights from %s", name, self.blocks, self.weights_source)
+        else:
+            self.weights_source = "random"
+            log.warning("backbone %s uses RANDOM weights (backbone.pretrained=false); results.json records this", name)
+        self.channels = [probe.feature_info.channels()[i] for i in indices]
+        self.out_channels = sum(self.channels)
+        self.feature_size = feature_size
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Stay in eval mode: BatchNorm statistics of a frozen backbone must not drift."""
+        super().train(False)
+        return self
+
+    def describe(self) -> dict:
+        return {
+            "name": self.alias,
+            "timm_name": self.name,
+            "blocks": self.blocks,
+            "pretrained": self.pretrained,
+            "weights": self.weights_source,
+        }
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.net(images)
+        size = self.feature_size or maps[0].shape[-2:]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+        return torch.cat(maps, dim=1)

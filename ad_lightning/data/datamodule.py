@@ -1,0 +1,207 @@
+"""One LightningDataModule for any MVTec-layout folder.
+
+Splits: train (normal images, plus contamination), val (a seeded fraction of the normal
+training images; the only data used for model selection, thresholds and normalisation),
+test (scored once, at the end). Batches are dicts: image, label, mask, path, index.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from ad_lightning.data.folder import CategoryFiles, DataLayoutError, Sample, scan_category
+from ad_lightning.data.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+
+class ImageReadError(ValueError):
+    """An image or mask could not be decoded; the message names the file."""
+
+
+def read_image(path: Path, channels: int) -> np.ndarray:
+    """Decode to HxWxC uint8; grayscale is expanded to 3 channels for ImageNet backbones."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I", "F"):
+                arr = np.asarray(img, dtype=np.float32)
+                arr = 255 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6)
+                img = Image.fromarray(arr.astype(np.uint8))
+            img = img.convert("RGB" if channels == 3 else "L")
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise ImageReadError(f"cannot read image {path}: {err}. The file is corrupt or truncated: replace it or remove it from the dataset folder.") from err
+    arr = np.asarray(img)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            mask = np.asarray(img.convert("L"))
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise ImageReadError(f"cannot read mask {path}: {err}. Replace the file or remove the ground_truth folder to skip pixel metrics.") from err
+    if mask.shape != image_hw:
+        raise ImageReadError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is {image_hw[1]}x{image_hw[0]}; masks must match their image's size.")
+    return (mask > 0).astype(np.float32)
+
+
+class AnomalyDataset(Dataset):
+    def __init__(self, samples: Sequence[Sample], transform: Any, channels: int = 3) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        image = read_image(sample.path, self.channels)
+        hw = image.shape[:2]
+        mask = read_mask(sample.mask_path, sample.path, hw) if sample.mask_path else np.zeros(hw, np.float32)
+        out = self.transform(image=image, mask=mask)
+        return {
+            "image": out["image"].float(),
+            "mask": torch.as_tensor(out["mask"]).float(),
+            "label": sample.label,
+            "path": str(sample.path),
+            "defect_type": sample.defect_type,
+            "index": index,
+        }
+
+
+class AnomalyDataModule(pl.LightningDataModule):
+    """Any MVTec-layout category: `data=folder data.root=... data.category=...`."""
+
+    def __init__(
+        self,
+        root: str,
+        category: str,
+        image_size: int | Sequence[int] = 256,
+        channels: int = 3,
+        normalize: str = "imagenet",
+        batch_size: int = 8,
+        eval_batch_size: int = 32,
+        num_workers: int = 2,
+        val_split: float = 0.1,
+        contamination: float = 0.0,
+        seed: int = 0,
+        train_augmentations: Sequence[Any] = (),
+        name: str = "folder",
+        categories: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels={channels}: use 3 (RGB; grayscale is expanded) or 1 (grayscale)")
+        if not 0.0 <= val_split < 1.0:
+            raise ValueError(f"data.val_split={val_split} must be in [0, 1)")
+        if contamination < 0:
+            raise ValueError(f"data.contamination={contamination} must be >= 0")
+        self.root = root
+        self.category = category
+        self.image_size = image_size
+        self.channels = channels
+        self.normalize = normalize
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.val_split = val_split
+        self.contamination = contamination
+        self.seed = seed
+        self.train_augmentations = list(train_augmentations or ())
+        self.name = name
+        self.categories = list(categories or [])  # the category list the papers use (for sweeps)
+        self.files: CategoryFiles | None = None
+        self.train_samples: list[Sample] = []
+        self.val_samples: list[Sample] = []
+        self.test_samples: list[Sample] = []
+        self.contaminated: list[Sample] = []
+
+    @property
+    def has_random_augmentation(self) -> bool:
+        return bool(self.train_augmentations)
+
+    @property
+    def has_masks(self) -> bool:
+        return bool(self.files and self.files.has_masks)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.files is not None:
+            return
+        if self.root is None:
+            raise DataLayoutError("data.root is not set: pass data.root=/path/to/dataset (the folder holding the categories).")
+        self.files = scan_category(self.root, self.category)
+        if self.files.mask_note:
+            log.warning("%s/%s: %s", self.root, self.category, self.files.mask_note)
+        rng = random.Random(self.seed)
+        normals = list(self.files.train)
+        rng.shuffle(normals)
+        n_val = int(round(self.val_split * len(normals)))
+        if self.val_split > 0 and len(normals) > 1:
+            n_val = max(1, min(n_val, len(normals) - 1))
+        self.val_samples = sorted(normals[:n_val], key=lambda s: s.path)
+        train = sorted(normals[n_val:], key=lambda s: s.path)
+        test = list(self.files.test)
+        # Contamination: round(ratio * clean training-set size) defective test images move
+        # into training (chosen by seed) and leave the test set, so none is trained on and scored.
+        n_moved = int(round(self.contamination * len(train)))
+        anomalous = [s for s in test if s.label == 1]
+        if n_moved > len(anomalous) - 1:
+            raise DataLayoutError(f"data.contamination={self.contamination} asks for {n_moved} defective images but the test set has {len(anomalous)} (at least one must stay for testing); lower the ratio.")
+        self.contaminated = sorted(random.Random(self.seed + 1).sample(anomalous, n_moved), key=lambda s: s.path)
+        moved = {s.path for s in self.contaminated}
+        self.train_samples = train + self.contaminated
+        self.test_samples = [s for s in test if s.path not in moved]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and provenance recorded in results.json."""
+        n_def = sum(s.label for s in self.test_samples)
+        return {
+            "name": self.name,
+            "root": str(self.root),
+            "category": self.category,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "n_train": len(self.train_samples),
+            "n_val": len(self.val_samples),
+            "n_test": len(self.test_samples),
+            "n_test_defective": n_def,
+            "defect_ratio": n_def / max(len(self.test_samples), 1),
+            "has_masks": self.has_masks,
+            "mask_note": self.files.mask_note if self.files else "",
+            "contamination": {"ratio": self.contamination, "n_moved": len(self.contaminated)},
+        }
+
+    def _loader(self, samples: list[Sample], train: bool) -> DataLoader:
+        if not samples:
+            raise DataLayoutError(f"the {'training' if train else 'evaluation'} split of {self.root}/{self.category} is empty")
+        augment = self.train_augmentations if train else ()
+        dataset = AnomalyDataset(samples, build_transform(self.image_size, self.channels, self.normalize, augment), self.channels)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_samples, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_samples, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_samples, train=False)

@@ -1,0 +1,92 @@
+"""Scan one category of an MVTec-layout folder into Sample records.
+
+Layout: <root>/<category>/train/good/*, test/good/*, test/<defect>/*,
+ground_truth/<defect>/<stem>_mask.png (optional). The layout is validated here once, with
+errors that name the folder or file and say how to fix it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+NORMAL = "good"
+
+
+class DataLayoutError(ValueError):
+    """The folder does not follow the MVTec layout; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 0 normal, 1 anomalous
+    defect_type: str
+    mask_path: Path | None = None
+
+
+@dataclass
+class CategoryFiles:
+    train: list[Sample]
+    test: list[Sample]
+    has_masks: bool
+    mask_note: str = ""
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _find_mask(gt_dir: Path, defect: str, image: Path) -> Path | None:
+    for name in (f"{image.stem}_mask.png", f"{image.stem}.png", f"{image.stem}_mask{image.suffix}"):
+        candidate = gt_dir / defect / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def scan_category(root: str | Path, category: str) -> CategoryFiles:
+    """Return the train and test samples of one category, masks attached where they exist."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataLayoutError(f"data.root={root} does not exist or is not a folder; point data.root at the dataset folder that holds the categories.")
+    base = root / category
+    if not base.is_dir():
+        available = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "train").is_dir())
+        raise DataLayoutError(f"category '{category}' not found under {root}; available categories: {available or 'none (no <category>/train folders)'}. Set data.category=<one of them>.")
+    train_dir = base / "train" / NORMAL
+    if not train_dir.is_dir():
+        raise DataLayoutError(f"{train_dir} is missing: the MVTec layout needs <category>/train/good/ with the defect-free training images.")
+    train = [Sample(p, 0, NORMAL) for p in list_images(train_dir)]
+    if not train:
+        raise DataLayoutError(f"{train_dir} holds no images (extensions {sorted(IMAGE_EXTENSIONS)}).")
+
+    test_dir = base / "test"
+    if not test_dir.is_dir():
+        raise DataLayoutError(f"{test_dir} is missing: the MVTec layout needs <category>/test/good/ and test/<defect>/ folders.")
+    gt_dir = base / "ground_truth"
+    test: list[Sample] = []
+    missing_masks: list[Path] = []
+    for folder in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        defect = folder.name
+        for image in list_images(folder):
+            if defect == NORMAL:
+                test.append(Sample(image, 0, NORMAL))
+                continue
+            mask = _find_mask(gt_dir, defect, image) if gt_dir.is_dir() else None
+            if mask is None and gt_dir.is_dir():
+                missing_masks.append(image)
+            test.append(Sample(image, 1, defect, mask))
+    n_anomalous = sum(s.label for s in test)
+    if n_anomalous == 0 or n_anomalous == len(test):
+        raise DataLayoutError(f"{test_dir} needs both normal images (test/good/) and defective ones (test/<defect>/) for AUROC; found {len(test) - n_anomalous} normal and {n_anomalous} defective.")
+
+    has_masks = gt_dir.is_dir() and not missing_masks
+    note = ""
+    if not gt_dir.is_dir():
+        note = f"no {gt_dir.name}/ folder: image-level metrics only"
+    elif missing_masks:
+        note = f"{len(missing_masks)} of {n_anomalous} defective test images have no mask (first: {missing_masks[0]}): pixel metrics skipped"
+        test = [Sample(s.path, s.label, s.defect_type, None) for s in test]
+    return CategoryFiles(train=train, test=test, has_masks=has_masks, mask_note=note)

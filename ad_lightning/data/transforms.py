@@ -1,0 +1,46 @@
+"""Albumentations pipelines: resize, optional train augmentations, normalisation, tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalization(kind: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Mean/std for `kind`: imagenet (pretrained backbones), half ([-1, 1], GANs) or none ([0, 1])."""
+    if kind == "none":
+        return None
+    if kind == "half":
+        return (0.5,) * channels, (0.5,) * channels
+    if kind == "imagenet":
+        if channels == 3:
+            return IMAGENET_MEAN, IMAGENET_STD
+        return (sum(IMAGENET_MEAN) / 3,) * channels, (sum(IMAGENET_STD) / 3,) * channels
+    raise ValueError(f"data.normalize={kind!r} is unknown; use imagenet, half or none")
+
+
+def build_transform(
+    image_size: int | Sequence[int],
+    channels: int,
+    normalize: str = "imagenet",
+    augmentations: Sequence[A.BasicTransform] = (),
+) -> A.Compose:
+    """Resize (masks with nearest neighbour), augment, normalise and convert to CHW tensors."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    steps: list[A.BasicTransform] = [
+        A.Resize(h, w, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)
+    ]
+    steps += list(augmentations)
+    stats = normalization(normalize, channels)
+    if stats is None:
+        steps.append(A.ToFloat(max_value=255.0))
+    else:
+        steps.append(A.Normalize(mean=stats[0], std=stats[1], max_pixel_value=255.0))
+    steps.append(ToTensorV2())
+    return A.Compose(steps)

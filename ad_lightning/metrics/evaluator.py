@@ -1,0 +1,86 @@
+"""Every named score of a method -> AUROC, AP and thresholded statistics (torchmetrics)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+    binary_f1_score,
+    binary_precision,
+    binary_recall,
+    binary_specificity,
+)
+
+from ad_lightning.metrics.thresholds import defect_ratio_threshold, percentile_threshold
+
+
+def unit_scale(values: torch.Tensor) -> torch.Tensor:
+    """Affine map onto [0, 1]. torchmetrics treats inputs outside [0, 1] as logits and applies a
+    sigmoid, which saturates large scores into ties; an affine map keeps the ranking exactly."""
+    values = values.double()
+    lo, hi = values.min(), values.max()
+    return (values - lo) / (hi - lo) if hi > lo else torch.zeros_like(values)
+
+
+def squash(values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Monotone map of unbounded map values into (0, 1), for streaming pixel AUROC where the
+    test-set range is not known in advance; `scale` (from validation maps) keeps it unsaturated."""
+    u = values.double() / max(scale, 1e-12)
+    return 0.5 + 0.5 * u / (1 + u.abs())
+
+
+def threshold_stats(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float]:
+    """Precision, TPR (sensitivity), TNR (specificity) and F1 when `score >= threshold` is anomalous."""
+    preds = (scores.double() >= threshold).long()
+    target = labels.long()
+    return {
+        "threshold": float(threshold),
+        "precision": float(binary_precision(preds, target)),
+        "tpr": float(binary_recall(preds, target)),
+        "tnr": float(binary_specificity(preds, target)),
+        "f1": float(binary_f1_score(preds, target)),
+        "flagged": int(preds.sum()),
+    }
+
+
+def evaluate_scores(
+    scores: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    val_scores: dict[str, torch.Tensor] | None = None,
+    percentile: float = 99.0,
+) -> dict[str, dict]:
+    """Metrics per score name. Non-finite scores are an error, never a silent NaN metric."""
+    labels = labels.long().cpu()
+    ratio = float(labels.float().mean())
+    out: dict[str, dict] = {}
+    for name, values in scores.items():
+        values = values.double().cpu()
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            raise FloatingPointError(f"score '{name}' is NaN or infinite for {bad} of {values.numel()} test images; the model diverged, so no metric is written for it")
+        result: dict = {
+            "auroc": float(binary_auroc(unit_scale(values), labels)),
+            "ap": float(binary_average_precision(unit_scale(values), labels)),
+            "at_defect_ratio": threshold_stats(values, labels, defect_ratio_threshold(values, ratio)),
+        }
+        val = None if val_scores is None else val_scores.get(name)
+        if val is not None and val.numel() > 0:
+            result["at_val_percentile"] = threshold_stats(values, labels, percentile_threshold(val.double().cpu(), percentile))
+            result["at_val_percentile"]["percentile"] = percentile
+        out[name] = result
+    return out
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Nested metrics -> 'a/b/c' keys with finite numbers, for loggers."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            flat[name] = float(value)
+    return flat

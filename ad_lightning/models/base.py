@@ -1,0 +1,206 @@
+"""AnomalyModule: the one place where evaluation happens, for every method.
+
+A method subclasses it and implements training (its paper's loss) and `score(batch)`,
+returning named image scores and optionally an anomaly map. The base scores the normal
+validation images (thresholds, normalisation) and the test set once, gathers across DDP
+ranks, and computes the metrics; it knows nothing about any method.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torchmetrics.classification import BinaryAUROC
+
+from ad_lightning.metrics.evaluator import evaluate_scores, flatten, squash
+
+log = logging.getLogger(__name__)
+PROTOCOLS = ("leak_free", "paper")
+
+
+@dataclass
+class Scores:
+    """Per-image scores by name (each a tensor [B]) and an optional anomaly map [B, H, W]."""
+
+    image: dict[str, torch.Tensor]
+    map: torch.Tensor | None = None
+
+
+class DivergenceError(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "leak_free"
+    threshold_percentile: float = 99.0
+    kept_map_size: int = 128
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class AnomalyModule(pl.LightningModule):
+    """Base of every method. Subclasses set `primary_score` and implement `score`."""
+
+    #: the name in Scores.image that results.json reports as `image_auroc`
+    primary_score: str = "score"
+    #: False for methods whose fit only collects statistics (no optimiser step)
+    trains_by_gradient: bool = True
+    #: True when score() needs autograd (AnoGAN's latent search)
+    score_needs_grad: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eval_config = EvalConfig()
+        self.pixel_auroc = BinaryAUROC()
+        self.test_results: dict[str, Any] | None = None
+        self._records: list[dict[str, Any]] = []
+        self._maps: dict[str, torch.Tensor] = {}
+        self._pixel_updates = 0
+        self._inference_s = 0.0
+        self._n_scored = 0
+
+    # ---- what a method implements -------------------------------------------------
+    def score(self, batch: dict[str, Any]) -> Scores:
+        raise NotImplementedError
+
+    def validation_loss(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The training objective on normal validation images, for model selection; None if none."""
+        return None
+
+    @property
+    def monitor(self) -> str | None:
+        """Metric that selects the checkpoint to score (leak-free: validation data only)."""
+        return "val/loss" if self.trains_by_gradient else None
+
+    def describe(self) -> dict[str, Any]:
+        """Method facts for results.json (backbone, weights used, ...)."""
+        return {}
+
+    # ---- configuration from the run ------------------------------------------------
+    def configure_evaluation(self, protocol: str = "leak_free", threshold_percentile: float = 99.0, kept_map_size: int = 128) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol={protocol!r}: use one of {PROTOCOLS}")
+        self.eval_config = EvalConfig(protocol, float(threshold_percentile), int(kept_map_size))
+
+    # ---- training safety -----------------------------------------------------------
+    def check_finite(self, loss: torch.Tensor, what: str = "loss") -> torch.Tensor:
+        """Stop with a clear message on NaN/inf; the last good checkpoint stays on disk."""
+        if not torch.isfinite(loss).all():
+            raise DivergenceError(f"{type(self).__name__}: {what} became {loss.detach().cpu().tolist()} at epoch {self.current_epoch}, step {self.global_step}; training diverged. Lower the learning rate; the last good checkpoint (last.ckpt) is kept.")
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self.validation_loss(batch)
+        if loss is not None:
+            self.log("val/loss", self.check_finite(loss, "validation loss"), prog_bar=True, batch_size=len(batch["label"]))
+
+    # ---- scoring -------------------------------------------------------------------
+    def _score(self, batch: dict[str, Any]) -> Scores:
+        with torch.set_grad_enabled(self.score_needs_grad):
+            out = self.score(batch)
+        return Scores({k: v.detach().float().reshape(-1) for k, v in out.image.items()}, None if out.map is None else out.map.detach().float())
+
+    def score_loader(self, loader: Any) -> tuple[dict[str, torch.Tensor], float]:
+        """Scores of every image of a loader (the normal validation split) and its largest |map| value."""
+        collected: dict[str, list[torch.Tensor]] = {}
+        map_scale = 0.0
+        for batch in loader:
+            batch = self.trainer.strategy.batch_to_device(batch) if self._trainer else batch
+            scores = self._score(batch)
+            for name, values in scores.image.items():
+                collected.setdefault(name, []).append(values.cpu())
+            if scores.map is not None:
+                map_scale = max(map_scale, float(scores.map.abs().max()))
+        return {k: torch.cat(v) for k, v in collected.items()}, map_scale
+
+    def on_test_epoch_start(self) -> None:
+        self._records, self._maps = [], {}
+        self._pixel_updates, self._inference_s, self._n_scored = 0, 0.0, 0
+        self.pixel_auroc.reset()
+        datamodule = self.trainer.datamodule
+        self._val_scores, self._map_scale = self.score_loader(datamodule.val_dataloader()) if datamodule.val_samples else ({}, 0.0)
+        self._has_masks = bool(getattr(datamodule, "has_masks", False))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        scores = self._score(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._inference_s += time.perf_counter() - start
+        self._n_scored += len(batch["label"])
+        missing = [] if self.primary_score in scores.image else [self.primary_score]
+        if missing:
+            raise KeyError(f"{type(self).__name__}.score() returned {sorted(scores.image)} but the primary score is {self.primary_score!r}; set model.score to one of them")
+        labels = torch.as_tensor(batch["label"]).cpu()
+        for i, path in enumerate(batch["path"]):
+            record = {"path": path, "label": int(labels[i]), "defect_type": batch["defect_type"][i]}
+            record.update({name: float(v[i]) for name, v in scores.image.items()})
+            self._records.append(record)
+        if scores.map is not None:
+            maps = scores.map
+            masks = batch["mask"]
+            if maps.shape[-2:] != masks.shape[-2:]:
+                maps = F.interpolate(maps[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            if self._has_masks:
+                scale = self._map_scale or float(maps.abs().max()) or 1.0
+                self.pixel_auroc.update(squash(maps.flatten(), scale).float(), masks.long().flatten())
+                self._pixel_updates += 1
+            small = maps
+            if max(maps.shape[-2:]) > self.eval_config.kept_map_size:
+                small = F.interpolate(maps[:, None], size=self.eval_config.kept_map_size, mode="bilinear", align_corners=False)[:, 0]
+            for i, path in enumerate(batch["path"]):
+                self._maps[path] = small[i].half().cpu()
+
+    def _gather_records(self) -> list[dict[str, Any]]:
+        records = self._records
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, records)
+            records = [r for part in parts for r in part]
+        unique = {r["path"]: r for r in records}  # DistributedSampler pads with duplicates
+        return sorted(unique.values(), key=lambda r: r["path"])
+
+    def on_test_epoch_end(self) -> None:
+        records = self._gather_records()
+        names = [k for k in records[0] if k not in ("path", "label", "defect_type")]
+        labels = torch.tensor([r["label"] for r in records])
+        scores = {n: torch.tensor([r[n] for r in records], dtype=torch.float64) for n in names}
+        per_score = evaluate_scores(scores, labels, self._val_scores, self.eval_config.threshold_percentile)
+        # Min-max normalisation: from validation scores (leak-free) or the test set itself
+        # (protocol=paper, as DPAE reports). AUROC does not change; the scale does.
+        for n in names:
+            ref = scores[n] if self.eval_config.protocol == "paper" or n not in self._val_scores else self._val_scores[n].double()
+            lo, hi = float(ref.min()), float(ref.max())
+            for r in records:
+                r[f"{n}_normalized"] = (r[n] - lo) / (hi - lo) if hi > lo else 0.0
+        primary = per_score[self.primary_score]
+        metrics: dict[str, Any] = {
+            "image_auroc": primary["auroc"],
+            "image_ap": primary["ap"],
+            "f1_at_defect_ratio": primary["at_defect_ratio"]["f1"],
+        }
+        if "at_val_percentile" in primary:
+            metrics["f1_at_val_percentile"] = primary["at_val_percentile"]["f1"]
+        if self._pixel_updates:
+            metrics["pixel_auroc"] = float(self.pixel_auroc.compute())
+        self.test_results = {
+            "primary_score": self.primary_score,
+            "metrics": metrics,
+            "scores": per_score,
+            "records": records,
+            "maps": self._maps,
+            "val_scores": {k: v.tolist() for k, v in self._val_scores.items()},
+            "inference_ms_per_image": 1000 * self._inference_s / max(self._n_scored, 1),
+            "n_images_timed": self._n_scored,
+        }
+        flat = flatten(metrics, "test") | flatten({n: {"auroc": s["auroc"], "ap": s["ap"]} for n, s in per_score.items()}, "test/score")
+        self.log_dict(flat, sync_dist=False)

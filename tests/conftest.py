@@ -1,0 +1,75 @@
+"""Shared fixtures: one synthetic dataset per session, a tiny MVTec-layout folder, a fit helper."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # one generated dataset per test session, outside the user's cache
+    cache = Path(config.rootpath) / ".pytest_cache" / "ad_lightning"
+    os.environ.setdefault("AD_LIGHTNING_CACHE", str(cache))
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a test must never wait on the hub
+
+
+@pytest.fixture(scope="session")
+def synthetic_root() -> Path:
+    from ad_lightning.data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset()
+
+
+def _png(path: Path, size: tuple[int, int] = (32, 32), value: int = 128, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    Image.fromarray(np.full(shape, value, np.uint8), mode).save(path)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """<root>/widget: 20 train, 5 test good, 4 scratch + 3 dent test images, masks for all defects."""
+    root = tmp_path / "data"
+    cat = root / "widget"
+    for i in range(20):
+        _png(cat / "train" / "good" / f"{i:03d}.png")
+    for i in range(5):
+        _png(cat / "test" / "good" / f"{i:03d}.png")
+    for defect, n in (("scratch", 4), ("dent", 3)):
+        for i in range(n):
+            _png(cat / "test" / defect / f"{i:03d}.png", value=200)
+            mask = np.zeros((32, 32), np.uint8)
+            mask[4 * i : 4 * i + 8, 10:20] = 255
+            (cat / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(cat / "ground_truth" / defect / f"{i:03d}_mask.png")
+    return root
+
+
+def fit_and_test(model, datamodule, epochs: int, **trainer_kwargs) -> dict:
+    """Train on CPU without loggers or checkpoints, test once; return model.test_results."""
+    import pytorch_lightning as pl
+
+    pl.seed_everything(0, workers=True)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    return model.test_results

@@ -1,0 +1,122 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ad_lightning.data import AnomalyDataModule, DataLayoutError, scan_category
+from ad_lightning.data.datamodule import ImageReadError
+
+
+def make_dm(root: Path, **kw) -> AnomalyDataModule:
+    kw = {"image_size": 32, "num_workers": 0, "val_split": 0.1, "seed": 0} | kw
+    dm = AnomalyDataModule(root=str(root), category="widget", **kw)
+    dm.setup()
+    return dm
+
+
+def test_counts_labels_and_splits(tiny_folder: Path) -> None:
+    dm = make_dm(tiny_folder)
+    assert (len(dm.train_samples), len(dm.val_samples), len(dm.test_samples)) == (18, 2, 12)
+    assert {s.label for s in dm.train_samples + dm.val_samples} == {0}
+    assert sum(s.label for s in dm.test_samples) == 7
+    assert not {s.path for s in dm.val_samples} & {s.path for s in dm.train_samples}
+    assert dm.has_masks
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["image"].shape == (12, 3, 32, 32)
+    assert batch["mask"].shape == (12, 32, 32)
+
+
+def test_masks_align_with_their_images(tiny_folder: Path) -> None:
+    dm = make_dm(tiny_folder, image_size=64)
+    batch = next(iter(dm.test_dataloader()))
+    for path, label, mask in zip(batch["path"], batch["label"], batch["mask"]):
+        if label == 0:
+            assert mask.sum() == 0
+            continue
+        i = int(Path(path).stem)
+        expected = torch.zeros(64, 64)
+        expected[8 * i : 8 * i + 16, 20:40] = 1  # nearest-neighbour 2x of the 32 px mask
+        assert torch.equal(mask, expected), path
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("ratio", [0.06, 0.2, 0.3])
+def test_contamination_moves_exactly_round_ratio_n_train(tiny_folder: Path, ratio: float) -> None:
+    clean = make_dm(tiny_folder)
+    dm = make_dm(tiny_folder, contamination=ratio)
+    n = round(ratio * len(clean.train_samples))
+    assert len(dm.contaminated) == n
+    assert len(dm.train_samples) == len(clean.train_samples) + n
+    moved = {s.path for s in dm.contaminated}
+    assert all(s.label == 1 for s in dm.contaminated)
+    assert not moved & {s.path for s in dm.test_samples}
+    assert len(dm.test_samples) == len(clean.test_samples) - n
+    assert moved <= {s.path for s in dm.train_samples}
+    # chosen by seed: same seed, same files; another seed, (almost surely) others
+    again = make_dm(tiny_folder, contamination=ratio)
+    assert [s.path for s in again.contaminated] == [s.path for s in dm.contaminated]
+
+
+def test_contamination_needs_enough_defects(tiny_folder: Path) -> None:
+    with pytest.raises(DataLayoutError, match="contamination"):
+        make_dm(tiny_folder, contamination=0.5)
+
+
+def test_grayscale_is_expanded_to_three_channels(tiny_folder: Path) -> None:
+    gray = tiny_folder / "widget" / "train" / "good" / "000.png"
+    Image.fromarray(np.full((32, 32), 77, np.uint8), "L").save(gray)
+    dm = make_dm(tiny_folder, val_split=0.0, normalize="none")
+    item = dm.train_dataloader().dataset[0]
+    assert item["image"].shape == (3, 32, 32)
+    assert torch.allclose(item["image"], torch.full((3, 32, 32), 77 / 255))
+
+
+def test_corrupt_image_error_names_the_file(tiny_folder: Path) -> None:
+    bad = tiny_folder / "widget" / "test" / "good" / "002.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    dm = make_dm(tiny_folder)
+    with pytest.raises(ImageReadError, match="002.png"):
+        for _ in dm.test_dataloader():
+            pass
+
+
+def test_mask_size_mismatch_is_an_error(tiny_folder: Path) -> None:
+    mask = tiny_folder / "widget" / "ground_truth" / "dent" / "001_mask.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(mask)
+    dm = make_dm(tiny_folder)
+    with pytest.raises(ImageReadError, match="001_mask.png"):
+        for _ in dm.test_dataloader():
+            pass
+
+
+def test_layout_errors_say_what_to_fix(tmp_path: Path, tiny_folder: Path) -> None:
+    with pytest.raises(DataLayoutError, match="does not exist"):
+        scan_category(tmp_path / "nowhere", "widget")
+    with pytest.raises(DataLayoutError, match="available categories: \\['widget'\\]"):
+        scan_category(tiny_folder, "gadget")
+    for p in (tiny_folder / "widget" / "train" / "good").iterdir():
+        p.unlink()
+    with pytest.raises(DataLayoutError, match="holds no images"):
+        scan_category(tiny_folder, "widget")
+
+
+def test_missing_masks_disable_pixel_metrics(tiny_folder: Path) -> None:
+    (tiny_folder / "widget" / "ground_truth" / "dent" / "000_mask.png").unlink()
+    files = scan_category(tiny_folder, "widget")
+    assert not files.has_masks and "no mask" in files.mask_note
+
+
+def test_synthetic_dataset_is_deterministic_mvtec_layout(synthetic_root: Path, tmp_path: Path) -> None:
+    from ad_lightning.data.synthetic import CATEGORIES, make_synthetic_dataset
+
+    for category in CATEGORIES:
+        files = scan_category(synthetic_root, category)
+        assert files.has_masks and len(files.train) == 48
+    again = make_synthetic_dataset(tmp_path / "again")
+    a = np.asarray(Image.open(synthetic_root / "object" / "test" / "spot" / "003.png"))
+    b = np.asarray(Image.open(again / "object" / "test" / "spot" / "003.png"))
+    assert np.array_equal(a, b)
+    mask = np.asarray(Image.open(again / "object" / "ground_truth" / "spot" / "003_mask.png"))
+    assert 0 < (mask > 0).sum() < mask.size // 10  # a visible but local defect
