@@ -9,7 +9,10 @@ from ad_lightning.train import run
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     results = run(cfg)
-    print(f"\n{results['model']} on {results['data']['category']}: " + "  ".join(f"{k}={v:.4f}" for k, v in results["metrics"].items()))
+    print(
+        f"\n{results['model']} on {results['data']['category']}: "
+        + "  ".join(f"{k}={v:.4f}" for k, v in results["metrics"].items())
+    )
     return results["metrics"]["image_auroc"]
 
 

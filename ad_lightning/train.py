@@ -20,6 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import WandbLogger
 
 import ad_lightning
 from ad_lightning.models.base import AnomalyModule, DivergenceError
@@ -36,7 +37,13 @@ def run_dir(cfg: DictConfig) -> Path:
 
 def versions() -> dict[str, str]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        ).stdout.strip()
     except Exception:  # noqa: BLE001 - not a git checkout
         commit = ""
     return {
@@ -57,7 +64,11 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
         conf = OmegaConf.to_container(conf, resolve=True)
         if "WandbLogger" in conf.get("_target_", "") and not conf.get("group"):
             # jobs of one multirun share a W&B group: the sweep folder
-            conf["group"] = Path(HydraConfig.get().sweep.dir).name if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN" else None
+            conf["group"] = (
+                Path(HydraConfig.get().sweep.dir).name
+                if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+                else None
+            )
         loggers.append(hydra.utils.instantiate(conf, save_dir=str(out)))
         log.info("logger %s -> %s", name, out)
     return loggers
@@ -65,7 +76,14 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
 
 def build_callbacks(cfg: DictConfig, model: AnomalyModule, out: Path) -> list[pl.Callback]:
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(dirpath=out / "checkpoints", monitor=model.monitor, mode="min", save_last=True, save_top_k=1 if model.monitor else 0, filename="best-{epoch}"),
+        ModelCheckpoint(
+            dirpath=out / "checkpoints",
+            monitor=model.monitor,
+            mode="min",
+            save_last=True,
+            save_top_k=1 if model.monitor else 0,
+            filename="best-{epoch}",
+        ),
         TestArtifacts(str(out), n_heatmaps=cfg.eval.n_heatmaps),
     ]
     for conf in (cfg.get("callbacks") or {}).values():
@@ -99,7 +117,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model.configure_evaluation(cfg.protocol, cfg.eval.threshold_percentile, cfg.eval.kept_map_size)
     loggers = build_loggers(cfg, out)
     callbacks = build_callbacks(cfg, model, out)
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out))
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out)
+    )
     results: dict[str, Any] = {
         "status": "running",
         "run_dir": str(out),
@@ -112,7 +132,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     backbone = model.describe().get("backbone")
     if backbone and not backbone["pretrained"]:
-        results["warnings"].append(f"backbone {backbone['name']} has RANDOM weights (backbone.pretrained=false)")
+        results["warnings"].append(
+            f"backbone {backbone['name']} has RANDOM weights (backbone.pretrained=false)"
+        )
     if datamodule.summary()["mask_note"]:
         results["warnings"].append(datamodule.summary()["mask_note"])
     contamination_file = write_contamination(datamodule, out)
@@ -123,8 +145,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer.fit(model, datamodule=datamodule)
     except DivergenceError as err:
-        results.update(status="diverged", error=str(err), last_checkpoint=str(out / "checkpoints" / "last.ckpt"))
+        results.update(
+            status="diverged",
+            error=str(err),
+            last_checkpoint=str(out / "checkpoints" / "last.ckpt"),
+        )
         write_json(out / "results.json", results)
+        finish_loggers(loggers)
         raise
     fit_s = time.perf_counter() - start
     checkpoint = callbacks[0]
@@ -134,8 +161,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ckpt_path = checkpoint.best_model_path if use_best else checkpoint.last_model_path or None
     results["checkpoint"] = {
         "scored": ckpt_path or "in-memory model after fit",
-        "selection": "lowest validation loss (normal validation images only)" if ckpt_path and cfg.protocol == "leak_free" else "last epoch",
-        "best_score": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "selection": "lowest validation loss (normal validation images only)"
+        if ckpt_path and cfg.protocol == "leak_free"
+        else "last epoch",
+        "best_score": float(checkpoint.best_model_score)
+        if checkpoint.best_model_score is not None
+        else None,
         "epochs": trainer.current_epoch,
     }
     start = time.perf_counter()
@@ -149,12 +180,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics=test["metrics"],
         scores=test["scores"],
         val_scores=test["val_scores"],
-        timings={"fit_s": round(fit_s, 2), "test_s": round(test_s, 2), "inference_ms_per_image": round(test["inference_ms_per_image"], 3), "n_images_timed": test["n_images_timed"], "device": str(model.device)},
+        timings={
+            "fit_s": round(fit_s, 2),
+            "test_s": round(test_s, 2),
+            "inference_ms_per_image": round(test["inference_ms_per_image"], 3),
+            "n_images_timed": test["n_images_timed"],
+            "device": str(model.device),
+        },
     )
     if trainer.is_global_zero:
         write_json(out / "results.json", results)
         log.info("results: %s", {k: round(v, 4) for k, v in results["metrics"].items()})
-    for logger in loggers:
-        if hasattr(logger, "experiment") and hasattr(logger, "finalize"):
-            logger.finalize("success")
+    finish_loggers(loggers)
     return results
+
+
+def finish_loggers(loggers: list[Any]) -> None:
+    """Close each W&B run, so the next job of a multirun (same process) starts its own."""
+    for logger in loggers:
+        logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()

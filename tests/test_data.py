@@ -31,7 +31,7 @@ def test_counts_labels_and_splits(tiny_folder: Path) -> None:
 def test_masks_align_with_their_images(tiny_folder: Path) -> None:
     dm = make_dm(tiny_folder, image_size=64)
     batch = next(iter(dm.test_dataloader()))
-    for path, label, mask in zip(batch["path"], batch["label"], batch["mask"]):
+    for path, label, mask in zip(batch["path"], batch["label"], batch["mask"], strict=False):
         if label == 0:
             assert mask.sum() == 0
             continue
@@ -108,7 +108,9 @@ def test_missing_masks_disable_pixel_metrics(tiny_folder: Path) -> None:
     assert not files.has_masks and "no mask" in files.mask_note
 
 
-def test_synthetic_dataset_is_deterministic_mvtec_layout(synthetic_root: Path, tmp_path: Path) -> None:
+def test_synthetic_dataset_is_deterministic_mvtec_layout(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
     from ad_lightning.data.synthetic import CATEGORIES, make_synthetic_dataset
 
     for category in CATEGORIES:

@@ -18,7 +18,9 @@ def test_skip_autoencoder_shapes_and_skip_modes() -> None:
 
 
 def test_skip_dfr_learns_on_synthetic_object(synthetic_root) -> None:
-    dm = SyntheticDataModule(root=str(synthetic_root), category="object", image_size=128, num_workers=0, batch_size=8)
+    dm = SyntheticDataModule(
+        root=str(synthetic_root), category="object", image_size=128, num_workers=0, batch_size=8
+    )
     model = SkipDFR(FeatureExtractor("efficientnet_lite0", blocks=[1, 2, 3]), lr=3e-3)
     results = fit_and_test(model, dm, epochs=30)
     assert model.backbone.describe()["weights"].startswith("package:")  # real ImageNet weights

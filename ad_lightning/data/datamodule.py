@@ -40,7 +40,9 @@ def read_image(path: Path, channels: int) -> np.ndarray:
                 img = Image.fromarray(arr.astype(np.uint8))
             img = img.convert("RGB" if channels == 3 else "L")
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise ImageReadError(f"cannot read image {path}: {err}. The file is corrupt or truncated: replace it or remove it from the dataset folder.") from err
+        raise ImageReadError(
+            f"cannot read image {path}: {err}. The file is corrupt or truncated: replace it or remove it from the dataset folder."
+        ) from err
     arr = np.asarray(img)
     return arr[..., None] if arr.ndim == 2 else arr
 
@@ -50,9 +52,13 @@ def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.nda
         with Image.open(path) as img:
             mask = np.asarray(img.convert("L"))
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise ImageReadError(f"cannot read mask {path}: {err}. Replace the file or remove the ground_truth folder to skip pixel metrics.") from err
+        raise ImageReadError(
+            f"cannot read mask {path}: {err}. Replace the file or remove the ground_truth folder to skip pixel metrics."
+        ) from err
     if mask.shape != image_hw:
-        raise ImageReadError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is {image_hw[1]}x{image_hw[0]}; masks must match their image's size.")
+        raise ImageReadError(
+            f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is {image_hw[1]}x{image_hw[0]}; masks must match their image's size."
+        )
     return (mask > 0).astype(np.float32)
 
 
@@ -69,7 +75,11 @@ class AnomalyDataset(Dataset):
         sample = self.samples[index]
         image = read_image(sample.path, self.channels)
         hw = image.shape[:2]
-        mask = read_mask(sample.mask_path, sample.path, hw) if sample.mask_path else np.zeros(hw, np.float32)
+        mask = (
+            read_mask(sample.mask_path, sample.path, hw)
+            if sample.mask_path
+            else np.zeros(hw, np.float32)
+        )
         out = self.transform(image=image, mask=mask)
         return {
             "image": out["image"].float(),
@@ -103,7 +113,9 @@ class AnomalyDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
-            raise ValueError(f"data.channels={channels}: use 3 (RGB; grayscale is expanded) or 1 (grayscale)")
+            raise ValueError(
+                f"data.channels={channels}: use 3 (RGB; grayscale is expanded) or 1 (grayscale)"
+            )
         if not 0.0 <= val_split < 1.0:
             raise ValueError(f"data.val_split={val_split} must be in [0, 1)")
         if contamination < 0:
@@ -140,7 +152,9 @@ class AnomalyDataModule(pl.LightningDataModule):
         if self.files is not None:
             return
         if self.root is None:
-            raise DataLayoutError("data.root is not set: pass data.root=/path/to/dataset (the folder holding the categories).")
+            raise DataLayoutError(
+                "data.root is not set: pass data.root=/path/to/dataset (the folder holding the categories)."
+            )
         self.files = scan_category(self.root, self.category)
         if self.files.mask_note:
             log.warning("%s/%s: %s", self.root, self.category, self.files.mask_note)
@@ -158,8 +172,12 @@ class AnomalyDataModule(pl.LightningDataModule):
         n_moved = int(round(self.contamination * len(train)))
         anomalous = [s for s in test if s.label == 1]
         if n_moved > len(anomalous) - 1:
-            raise DataLayoutError(f"data.contamination={self.contamination} asks for {n_moved} defective images but the test set has {len(anomalous)} (at least one must stay for testing); lower the ratio.")
-        self.contaminated = sorted(random.Random(self.seed + 1).sample(anomalous, n_moved), key=lambda s: s.path)
+            raise DataLayoutError(
+                f"data.contamination={self.contamination} asks for {n_moved} defective images but the test set has {len(anomalous)} (at least one must stay for testing); lower the ratio."
+            )
+        self.contaminated = sorted(
+            random.Random(self.seed + 1).sample(anomalous, n_moved), key=lambda s: s.path
+        )
         moved = {s.path for s in self.contaminated}
         self.train_samples = train + self.contaminated
         self.test_samples = [s for s in test if s.path not in moved]
@@ -185,9 +203,15 @@ class AnomalyDataModule(pl.LightningDataModule):
 
     def _loader(self, samples: list[Sample], train: bool) -> DataLoader:
         if not samples:
-            raise DataLayoutError(f"the {'training' if train else 'evaluation'} split of {self.root}/{self.category} is empty")
+            raise DataLayoutError(
+                f"the {'training' if train else 'evaluation'} split of {self.root}/{self.category} is empty"
+            )
         augment = self.train_augmentations if train else ()
-        dataset = AnomalyDataset(samples, build_transform(self.image_size, self.channels, self.normalize, augment), self.channels)
+        dataset = AnomalyDataset(
+            samples,
+            build_transform(self.image_size, self.channels, self.normalize, augment),
+            self.channels,
+        )
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,

@@ -35,7 +35,9 @@ class CategoryFiles:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def _find_mask(gt_dir: Path, defect: str, image: Path) -> Path | None:
@@ -50,21 +52,31 @@ def scan_category(root: str | Path, category: str) -> CategoryFiles:
     """Return the train and test samples of one category, masks attached where they exist."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataLayoutError(f"data.root={root} does not exist or is not a folder; point data.root at the dataset folder that holds the categories.")
+        raise DataLayoutError(
+            f"data.root={root} does not exist or is not a folder; point data.root at the dataset folder that holds the categories."
+        )
     base = root / category
     if not base.is_dir():
         available = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "train").is_dir())
-        raise DataLayoutError(f"category '{category}' not found under {root}; available categories: {available or 'none (no <category>/train folders)'}. Set data.category=<one of them>.")
+        raise DataLayoutError(
+            f"category '{category}' not found under {root}; available categories: {available or 'none (no <category>/train folders)'}. Set data.category=<one of them>."
+        )
     train_dir = base / "train" / NORMAL
     if not train_dir.is_dir():
-        raise DataLayoutError(f"{train_dir} is missing: the MVTec layout needs <category>/train/good/ with the defect-free training images.")
+        raise DataLayoutError(
+            f"{train_dir} is missing: the MVTec layout needs <category>/train/good/ with the defect-free training images."
+        )
     train = [Sample(p, 0, NORMAL) for p in list_images(train_dir)]
     if not train:
-        raise DataLayoutError(f"{train_dir} holds no images (extensions {sorted(IMAGE_EXTENSIONS)}).")
+        raise DataLayoutError(
+            f"{train_dir} holds no images (extensions {sorted(IMAGE_EXTENSIONS)})."
+        )
 
     test_dir = base / "test"
     if not test_dir.is_dir():
-        raise DataLayoutError(f"{test_dir} is missing: the MVTec layout needs <category>/test/good/ and test/<defect>/ folders.")
+        raise DataLayoutError(
+            f"{test_dir} is missing: the MVTec layout needs <category>/test/good/ and test/<defect>/ folders."
+        )
     gt_dir = base / "ground_truth"
     test: list[Sample] = []
     missing_masks: list[Path] = []
@@ -80,7 +92,9 @@ def scan_category(root: str | Path, category: str) -> CategoryFiles:
             test.append(Sample(image, 1, defect, mask))
     n_anomalous = sum(s.label for s in test)
     if n_anomalous == 0 or n_anomalous == len(test):
-        raise DataLayoutError(f"{test_dir} needs both normal images (test/good/) and defective ones (test/<defect>/) for AUROC; found {len(test) - n_anomalous} normal and {n_anomalous} defective.")
+        raise DataLayoutError(
+            f"{test_dir} needs both normal images (test/good/) and defective ones (test/<defect>/) for AUROC; found {len(test) - n_anomalous} normal and {n_anomalous} defective."
+        )
 
     has_masks = gt_dir.is_dir() and not missing_masks
     note = ""

@@ -139,7 +139,10 @@ def _write_category(out: Path, category: str, seed: int) -> None:
             img = make(rng)
             mask = apply(img, rng, box)
             _save(img, out / category / "test" / defect / f"{i:03d}.png")
-            _save(mask[..., None].astype(np.float32), out / category / "ground_truth" / defect / f"{i:03d}_mask.png")
+            _save(
+                mask[..., None].astype(np.float32),
+                out / category / "ground_truth" / defect / f"{i:03d}_mask.png",
+            )
 
 
 def make_synthetic_dataset(root: str | Path | None = None, seed: int = 0) -> Path:

@@ -32,7 +32,9 @@ def squash(values: torch.Tensor, scale: float) -> torch.Tensor:
     return 0.5 + 0.5 * u / (1 + u.abs())
 
 
-def threshold_stats(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float]:
+def threshold_stats(
+    scores: torch.Tensor, labels: torch.Tensor, threshold: float
+) -> dict[str, float]:
     """Precision, TPR (sensitivity), TNR (specificity) and F1 when `score >= threshold` is anomalous."""
     preds = (scores.double() >= threshold).long()
     target = labels.long()
@@ -60,15 +62,21 @@ def evaluate_scores(
         values = values.double().cpu()
         bad = int((~torch.isfinite(values)).sum())
         if bad:
-            raise FloatingPointError(f"score '{name}' is NaN or infinite for {bad} of {values.numel()} test images; the model diverged, so no metric is written for it")
+            raise FloatingPointError(
+                f"score '{name}' is NaN or infinite for {bad} of {values.numel()} test images; the model diverged, so no metric is written for it"
+            )
         result: dict = {
             "auroc": float(binary_auroc(unit_scale(values), labels)),
             "ap": float(binary_average_precision(unit_scale(values), labels)),
-            "at_defect_ratio": threshold_stats(values, labels, defect_ratio_threshold(values, ratio)),
+            "at_defect_ratio": threshold_stats(
+                values, labels, defect_ratio_threshold(values, ratio)
+            ),
         }
         val = None if val_scores is None else val_scores.get(name)
         if val is not None and val.numel() > 0:
-            result["at_val_percentile"] = threshold_stats(values, labels, percentile_threshold(val.double().cpu(), percentile))
+            result["at_val_percentile"] = threshold_stats(
+                values, labels, percentile_threshold(val.double().cpu(), percentile)
+            )
             result["at_val_percentile"]["percentile"] = percentile
         out[name] = result
     return out
@@ -81,6 +89,8 @@ def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
         name = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, dict):
             flat.update(flatten(value, name))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        elif (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ):
             flat[name] = float(value)
     return flat

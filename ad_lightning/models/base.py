@@ -84,7 +84,12 @@ class AnomalyModule(pl.LightningModule):
         return {}
 
     # ---- configuration from the run ------------------------------------------------
-    def configure_evaluation(self, protocol: str = "leak_free", threshold_percentile: float = 99.0, kept_map_size: int = 128) -> None:
+    def configure_evaluation(
+        self,
+        protocol: str = "leak_free",
+        threshold_percentile: float = 99.0,
+        kept_map_size: int = 128,
+    ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol={protocol!r}: use one of {PROTOCOLS}")
         self.eval_config = EvalConfig(protocol, float(threshold_percentile), int(kept_map_size))
@@ -93,19 +98,29 @@ class AnomalyModule(pl.LightningModule):
     def check_finite(self, loss: torch.Tensor, what: str = "loss") -> torch.Tensor:
         """Stop with a clear message on NaN/inf; the last good checkpoint stays on disk."""
         if not torch.isfinite(loss).all():
-            raise DivergenceError(f"{type(self).__name__}: {what} became {loss.detach().cpu().tolist()} at epoch {self.current_epoch}, step {self.global_step}; training diverged. Lower the learning rate; the last good checkpoint (last.ckpt) is kept.")
+            raise DivergenceError(
+                f"{type(self).__name__}: {what} became {loss.detach().cpu().tolist()} at epoch {self.current_epoch}, step {self.global_step}; training diverged. Lower the learning rate; the last good checkpoint (last.ckpt) is kept."
+            )
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss = self.validation_loss(batch)
         if loss is not None:
-            self.log("val/loss", self.check_finite(loss, "validation loss"), prog_bar=True, batch_size=len(batch["label"]))
+            self.log(
+                "val/loss",
+                self.check_finite(loss, "validation loss"),
+                prog_bar=True,
+                batch_size=len(batch["label"]),
+            )
 
     # ---- scoring -------------------------------------------------------------------
     def _score(self, batch: dict[str, Any]) -> Scores:
         with torch.set_grad_enabled(self.score_needs_grad):
             out = self.score(batch)
-        return Scores({k: v.detach().float().reshape(-1) for k, v in out.image.items()}, None if out.map is None else out.map.detach().float())
+        return Scores(
+            {k: v.detach().float().reshape(-1) for k, v in out.image.items()},
+            None if out.map is None else out.map.detach().float(),
+        )
 
     def score_loader(self, loader: Any) -> tuple[dict[str, torch.Tensor], float]:
         """Scores of every image of a loader (the normal validation split) and its largest |map| value."""
@@ -125,7 +140,9 @@ class AnomalyModule(pl.LightningModule):
         self._pixel_updates, self._inference_s, self._n_scored = 0, 0.0, 0
         self.pixel_auroc.reset()
         datamodule = self.trainer.datamodule
-        self._val_scores, self._map_scale = self.score_loader(datamodule.val_dataloader()) if datamodule.val_samples else ({}, 0.0)
+        self._val_scores, self._map_scale = (
+            self.score_loader(datamodule.val_dataloader()) if datamodule.val_samples else ({}, 0.0)
+        )
         self._has_masks = bool(getattr(datamodule, "has_masks", False))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -139,7 +156,9 @@ class AnomalyModule(pl.LightningModule):
         self._n_scored += len(batch["label"])
         missing = [] if self.primary_score in scores.image else [self.primary_score]
         if missing:
-            raise KeyError(f"{type(self).__name__}.score() returned {sorted(scores.image)} but the primary score is {self.primary_score!r}; set model.score to one of them")
+            raise KeyError(
+                f"{type(self).__name__}.score() returned {sorted(scores.image)} but the primary score is {self.primary_score!r}; set model.score to one of them"
+            )
         labels = torch.as_tensor(batch["label"]).cpu()
         for i, path in enumerate(batch["path"]):
             record = {"path": path, "label": int(labels[i]), "defect_type": batch["defect_type"][i]}
@@ -149,14 +168,23 @@ class AnomalyModule(pl.LightningModule):
             maps = scores.map
             masks = batch["mask"]
             if maps.shape[-2:] != masks.shape[-2:]:
-                maps = F.interpolate(maps[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                maps = F.interpolate(
+                    maps[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False
+                )[:, 0]
             if self._has_masks:
                 scale = self._map_scale or float(maps.abs().max()) or 1.0
-                self.pixel_auroc.update(squash(maps.flatten(), scale).float(), masks.long().flatten())
+                self.pixel_auroc.update(
+                    squash(maps.flatten(), scale).float(), masks.long().flatten()
+                )
                 self._pixel_updates += 1
             small = maps
             if max(maps.shape[-2:]) > self.eval_config.kept_map_size:
-                small = F.interpolate(maps[:, None], size=self.eval_config.kept_map_size, mode="bilinear", align_corners=False)[:, 0]
+                small = F.interpolate(
+                    maps[:, None],
+                    size=self.eval_config.kept_map_size,
+                    mode="bilinear",
+                    align_corners=False,
+                )[:, 0]
             for i, path in enumerate(batch["path"]):
                 self._maps[path] = small[i].half().cpu()
 
@@ -174,11 +202,17 @@ class AnomalyModule(pl.LightningModule):
         names = [k for k in records[0] if k not in ("path", "label", "defect_type")]
         labels = torch.tensor([r["label"] for r in records])
         scores = {n: torch.tensor([r[n] for r in records], dtype=torch.float64) for n in names}
-        per_score = evaluate_scores(scores, labels, self._val_scores, self.eval_config.threshold_percentile)
+        per_score = evaluate_scores(
+            scores, labels, self._val_scores, self.eval_config.threshold_percentile
+        )
         # Min-max normalisation: from validation scores (leak-free) or the test set itself
         # (protocol=paper, as DPAE reports). AUROC does not change; the scale does.
         for n in names:
-            ref = scores[n] if self.eval_config.protocol == "paper" or n not in self._val_scores else self._val_scores[n].double()
+            ref = (
+                scores[n]
+                if self.eval_config.protocol == "paper" or n not in self._val_scores
+                else self._val_scores[n].double()
+            )
             lo, hi = float(ref.min()), float(ref.max())
             for r in records:
                 r[f"{n}_normalized"] = (r[n] - lo) / (hi - lo) if hi > lo else 0.0
@@ -202,5 +236,7 @@ class AnomalyModule(pl.LightningModule):
             "inference_ms_per_image": 1000 * self._inference_s / max(self._n_scored, 1),
             "n_images_timed": self._n_scored,
         }
-        flat = flatten(metrics, "test") | flatten({n: {"auroc": s["auroc"], "ap": s["ap"]} for n, s in per_score.items()}, "test/score")
+        flat = flatten(metrics, "test") | flatten(
+            {n: {"auroc": s["auroc"], "ap": s["ap"]} for n, s in per_score.items()}, "test/score"
+        )
         self.log_dict(flat, sync_dist=False)

@@ -53,7 +53,9 @@ class FeatureReconstructionModule(AnomalyModule):
         self.autoencoder = autoencoder
         self.lr = lr
         if score.removeprefix("residual_") not in SCORE_REDUCTIONS:
-            raise ValueError(f"model.score={score!r}: use one of {[f'residual_{r}' for r in SCORE_REDUCTIONS]}")
+            raise ValueError(
+                f"model.score={score!r}: use one of {[f'residual_{r}' for r in SCORE_REDUCTIONS]}"
+            )
         self.primary_score = score
         self.cache_features = cache_features
         self.cache_max_bytes = int(cache_max_gb * 2**30)
@@ -73,11 +75,15 @@ class FeatureReconstructionModule(AnomalyModule):
         self._cache_on = self.cache_features and not augmenting
         self._cache, self._cache_bytes = {}, 0
         if self.cache_features and augmenting:
-            log.info("feature cache off: random train augmentations change the features every epoch")
+            log.info(
+                "feature cache off: random train augmentations change the features every epoch"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The frozen backbone is rebuilt from its config; keeping it out saves disk (340 MB for ResNeXt101)."""
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
+        }
 
     def on_fit_end(self) -> None:
         self._cache, self._cache_bytes = {}, 0
@@ -91,7 +97,7 @@ class FeatureReconstructionModule(AnomalyModule):
             return torch.stack([self._cache[k] for k in keys]).to(self.device)
         feats = self.backbone(batch["image"])
         size = feats[0].numel() * feats[0].element_size()
-        for k, f in zip(keys, feats):
+        for k, f in zip(keys, feats, strict=False):
             if k not in self._cache and self._cache_bytes + size <= self.cache_max_bytes:
                 self._cache[k] = f.detach().cpu()
                 self._cache_bytes += size
@@ -111,6 +117,8 @@ class FeatureReconstructionModule(AnomalyModule):
     def score(self, batch: dict[str, Any]) -> Scores:
         feats = self.backbone(batch["image"])
         residual = (self.autoencoder(feats) - feats).pow(2).sum(1).sqrt()
-        anomaly_map = F.interpolate(residual[:, None], size=batch["image"].shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        anomaly_map = F.interpolate(
+            residual[:, None], size=batch["image"].shape[-2:], mode="bilinear", align_corners=False
+        )[:, 0]
         image = {f"residual_{how}": reduce_map(residual, how) for how in SCORE_REDUCTIONS}
         return Scores(image=image, map=anomaly_map)

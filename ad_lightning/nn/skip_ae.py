@@ -19,15 +19,25 @@ SKIP_MODES = ("all", "partial", "none")
 
 
 def down(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.LeakyReLU(0.2, inplace=True),
+    )
 
 
 def up(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
 
 
 class SkipAutoencoder(nn.Module):
-    def __init__(self, in_channels: int, widths: Sequence[int] = (256, 128, 64), skips: str = "all") -> None:
+    def __init__(
+        self, in_channels: int, widths: Sequence[int] = (256, 128, 64), skips: str = "all"
+    ) -> None:
         super().__init__()
         if skips not in SKIP_MODES:
             raise ValueError(f"model.skips={skips!r}: use one of {SKIP_MODES}")
@@ -36,7 +46,10 @@ class SkipAutoencoder(nn.Module):
         if depth < 1:
             raise ValueError("model.widths needs at least one level")
         # Encoder levels e_1..e_L; the decoder rebuilds e_{L-1}..e_1 and then the input size.
-        self.encoder = nn.ModuleList(down(c_in, c_out) for c_in, c_out in zip([in_channels, *widths[:-1]], widths))
+        self.encoder = nn.ModuleList(
+            down(c_in, c_out)
+            for c_in, c_out in zip([in_channels, *widths[:-1]], widths, strict=False)
+        )
         inner = list(range(depth - 2, -1, -1))  # encoder levels that can feed a skip, deepest first
         self.skip_levels = set(inner if skips == "all" else inner[:1] if skips == "partial" else [])
         self.decoder = nn.ModuleList()
@@ -53,7 +66,7 @@ class SkipAutoencoder(nn.Module):
         for block in self.encoder:
             h = block(h)
             levels.append(h)
-        for block, level in zip(self.decoder, range(len(levels) - 2, -1, -1)):
+        for block, level in zip(self.decoder, range(len(levels) - 2, -1, -1), strict=False):
             h = block(h)
             target = levels[level]
             if h.shape[-2:] != target.shape[-2:]:

@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from ad_lightning.backbones import (
+    FeatureExtractor,
+    WeightsNotFoundError,
+    load_by_name_or_position,
+    resolve_weights,
+)
+from ad_lightning.backbones.weights import packaged_file, read_state_dict
+
+
+def test_packaged_lite0_weights_load_by_position_and_are_real() -> None:
+    path = packaged_file("efficientnet_lite0")
+    assert path is not None and path.is_file()
+    model = timm.create_model("efficientnet_lite0")
+    source = resolve_weights(model, "efficientnet_lite0", allow_download=False)
+    assert source.startswith("package:") and "by position" in source
+    raw = list(read_state_dict(path).values())
+    assert torch.equal(model.state_dict()["conv_stem.weight"], raw[0])
+    # real ImageNet weights: BatchNorm running stats are not the init values 0 / 1
+    assert model.bn1.running_var.std() > 0.01
+
+
+@pytest.mark.parametrize(
+    "alias, blocks",
+    [
+        ("efficientnet_lite0", [1, 2, 3]),
+        ("efficientnet_lite1", [2, 3]),
+        ("efficientnet_lite2", [1]),
+    ],
+)
+def test_feature_extractor_blocks_are_frozen_and_concatenated(
+    alias: str, blocks: list[int]
+) -> None:
+    fe = FeatureExtractor(alias, blocks=blocks)
+    assert fe.describe()["pretrained"] and fe.describe()["weights"].startswith("package:")
+    out = fe(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, fe.out_channels, 64 // 2 ** (blocks[0] + 1), 64 // 2 ** (blocks[0] + 1))
+    assert not any(p.requires_grad for p in fe.parameters())
+    fe.train()
+    assert not any(m.training for m in fe.modules())
+
+
+def test_missing_weights_file_is_an_error_not_a_random_net() -> None:
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        FeatureExtractor("resnet18", weights="/no/such/resnet18.pth")
+
+
+def test_no_weights_anywhere_names_what_was_tried(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AD_LIGHTNING_WEIGHTS", str(tmp_path))
+    with pytest.raises(WeightsNotFoundError) as err:
+        FeatureExtractor("resnet18", allow_download=False)
+    message = str(err.value)
+    assert (
+        "AD_LIGHTNING_WEIGHTS" in message
+        and "backbone.pretrained=false" in message
+        and "download disabled" in message
+    )
+
+
+def test_weights_folder_and_explicit_file(monkeypatch, tmp_path: Path) -> None:
+    reference = timm.create_model("resnet18")
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}},
+        tmp_path / "resnet18-abc.pth",
+    )
+    monkeypatch.setenv("AD_LIGHTNING_WEIGHTS", str(tmp_path))
+    fe = FeatureExtractor("resnet18", blocks=[1, 2], allow_download=False)
+    assert fe.describe()["weights"].startswith("folder:") and "by name" in fe.describe()["weights"]
+    assert torch.equal(fe.net.conv1.weight, reference.conv1.weight)
+    fe2 = FeatureExtractor("resnet18", blocks=[3], weights=str(tmp_path / "resnet18-abc.pth"))
+    assert fe2.describe()["weights"].startswith("file:")
+
+
+def test_wrong_architecture_weights_are_rejected(tmp_path: Path) -> None:
+    torch.save(timm.create_model("efficientnet_lite0").state_dict(), tmp_path / "lite0.pth")
+    with pytest.raises(WeightsNotFoundError, match="another architecture"):
+        load_by_name_or_position(
+            timm.create_model("resnet18"), read_state_dict(tmp_path / "lite0.pth"), "lite0.pth"
+        )
+
+
+def test_random_weights_are_said_loudly(caplog) -> None:
+    fe = FeatureExtractor("mobilenetv3_small_100", pretrained=False)
+    assert fe.describe()["weights"] == "random"
+    assert "RANDOM" in caplog.text
+
+
+def test_unknown_block_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no block 7"):
+        FeatureExtractor("resnet18", blocks=[7], pretrained=False)
