@@ -42,7 +42,7 @@ class FeatureReconstructionModule(AnomalyModule):
     def __init__(
         self,
         backbone: FeatureExtractor,
-        autoencoder: nn.Module,
+        autoencoder: nn.Module | None,
         lr: float,
         score: str = "residual_max",
         cache_features: bool = True,

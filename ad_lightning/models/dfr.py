@@ -1,0 +1,67 @@
+"""DFR: Deep Feature Reconstruction (Shi et al. 2020), the baseline Skip-DFR improves on.
+
+Same regional features as Skip-DFR (frozen CNN blocks, resized and concatenated), but the
+autoencoder is a plain stack of 1x1 convolutions down to a small latent channel count and
+back, with no skip connections. Same L2 loss, residual map and image scores. By default the
+latent channel count follows the original's rule: the number of principal components that
+explain 90 % of the variance of the training features.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ad_lightning.backbones.features import FeatureExtractor
+from ad_lightning.models.feature_reconstruction import FeatureReconstructionModule
+from ad_lightning.nn.pointwise_ae import PointwiseAutoencoder
+
+log = logging.getLogger(__name__)
+
+
+def pca_latent_channels(features: torch.Tensor, variance: float) -> int:
+    """Smallest number of principal components of per-position feature vectors reaching `variance`."""
+    vectors = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).double()
+    vectors = vectors - vectors.mean(0)
+    eigenvalues = torch.linalg.eigvalsh(vectors.T @ vectors / max(len(vectors) - 1, 1)).flip(0).clamp(min=0)
+    explained = eigenvalues.cumsum(0) / eigenvalues.sum()
+    return int((explained < variance).sum()) + 1
+
+
+class DFR(FeatureReconstructionModule):
+    def __init__(
+        self,
+        backbone: FeatureExtractor,
+        lr: float = 1e-4,
+        latent_channels: int | None = None,
+        pca_variance: float = 0.9,
+        pca_images: int = 64,
+        score: str = "residual_max",
+        cache_features: bool = True,
+        cache_max_gb: float = 8.0,
+    ) -> None:
+        autoencoder = PointwiseAutoencoder(backbone.out_channels, latent_channels) if latent_channels else None
+        super().__init__(backbone, autoencoder, lr, score, cache_features, cache_max_gb)
+        self.save_hyperparameters(ignore=["backbone"])
+        self.pca_variance = pca_variance
+        self.pca_images = pca_images
+
+    def setup(self, stage: str) -> None:
+        """Apply the PCA rule on training features before the optimiser is built."""
+        if self.autoencoder is not None:
+            return
+        feats, n = [], 0
+        for batch in self.trainer.datamodule.train_dataloader():
+            feats.append(self.backbone(batch["image"].to(self.device)).cpu())
+            n += len(feats[-1])
+            if n >= self.pca_images:
+                break
+        latent = pca_latent_channels(torch.cat(feats), self.pca_variance)
+        log.info("DFR latent channels by PCA (%.0f%% variance of %d images): %d", 100 * self.pca_variance, n, latent)
+        self.hparams.latent_channels = latent
+        self.autoencoder = PointwiseAutoencoder(self.backbone.out_channels, latent).to(self.device)
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"latent_channels": self.hparams.latent_channels}

@@ -1,0 +1,36 @@
+import torch
+
+from ad_lightning.backbones import FeatureExtractor
+from ad_lightning.data import SyntheticDataModule
+from ad_lightning.models.dfr import DFR, pca_latent_channels
+from ad_lightning.nn.pointwise_ae import PointwiseAutoencoder
+from tests.conftest import fit_and_test
+
+
+def test_pca_rule_counts_components_of_known_rank() -> None:
+    torch.manual_seed(0)
+    basis = torch.randn(3, 20)
+    weights = torch.randn(500, 3) * torch.tensor([10.0, 5.0, 1.0])
+    features = (weights @ basis).reshape(5, 10, 10, 20).permute(0, 3, 1, 2)  # rank-3 features
+    assert pca_latent_channels(features, 0.9999) == 3
+    assert pca_latent_channels(features, 0.5) == 1
+
+
+def test_pointwise_autoencoder_has_no_spatial_mixing() -> None:
+    ae = PointwiseAutoencoder(40, 6).eval()
+    x = torch.randn(1, 40, 8, 8)
+    y = ae(x)
+    x2 = x.clone()
+    x2[..., 0, 0] += 5.0
+    assert y.shape == x.shape
+    changed = (ae(x2) - y).abs().sum(1)[0] > 0
+    assert changed[0, 0] and changed.sum() == 1  # only the edited position changes
+
+
+def test_dfr_learns_with_pca_latent_channels(synthetic_root) -> None:
+    dm = SyntheticDataModule(root=str(synthetic_root), category="object", image_size=128, num_workers=0, batch_size=8)
+    model = DFR(FeatureExtractor("efficientnet_lite0"), lr=3e-3)
+    results = fit_and_test(model, dm, epochs=25)
+    latent = model.describe()["latent_channels"]
+    assert 1 <= latent < model.backbone.out_channels
+    assert results["metrics"]["image_auroc"] > 0.85, results["metrics"]
