@@ -122,3 +122,12 @@ def test_synthetic_dataset_is_deterministic_mvtec_layout(
     assert np.array_equal(a, b)
     mask = np.asarray(Image.open(again / "object" / "ground_truth" / "spot" / "003_mask.png"))
     assert 0 < (mask > 0).sum() < mask.size // 10  # a visible but local defect
+
+
+def test_misplaced_folders_get_a_fix(tiny_folder: Path) -> None:
+    with pytest.raises(DataLayoutError, match="looks like a category folder"):
+        scan_category(tiny_folder / "widget", "widget")
+    stray = tiny_folder / "widget" / "test" / "stray.png"
+    stray.write_bytes((tiny_folder / "widget" / "test" / "good" / "000.png").read_bytes())
+    with pytest.raises(DataLayoutError, match="move them into test/good/"):
+        scan_category(tiny_folder, "widget")
