@@ -67,3 +67,15 @@ def test_report_reads_any_dotted_metric(tmp_path: Path) -> None:
         ]
     )
     assert "| bottle | 0.300 |" in md
+
+
+def test_report_logs_to_wandb_when_the_runs_did(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    folder = tmp_path / "sweep" / "0"
+    fake_run(folder, "bottle", "resnet18", 0.9)
+    data = json.loads((folder / "results.json").read_text())
+    data["config"]["logger"] = {"wandb": {"project": "ad_lightning"}}
+    (folder / "results.json").write_text(json.dumps(data))
+    main([str(tmp_path / "sweep"), "--cols", "model"])
+    assert list((tmp_path / "sweep").glob("wandb/offline-run-*/run-*.wandb"))
