@@ -131,3 +131,54 @@ def test_misplaced_folders_get_a_fix(tiny_folder: Path) -> None:
     stray.write_bytes((tiny_folder / "widget" / "test" / "good" / "000.png").read_bytes())
     with pytest.raises(DataLayoutError, match="move them into test/good/"):
         scan_category(tiny_folder, "widget")
+
+
+def test_registration_aligns_images_and_masks_with_one_transform(tmp_path: Path) -> None:
+    import cv2
+
+    cat = tmp_path / "data" / "part"
+    yy, xx = np.mgrid[0:96, 0:96]
+    base = (((yy - 48) ** 2 / 400 + (xx - 40) ** 2 / 150) < 1) * 180 + 40
+    base[40:56, 60:70] = 250  # an asymmetric feature so the rotation is observable
+    img = np.stack([base] * 3, -1).astype(np.uint8)
+    for i in range(3):
+        Image.fromarray(img).save(
+            (cat / "train" / "good").mkdir(parents=True, exist_ok=True)
+            or cat / "train" / "good" / f"{i}.png"
+        )
+    moved = cv2.warpAffine(
+        img,
+        cv2.getRotationMatrix2D((48, 48), 8, 1.0) + np.float64([[0, 0, 5], [0, 0, -3]]),
+        (96, 96),
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    mask = np.zeros((96, 96), np.uint8)
+    mask[40:56, 60:70] = 255
+    moved_mask = cv2.warpAffine(
+        mask,
+        cv2.getRotationMatrix2D((48, 48), 8, 1.0) + np.float64([[0, 0, 5], [0, 0, -3]]),
+        (96, 96),
+        flags=cv2.INTER_NEAREST,
+    )
+    for folder, data in (("test/good", img), ("test/dent", moved)):
+        (cat / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data).save(cat / folder / "0.png")
+    (cat / "ground_truth" / "dent").mkdir(parents=True)
+    Image.fromarray(moved_mask).save(cat / "ground_truth" / "dent" / "0_mask.png")
+    kw = {
+        "root": str(tmp_path / "data"),
+        "category": "part",
+        "image_size": 96,
+        "num_workers": 0,
+        "val_split": 0.0,
+        "normalize": "none",
+    }
+    plain, registered = AnomalyDataModule(**kw), AnomalyDataModule(register=True, **kw)
+    plain.setup()
+    registered.setup()
+    ref = torch.as_tensor(img).permute(2, 0, 1).float() / 255
+    raw = next(b for b in plain.test_dataloader().dataset if b["label"] == 1)
+    aligned = next(b for b in registered.test_dataloader().dataset if b["label"] == 1)
+    assert (aligned["image"] - ref).abs().mean() < 0.3 * (raw["image"] - ref).abs().mean()
+    assert (aligned["mask"] * torch.as_tensor(mask / 255)).sum() > 0.8 * aligned["mask"].sum() > 0
+    assert registered.summary()["registered"].startswith("ecc")

@@ -63,10 +63,42 @@ def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.nda
 
 
 class AnomalyDataset(Dataset):
-    def __init__(self, samples: Sequence[Sample], transform: Any, channels: int = 3) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Any,
+        channels: int = 3,
+        reference: np.ndarray | None = None,
+        register_method: str = "ecc",
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.channels = channels
+        self.reference = reference
+        self.register_method = register_method
+
+    def _register(
+        self, image: np.ndarray, mask: np.ndarray, path: Path
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Align image and mask to the reference image with one transform (rigid objects)."""
+        from ad_lightning.data.registration import (
+            RegistrationError,
+            apply_alignment,
+            estimate_alignment,
+        )
+
+        ref = self.reference
+        size = (ref.shape[1], ref.shape[0])
+        try:
+            matrix = estimate_alignment(image, ref, self.register_method)
+        except RegistrationError as err:
+            log.warning("registration of %s failed, image only resized: %s", path, err)
+            matrix = np.float32(
+                [[size[0] / image.shape[1], 0, 0], [0, size[1] / image.shape[0], 0]]
+            )
+        return apply_alignment(image, matrix, size), apply_alignment(
+            mask, matrix, size, is_mask=True
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -80,6 +112,8 @@ class AnomalyDataset(Dataset):
             if sample.mask_path
             else np.zeros(hw, np.float32)
         )
+        if self.reference is not None:
+            image, mask = self._register(image, mask, sample.path)
         out = self.transform(image=image, mask=mask)
         return {
             "image": out["image"].float(),
@@ -110,6 +144,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         train_augmentations: Sequence[Any] = (),
         name: str = "folder",
         categories: Sequence[str] | None = None,
+        register: bool = False,
+        register_method: str = "ecc",
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
@@ -134,6 +170,9 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.train_augmentations = list(train_augmentations or ())
         self.name = name
         self.categories = list(categories or [])  # the category list the papers use (for sweeps)
+        self.register = register
+        self.register_method = register_method
+        self.reference: np.ndarray | None = None
         self.files: CategoryFiles | None = None
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
@@ -181,6 +220,10 @@ class AnomalyDataModule(pl.LightningDataModule):
         moved = {s.path for s in self.contaminated}
         self.train_samples = train + self.contaminated
         self.test_samples = [s for s in test if s.path not in moved]
+        if (
+            self.register
+        ):  # the first clean training image is the reference every image is aligned to
+            self.reference = read_image(train[0].path, self.channels)
 
     def summary(self) -> dict[str, Any]:
         """Counts and provenance recorded in results.json."""
@@ -199,6 +242,9 @@ class AnomalyDataModule(pl.LightningDataModule):
             "has_masks": self.has_masks,
             "mask_note": self.files.mask_note if self.files else "",
             "contamination": {"ratio": self.contamination, "n_moved": len(self.contaminated)},
+            "registered": f"{self.register_method} to {self.train_samples[0].path}"
+            if self.register
+            else False,
         }
 
     def _loader(self, samples: list[Sample], train: bool) -> DataLoader:
@@ -207,10 +253,9 @@ class AnomalyDataModule(pl.LightningDataModule):
                 f"the {'training' if train else 'evaluation'} split of {self.root}/{self.category} is empty"
             )
         augment = self.train_augmentations if train else ()
+        transform = build_transform(self.image_size, self.channels, self.normalize, augment)
         dataset = AnomalyDataset(
-            samples,
-            build_transform(self.image_size, self.channels, self.normalize, augment),
-            self.channels,
+            samples, transform, self.channels, self.reference, self.register_method
         )
         return DataLoader(
             dataset,
