@@ -76,11 +76,15 @@ class AnomalyDataset(Dataset):
         self.channels = channels
         self.reference = reference
         self.register_method = register_method
+        self._alignments: dict[Path, np.ndarray] = {}
 
     def _register(
         self, image: np.ndarray, mask: np.ndarray, path: Path
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Align image and mask to the reference image with one transform (rigid objects)."""
+        """Align image and mask to the reference image with one transform (rigid objects).
+
+        The transform is estimated once per image and reused every epoch.
+        """
         from ad_lightning.data.registration import (
             RegistrationError,
             apply_alignment,
@@ -89,13 +93,15 @@ class AnomalyDataset(Dataset):
 
         ref = self.reference
         size = (ref.shape[1], ref.shape[0])
-        try:
-            matrix = estimate_alignment(image, ref, self.register_method)
-        except RegistrationError as err:
-            log.warning("registration of %s failed, image only resized: %s", path, err)
-            matrix = np.float32(
-                [[size[0] / image.shape[1], 0, 0], [0, size[1] / image.shape[0], 0]]
-            )
+        if path not in self._alignments:
+            try:
+                self._alignments[path] = estimate_alignment(image, ref, self.register_method)
+            except RegistrationError as err:
+                log.warning("registration of %s failed, image only resized: %s", path, err)
+                self._alignments[path] = np.float32(
+                    [[size[0] / image.shape[1], 0, 0], [0, size[1] / image.shape[0], 0]]
+                )
+        matrix = self._alignments[path]
         return apply_alignment(image, matrix, size), apply_alignment(
             mask, matrix, size, is_mask=True
         )
@@ -268,6 +274,11 @@ class AnomalyDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_samples, train=True)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training split in evaluation form (no augmentation, no shuffle): for methods that
+        fit statistics or a memory bank on training images after training."""
+        return self._loader(self.train_samples, train=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_samples, train=False)

@@ -1,0 +1,232 @@
+"""Deep-feature kNN: the one-class step of Saeedi & Giusti, and their deep-feature baseline.
+
+Shared scorer (`KNNScorer`): training embeddings are (optionally) standardised with the
+mean/std of the training embeddings themselves, indexed with scikit-learn's
+NearestNeighbors, and a query scores the mean squared Euclidean distance to its k nearest
+training embeddings. CPCAE feeds it embeddings of anomaly maps; the baseline (`DeepKNN`)
+feeds global-max-pooled ImageNet-CNN features of the raw image, with k = 15.
+
+The fitted bank lives in buffers (so it is in checkpoints) whose shapes are only known
+after fitting; loading a state dict resizes them to the stored shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from sklearn.neighbors import NearestNeighbors
+from torch import nn
+
+from ad_lightning.backbones.features import FeatureExtractor
+from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.nn.pooling import global_max_pool
+
+log = logging.getLogger(__name__)
+
+
+def gather_rows(module: pl.LightningModule, rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate [n_r, ...] tensors of all DDP ranks (n_r may differ); identity on one process."""
+    trainer = module._trainer
+    if trainer is None or trainer.world_size == 1:
+        return rows
+    counts = module.all_gather(torch.tensor(len(rows), device=rows.device)).reshape(-1)
+    padded = rows.new_zeros(int(counts.max()), *rows.shape[1:])
+    padded[: len(rows)] = rows
+    parts = module.all_gather(padded)  # [world, n_max, ...]
+    return torch.cat([part[: int(n)] for part, n in zip(parts, counts, strict=True)])
+
+
+class ResizableBuffers(nn.Module):
+    """Buffers sized at fit time: a loaded state dict sets their shapes before copying."""
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        for name, buf in list(self._buffers.items()):
+            stored = state_dict.get(prefix + name)
+            if buf is not None and stored is not None and stored.shape != buf.shape:
+                self._buffers[name] = buf.new_empty(stored.shape)
+        self._on_buffers_loaded()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _on_buffers_loaded(self) -> None:
+        """Drop caches derived from the buffers."""
+
+
+class KNNScorer(ResizableBuffers):
+    """Mean squared Euclidean distance to the k nearest (standardised) training embeddings."""
+
+    def __init__(self, k: int = 15, standardize: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"k={k} must be >= 1")
+        self.k = k
+        self.standardize = standardize
+        self.eps = eps
+        self.register_buffer("bank", torch.empty(0, 0))
+        self.register_buffer("mean", torch.empty(0))
+        self.register_buffer("std", torch.empty(0))
+        self._index: NearestNeighbors | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.bank.numel() > 0
+
+    def reset(self) -> None:
+        self.bank, self.mean, self.std = (
+            self.bank.new_empty(0, 0),
+            self.mean.new_empty(0),
+            self.std.new_empty(0),
+        )
+        self._index = None
+
+    def _on_buffers_loaded(self) -> None:
+        self._index = None
+
+    def _standardise(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return (embeddings - self.mean) / self.std if self.standardize else embeddings
+
+    @torch.no_grad()
+    def fit(self, embeddings: torch.Tensor) -> None:
+        """Fit the mean/std and the neighbour index on the training embeddings [N, D]."""
+        embeddings = embeddings.detach().float().flatten(1)
+        if len(embeddings) == 0:
+            raise ValueError("no training embeddings to fit the kNN scorer on")
+        # population std; a constant feature gets std 1 (it carries no information either way)
+        std = embeddings.std(0, unbiased=False)
+        self.mean = embeddings.mean(0)
+        self.std = torch.where(std > self.eps, std, torch.ones_like(std))
+        self.bank = self._standardise(embeddings)
+        self._index = None
+        if self.k > len(embeddings):
+            log.warning(
+                "kNN: k=%d > %d training embeddings; using all of them", self.k, len(embeddings)
+            )
+
+    def index(self) -> NearestNeighbors:
+        if self._index is None:
+            if not self.fitted:
+                raise RuntimeError(
+                    "KNNScorer is not fitted: training embeddings are collected at the end of training"
+                )
+            bank = self.bank.detach().cpu().double().numpy()
+            self._index = NearestNeighbors(
+                n_neighbors=min(self.k, len(bank)), metric="euclidean"
+            ).fit(bank)
+        return self._index
+
+    @torch.no_grad()
+    def kneighbors(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared distances [B, k] and indices [B, k] of the nearest training embeddings."""
+        query = self._standardise(embeddings.detach().float().flatten(1))
+        dist, idx = self.index().kneighbors(query.cpu().double().numpy())
+        return torch.from_numpy(np.square(dist)).to(embeddings.device), torch.from_numpy(idx).to(
+            embeddings.device
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[B, D] -> [B]: mean squared distance to the k nearest training embeddings."""
+        return self.kneighbors(embeddings)[0].mean(1).float()
+
+
+class StatisticsModule(AnomalyModule):
+    """A method whose 'training' collects statistics of the normal images in one pass.
+
+    training_step hands each batch to `collect`; at epoch end the collected rows of all
+    DDP ranks are gathered, the duplicates DistributedSampler pads with are dropped (by
+    dataset index), and `finalise` turns the rows into buffers. No optimiser, and the
+    fit stops after that one pass whatever trainer.max_epochs says (more passes would
+    only collect the same statistics again).
+    """
+
+    trains_by_gradient = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._collected: list[torch.Tensor] = []
+        self._indices: list[torch.Tensor] = []
+        # no loss: Lightning's automatic loop refuses a training_step returning None under DDP
+        self.automatic_optimization = False
+        # never used: DistributedDataParallel refuses to wrap a module without a trainable
+        # parameter, and these methods must still run under trainer=ddp
+        self.ddp_anchor = nn.Parameter(torch.zeros(1))
+
+    def collect(self, batch: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finalise(self, rows: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def configure_optimizers(self) -> None:
+        return None
+
+    def on_train_epoch_start(self) -> None:
+        self._collected, self._indices = [], []  # the statistics are of one pass
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        with torch.no_grad():
+            rows = self.collect(batch).detach()
+        self._collected.append(rows)
+        index = batch.get("index")
+        self._indices.append(
+            torch.as_tensor(index, device=rows.device)
+            if index is not None
+            else torch.full((len(rows),), -1, device=rows.device)
+        )
+
+    def on_train_epoch_end(self) -> None:
+        rows = gather_rows(self, torch.cat(self._collected))
+        index = gather_rows(self, torch.cat(self._indices))
+        self._collected, self._indices = [], []
+        order = torch.argsort(index, stable=True)
+        rows, index = rows[order], index[order]
+        keep = torch.ones_like(index, dtype=torch.bool)
+        keep[1:] = (index[1:] != index[:-1]) | (index[1:] < 0)
+        self.finalise(rows[keep])
+        self.trainer.should_stop = True
+
+
+class DeepKNN(StatisticsModule):
+    """Deep-feature baseline: kNN (k = 15) on global-max-pooled CNN features of the raw image."""
+
+    def __init__(
+        self, backbone: FeatureExtractor, k: int = 15, standardize: bool = False, score: str = "knn"
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        if score != "knn":
+            raise ValueError(f"model.score={score!r}: deep_knn has one score, 'knn'")
+        self.primary_score = score
+        self.backbone = backbone
+        self.scorer = KNNScorer(k, standardize)
+        self.strict_loading = False  # checkpoints hold no backbone weights
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone.describe(),
+            "k": self.scorer.k,
+            "standardize": self.scorer.standardize,
+            "n_train_embeddings": len(self.scorer.bank),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The frozen backbone is rebuilt from its config."""
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
+        }
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return global_max_pool(self.backbone(images))
+
+    def collect(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.embed(batch["image"])
+
+    def finalise(self, rows: torch.Tensor) -> None:
+        self.scorer.fit(rows)
+
+    def score(self, batch: dict[str, Any]) -> Scores:
+        return Scores(image={"knn": self.scorer(self.embed(batch["image"]))})
