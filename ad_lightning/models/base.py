@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -42,7 +42,6 @@ class EvalConfig:
     protocol: str = "leak_free"
     threshold_percentile: float = 99.0
     kept_map_size: int = 128
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class AnomalyModule(pl.LightningModule):
@@ -61,6 +60,9 @@ class AnomalyModule(pl.LightningModule):
         self.pixel_auroc = BinaryAUROC()
         self.test_results: dict[str, Any] | None = None
         self._records: list[dict[str, Any]] = []
+        self._val_scores: dict[str, torch.Tensor] = {}
+        self._map_scale = 0.0
+        self._has_masks = False
         self._maps: dict[str, torch.Tensor] = {}
         self._pixel_updates = 0
         self._inference_s = 0.0
