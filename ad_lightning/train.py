@@ -161,8 +161,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ckpt_path = checkpoint.best_model_path if use_best else checkpoint.last_model_path or None
     results["checkpoint"] = {
         "scored": ckpt_path or "in-memory model after fit",
-        "selection": "lowest validation loss (normal validation images only)"
-        if ckpt_path and cfg.protocol == "leak_free"
+        "selection": f"lowest {model.monitor} (normal validation images only)"
+        if ckpt_path and ckpt_path == checkpoint.best_model_path
         else "last epoch",
         "best_score": float(checkpoint.best_model_score)
         if checkpoint.best_model_score is not None

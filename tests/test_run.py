@@ -151,3 +151,33 @@ def test_multirun_sweep_backbones_by_blocks_then_report(tmp_path: Path) -> None:
     assert report.returncode == 0, report.stderr
     assert "| backbone.blocks | resnet18 | mobilenetv3_small |" in report.stdout
     assert "{1,2}" in report.stdout and "{2,3}" in report.stdout
+
+
+@pytest.mark.slow
+def test_contamination_sweep_of_two_ratios_multirun_ganomaly(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        "run.py",
+        "-m",
+        "model=ganomaly",
+        "data.contamination=0,0.06",
+        "trainer.max_epochs=1",
+        "data.image_size=32",
+        "data.category=object",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {
+        r["config"]["data"]["contamination"]: r
+        for r in (json.loads(p.read_text()) for p in sweep.glob("*/results.json"))
+    }
+    assert set(runs) == {0, 0.06}
+    assert runs[0]["data"]["contamination"]["n_moved"] == 0 and runs[0.06]["data"]["contamination"][
+        "n_moved"
+    ] == round(0.06 * 43)
+    assert runs[0.06]["data"]["n_test"] == runs[0]["data"]["n_test"] - 3
+    assert {"image_l1", "feature_l1", "feature_l2", "latent_l2"} <= set(runs[0.06]["scores"])

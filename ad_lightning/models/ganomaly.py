@@ -1,0 +1,244 @@
+"""GANomaly in industry (Tang, Kuo, Lan, Ding, Hsu, Young), on GANomaly (Akcay et al. 2018).
+
+The generator is an encoder-decoder-encoder: GE maps the image x to a latent z, GD
+reconstructs x_hat from z, and a second encoder E maps x_hat to z_hat. A DCGAN
+discriminator D learns, with binary cross-entropy, to tell x from x_hat. The generator
+minimises
+
+    w_adv * L_adv + w_con * L_con + w_lat * L_lat,
+
+L_adv = || f(x) - f(x_hat) ||_2^2 (feature matching on D's features f, not on D's verdict),
+L_con = || x - x_hat ||_1 and L_lat = || z - z_hat ||_2^2. Trained on normal images only, it
+reconstructs normal images well and anomalous ones badly.
+
+The paper's contribution is the residual used as anomaly score. One forward pass gives all:
+`feature_l1` and `feature_l2` (L1 / L2 between D's features of x and of x_hat), `image_l1`
+(L1 between x and x_hat) and classic GANomaly's `latent_l2` (|| z - z_hat ||^2). The paper
+finds image_l1 best on objects and feature_l1 best on textures. The anomaly map is the
+per-pixel | x - x_hat |, averaged over channels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.nn.dcgan import (
+    DCGANDecoder,
+    DCGANDiscriminator,
+    DCGANEncoder,
+    check_image_size,
+    init_dcgan_weights,
+)
+
+log = logging.getLogger(__name__)
+
+
+def mean_over_pixels(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean over every non-batch dimension: [B, ...] -> [B]."""
+    return t.flatten(1).mean(1)
+
+
+class AdversarialReconstruction(AnomalyModule):
+    """What GANomaly and Skip-GANomaly share: a generator that reconstructs x and a DCGAN
+    discriminator D trained with BCE to tell x (real) from x_hat (fake), each with its own
+    Adam, updated generator first then discriminator in every step (manual optimisation).
+
+    As in the original GANomaly code, D is re-initialised when its loss falls below
+    `reinit_d_below`: a discriminator that wins outright gives the generator no signal.
+    Model selection (leak-free) uses the reconstruction loss L_con on normal validation images.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: DCGANDiscriminator,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        reinit_d_below: float,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = generator
+        self.discriminator = discriminator
+        self.lr = lr
+        self.betas = (beta1, beta2)
+        self.reinit_d_below = reinit_d_below
+        init_dcgan_weights(self)
+
+    # ---- what a subclass adds -----------------------------------------------------
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x_hat = G(x)."""
+        raise NotImplementedError
+
+    def generator_loss(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """(weighted loss, its named parts, x_hat) for one generator step."""
+        raise NotImplementedError
+
+    # ---- training -----------------------------------------------------------------
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=self.betas),
+            torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas),
+        ]
+
+    def on_fit_start(self) -> None:
+        normalize = getattr(self.trainer.datamodule, "normalize", "half")
+        if normalize != "half":
+            log.warning(
+                "%s reconstructs with tanh in [-1, 1] but data.normalize=%s; use data.normalize=half",
+                type(self).__name__,
+                normalize,
+            )
+
+    def discriminator_loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """BCE: real images -> 1, reconstructions -> 0 (averaged, as in GANomaly's code)."""
+        logit_real, _ = self.discriminator(x)
+        logit_fake, _ = self.discriminator(x_hat.detach())
+        real = F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
+        fake = F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
+        return 0.5 * (real + fake)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x = batch["image"]
+        opt_g, opt_d = self.optimizers()
+
+        self.toggle_optimizer(opt_g)  # D's weights are frozen while gradients flow through D
+        loss_g, parts, x_hat = self.generator_loss(x)
+        self.check_finite(loss_g, "generator loss")
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        self.toggle_optimizer(opt_d)
+        loss_d = self.check_finite(self.discriminator_loss(x, x_hat), "discriminator loss")
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+        if loss_d.item() < self.reinit_d_below:
+            init_dcgan_weights(self.discriminator)
+
+        n = len(x)
+        self.log("train/loss_g", loss_g, prog_bar=True, batch_size=n)
+        self.log("train/loss_d", loss_d, prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=n)
+
+    def validation_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """L_con on normal validation images: comparable across epochs, unlike the adversarial terms."""
+        x = batch["image"]
+        return F.l1_loss(self.reconstruct(x), x)
+
+    def describe(self) -> dict[str, Any]:
+        return {"expects_normalize": "half", "reinit_d_below": self.reinit_d_below}
+
+
+class GanomalyGenerator(nn.Module):
+    """GE -> z -> GD -> x_hat -> E -> z_hat."""
+
+    def __init__(
+        self, image_size: int | Sequence[int], channels: int, latent_dim: int, width: int
+    ) -> None:
+        super().__init__()
+        self.encoder1 = DCGANEncoder(image_size, channels, latent_dim, width)  # GE
+        self.decoder = DCGANDecoder(image_size, channels, latent_dim, width)  # GD
+        self.encoder2 = DCGANEncoder(image_size, channels, latent_dim, width)  # E
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_hat, z, z_hat)."""
+        z = self.encoder1(x)
+        x_hat = self.decoder(z)
+        return x_hat, z, self.encoder2(x_hat)
+
+
+GANOMALY_SCORES = ("image_l1", "feature_l1", "feature_l2", "latent_l2")
+
+
+class Ganomaly(AdversarialReconstruction):
+    def __init__(
+        self,
+        image_size: int | Sequence[int],
+        channels: int = 3,
+        latent_dim: int = 100,
+        width: int = 64,
+        w_adv: float = 20.0,
+        w_con: float = 1.0,
+        w_lat: float = 1.0,
+        lr: float = 1e-3,
+        beta1: float = 0.5,
+        beta2: float = 0.999,
+        score: str = "image_l1",
+        reinit_d_below: float = 1e-5,
+    ) -> None:
+        if score not in GANOMALY_SCORES:
+            raise ValueError(f"model.score={score!r}: use one of {GANOMALY_SCORES}")
+        size = check_image_size(image_size)
+        super().__init__(
+            GanomalyGenerator(image_size, channels, latent_dim, width),
+            DCGANDiscriminator(image_size, channels, width),
+            lr,
+            beta1,
+            beta2,
+            reinit_d_below,
+        )
+        self.save_hyperparameters()
+        self.image_size = size
+        self.weights = {"adv": w_adv, "con": w_con, "lat": w_lat}
+        self.primary_score = score
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.generator(x)[0]
+
+    def generator_loss(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        x_hat, z, z_hat = self.generator(x)
+        with torch.no_grad():
+            _, f_real = self.discriminator(x)
+        _, f_fake = self.discriminator(x_hat)
+        parts = {
+            "adv": F.mse_loss(f_fake, f_real),  # feature matching
+            "con": F.l1_loss(x_hat, x),
+            "lat": F.mse_loss(z_hat, z),
+        }
+        loss = sum(self.weights[k] * v for k, v in parts.items())
+        return loss, parts, x_hat
+
+    def residuals(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every residual score from one generator pass and one discriminator pass over [x; x_hat].
+
+        Distances are per-element means (the L1 / squared-L2 distances divided by the
+        dimension, as GANomaly's code computes them): same ranking, comparable across sizes.
+        """
+        x_hat, z, z_hat = self.generator(x)
+        _, features = self.discriminator(torch.cat([x, x_hat]))  # eval mode: no batch coupling
+        f_x, f_hat = features.flatten(1).chunk(2)
+        scores = {
+            "image_l1": mean_over_pixels((x - x_hat).abs()),
+            "feature_l1": (f_x - f_hat).abs().mean(1),
+            "feature_l2": (f_x - f_hat).pow(2).mean(1),
+            "latent_l2": mean_over_pixels((z - z_hat).pow(2)),
+        }
+        return scores, x_hat
+
+    def score(self, batch: dict[str, Any]) -> Scores:
+        x = batch["image"]
+        scores, x_hat = self.residuals(x)
+        return Scores(image=scores, map=(x - x_hat).abs().mean(1))
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {
+            "image_size": self.image_size,
+            "latent_dim": self.hparams.latent_dim,
+            "loss_weights": self.weights,
+        }
