@@ -15,11 +15,25 @@ DATASETS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 
 def cfg_for(*overrides: str, hydra_cfg: bool = False):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=["logger=csv", *overrides], return_hydra_config=hydra_cfg)
+        return compose(
+            "config", overrides=["logger=csv", *overrides], return_hydra_config=hydra_cfg
+        )
 
 
 def test_paper_backbones_are_all_configured() -> None:
-    assert {"resnext101", "resnext50", "vgg19", "mobilenetv3_small", "mobilenetv3_large", "resnet18", "wide_resnet50", "xception", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(BACKBONES)
+    assert {
+        "resnext101",
+        "resnext50",
+        "vgg19",
+        "mobilenetv3_small",
+        "mobilenetv3_large",
+        "resnet18",
+        "wide_resnet50",
+        "xception",
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+    } <= set(BACKBONES)
 
 
 @pytest.mark.parametrize("name", BACKBONES)

@@ -28,7 +28,9 @@ def test_pointwise_autoencoder_has_no_spatial_mixing() -> None:
 
 
 def test_dfr_learns_with_pca_latent_channels(synthetic_root) -> None:
-    dm = SyntheticDataModule(root=str(synthetic_root), category="object", image_size=128, num_workers=0, batch_size=8)
+    dm = SyntheticDataModule(
+        root=str(synthetic_root), category="object", image_size=128, num_workers=0, batch_size=8
+    )
     model = DFR(FeatureExtractor("efficientnet_lite0"), lr=3e-3)
     results = fit_and_test(model, dm, epochs=25)
     latent = model.describe()["latent_channels"]

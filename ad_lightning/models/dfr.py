@@ -25,7 +25,9 @@ def pca_latent_channels(features: torch.Tensor, variance: float) -> int:
     """Smallest number of principal components of per-position feature vectors reaching `variance`."""
     vectors = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).double()
     vectors = vectors - vectors.mean(0)
-    eigenvalues = torch.linalg.eigvalsh(vectors.T @ vectors / max(len(vectors) - 1, 1)).flip(0).clamp(min=0)
+    eigenvalues = (
+        torch.linalg.eigvalsh(vectors.T @ vectors / max(len(vectors) - 1, 1)).flip(0).clamp(min=0)
+    )
     explained = eigenvalues.cumsum(0) / eigenvalues.sum()
     return int((explained < variance).sum()) + 1
 
@@ -42,7 +44,11 @@ class DFR(FeatureReconstructionModule):
         cache_features: bool = True,
         cache_max_gb: float = 8.0,
     ) -> None:
-        autoencoder = PointwiseAutoencoder(backbone.out_channels, latent_channels) if latent_channels else None
+        autoencoder = (
+            PointwiseAutoencoder(backbone.out_channels, latent_channels)
+            if latent_channels
+            else None
+        )
         super().__init__(backbone, autoencoder, lr, score, cache_features, cache_max_gb)
         self.save_hyperparameters(ignore=["backbone"])
         self.pca_variance = pca_variance
@@ -59,7 +65,12 @@ class DFR(FeatureReconstructionModule):
             if n >= self.pca_images:
                 break
         latent = pca_latent_channels(torch.cat(feats), self.pca_variance)
-        log.info("DFR latent channels by PCA (%.0f%% variance of %d images): %d", 100 * self.pca_variance, n, latent)
+        log.info(
+            "DFR latent channels by PCA (%.0f%% variance of %d images): %d",
+            100 * self.pca_variance,
+            n,
+            latent,
+        )
         self.hparams.latent_channels = latent
         self.autoencoder = PointwiseAutoencoder(self.backbone.out_channels, latent).to(self.device)
 

@@ -18,7 +18,7 @@ class PointwiseAutoencoder(nn.Sequential):
         mid = (in_channels + 2 * latent_channels) // 2
         widths = [in_channels, mid, 2 * latent_channels, latent_channels, 2 * latent_channels, mid]
         layers: list[nn.Module] = []
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
+        for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
             layers += _pointwise(c_in, c_out)
         layers.append(nn.Conv2d(mid, in_channels, 1))
         super().__init__(*layers)
