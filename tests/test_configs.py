@@ -63,3 +63,34 @@ def test_experiments_compose_and_sweep_known_keys(name: str) -> None:
         for part in key.split("."):
             assert part in node, f"{name} sweeps {key}, which the config does not have"
             node = node[part] if part in node else None
+
+
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+def test_every_method_of_the_spec_has_a_config() -> None:
+    assert {
+        "skip_dfr",
+        "dfr",
+        "ganomaly",
+        "skip_ganomaly",
+        "anogan",
+        "dpae",
+        "cpcae",
+        "ae",
+        "ae_ssim",
+        "vae",
+        "deep_knn",
+        "variation",
+        "nn_image",
+    } <= set(MODELS)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_config_instantiates_an_anomaly_module(name: str) -> None:
+    from ad_lightning.models.base import AnomalyModule
+
+    cfg = cfg_for(f"model={name}", "data.image_size=64")
+    model = hydra.utils.instantiate(cfg.model)
+    assert isinstance(model, AnomalyModule)
+    assert model.primary_score and cfg.trainer.max_epochs != 0
