@@ -95,7 +95,9 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] != 3:
-            raise ValueError(f"backbone {self.alias} expects 3-channel images but got {images.shape[1]}; keep data.channels=3 (grayscale is expanded) for ImageNet backbones.")
+            raise ValueError(
+                f"backbone {self.alias} expects 3-channel images but got {images.shape[1]}; keep data.channels=3 (grayscale is expanded) for ImageNet backbones."
+            )
         maps = self.net(images)
         size = self.feature_size or maps[0].shape[-2:]
         size = (size, size) if isinstance(size, int) else tuple(size)

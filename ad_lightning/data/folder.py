@@ -58,7 +58,9 @@ def scan_category(root: str | Path, category: str) -> CategoryFiles:
     base = root / category
     if not base.is_dir():
         if (root / "train").is_dir():
-            raise DataLayoutError(f"data.root={root} looks like a category folder itself (it holds train/); set data.root={root.parent} data.category={root.name}.")
+            raise DataLayoutError(
+                f"data.root={root} looks like a category folder itself (it holds train/); set data.root={root.parent} data.category={root.name}."
+            )
         available = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "train").is_dir())
         raise DataLayoutError(
             f"category '{category}' not found under {root}; available categories: {available or 'none (no <category>/train folders)'}. Set data.category=<one of them>."
@@ -81,7 +83,9 @@ def scan_category(root: str | Path, category: str) -> CategoryFiles:
         )
     loose = list_images(test_dir)
     if loose:
-        raise DataLayoutError(f"{len(loose)} images lie directly in {test_dir} (first: {loose[0].name}); move them into test/good/ (normal) or test/<defect>/ (defective).")
+        raise DataLayoutError(
+            f"{len(loose)} images lie directly in {test_dir} (first: {loose[0].name}); move them into test/good/ (normal) or test/<defect>/ (defective)."
+        )
     gt_dir = base / "ground_truth"
     test: list[Sample] = []
     missing_masks: list[Path] = []
