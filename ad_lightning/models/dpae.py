@@ -16,17 +16,19 @@ PL1 = ||z - v_p||^2 and PL2 = ||z_hat - v_p_hat||^2.
 
 Our choices where the paper is silent (all constructor arguments):
 - `prototype_rate` eta: v <- v - eta * delta v. The paper gives the direction, not the step;
-  0.5 is the step of the centre-loss update this rule follows. eta = 1 sets v to the mean.
+  0.5 is ours (a centre-loss-style step). eta = 1 sets v to the batch mean.
 - `reduction`: how the sums of the objective are scaled. "sum" is the paper's formula
   literally (each term summed over its elements, averaged over the batch). With SGD at
-  lr 1e-3 its reconstruction gradient, which grows with H W, saturates the output in the
-  first steps at 224 px (measured; at 64 px it trains). "pixel_mean" (default) divides the
-  whole objective by the number of pixel values C H W: the same objective up to a constant,
-  so the same minimiser and the same balance between its terms (the reconstruction term
-  outweighs the prototype terms as in the paper), with the gradient of a mean squared error,
-  so lr 1e-3 means the same at any image size. It equals "sum" with lr / (C H W).
-  "mean" averages each term over its own elements, which weighs the prototype terms
-  C H W / d times more than the paper; kept for comparison.
+  lr 1e-3 its reconstruction gradient, which grows with C H W, saturates the sigmoid output
+  in the first steps at 224 px, and at 64 px with the paper's widths (measured; narrower
+  early levels train at 64 px). "pixel_mean" (default) divides the whole objective by the
+  number of pixel values C H W: the same objective up to a constant, so the same minimiser
+  and the same balance between its terms, with mean-squared-error-sized gradients at any
+  image size. Its cost: the prototype terms are scaled down with the rest, so on the
+  parameters BatchNorm does not rescale (the latent BatchNorm's affine, the output layer)
+  compactness acts C H W times more slowly than under the literal sum. "mean" averages each
+  term over its own elements, which weighs the prototype terms C H W / d times more than
+  the paper; kept for comparison.
 - `loss=prototype` (ablation "prototype loss only"): only the two prototype terms are
   minimised. x_hat is still decoded, because z_hat = E2(x_hat); the decoder is trained only
   through the z_hat term. `loss=reconstruction`: only the reconstruction term; encoder-2
