@@ -19,6 +19,12 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ["HF_HUB_OFFLINE"] = "1"  # a test must never wait on the hub
+    # One torch thread per process: on a 2-core machine shared with subprocess tests (and any
+    # other job), 2 spinning OpenMP threads per process ran the same test up to 6x slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ def test_dfr_learns_with_pca_latent_channels(synthetic_root) -> None:
     dm = SyntheticDataModule(
         root=str(synthetic_root), category="object", image_size=128, num_workers=0, batch_size=8
     )
-    model = DFR(FeatureExtractor("efficientnet_lite0"), lr=3e-3)
+    model = DFR(FeatureExtractor("efficientnet_lite0", feature_size=16), lr=3e-3)
     results = fit_and_test(model, dm, epochs=25)
     latent = model.describe()["latent_channels"]
     assert 1 <= latent < model.backbone.out_channels

@@ -21,7 +21,9 @@ def test_skip_dfr_learns_on_synthetic_object(synthetic_root) -> None:
     dm = SyntheticDataModule(
         root=str(synthetic_root), category="object", image_size=128, num_workers=0, batch_size=8
     )
-    model = SkipDFR(FeatureExtractor("efficientnet_lite0", blocks=[1, 2, 3]), lr=3e-3)
+    model = SkipDFR(
+        FeatureExtractor("efficientnet_lite0", blocks=[1, 2, 3], feature_size=16), lr=3e-3
+    )
     untrained = fit_and_test(model, dm, epochs=0)["metrics"]["image_auroc"]  # control: ~0.5
     results = fit_and_test(model, dm, epochs=30)
     assert results["metrics"]["image_auroc"] > untrained + 0.25, (untrained, results["metrics"])
