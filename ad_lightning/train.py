@@ -35,6 +35,15 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
 
 
+def config_choices() -> dict[str, str]:
+    """The config group chosen per group (model=ae_ssim, data=...), so reports can tell apart
+    runs whose model classes coincide; empty outside Hydra (compose API)."""
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {k: str(v) for k, v in choices.items() if not k.startswith("hydra/") and v is not None}
+
+
 def versions() -> dict[str, str]:
     try:
         commit = subprocess.run(
@@ -125,6 +134,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(out),
         "model": type(model).__name__,
         "protocol": cfg.protocol,
+        "choices": config_choices(),
         "data": datamodule.summary(),
         "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),

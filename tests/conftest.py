@@ -59,6 +59,19 @@ def tiny_folder(tmp_path: Path) -> Path:
     return root
 
 
+def synthetic_dm(root: Path, category: str = "object", image_size: int = 64, **kw):
+    """The synthetic set as the model tests load it: in-process loading, batches of 8."""
+    from ad_lightning.data import SyntheticDataModule
+
+    kw = {"num_workers": 0, "batch_size": 8, **kw}
+    return SyntheticDataModule(root=str(root), category=category, image_size=image_size, **kw)
+
+
+def untrained_results(model, datamodule) -> dict:
+    """Test results of the model before any training step: the control a learner must beat."""
+    return fit_and_test(model, datamodule, epochs=0)
+
+
 def fit_and_test(model, datamodule, epochs: int, **trainer_kwargs) -> dict:
     """Train on CPU without loggers or checkpoints, test once; return model.test_results."""
     import pytorch_lightning as pl

@@ -5,7 +5,7 @@ import torch
 from ad_lightning.data import SyntheticDataModule
 from ad_lightning.models.autoencoders import VAE, Autoencoder, SSIMAutoencoder
 from ad_lightning.nn.ssim import ssim_loss, ssim_map, ssim_residual
-from tests.conftest import fit_and_test
+from tests.conftest import fit_and_test, synthetic_dm, untrained_results
 
 # DPAE's network at 64 px with narrower early levels; the paper's SGD at lr 1e-3 on the
 # per-image summed residual (the form of DPAE's reconstruction term)
@@ -18,36 +18,8 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPU is shared: two intra-op threads on a loaded machine run ~7x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def object_data(root) -> SyntheticDataModule:
-    return SyntheticDataModule(
-        root=str(root),
-        category="object",
-        image_size=64,
-        num_workers=0,
-        batch_size=8,
-        normalize="none",
-    )
-
-
-def untrained_results(model: pl.LightningModule, dm: SyntheticDataModule) -> dict:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-    )
-    trainer.test(model, datamodule=dm, verbose=False)
-    return model.test_results
+    return synthetic_dm(root, "object", 64, normalize="none")
 
 
 def aurocs(results: dict) -> dict[str, float]:

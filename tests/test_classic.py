@@ -10,29 +10,13 @@ from hydra import compose, initialize_config_dir
 from ad_lightning.data import SyntheticDataModule
 from ad_lightning.data.registration import estimate_alignment, register_to_reference
 from ad_lightning.models.classic import NearestImage, VariationModel
-from tests.conftest import fit_and_test
+from tests.conftest import fit_and_test, synthetic_dm
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: on a shared 2-core machine one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def datamodule(root, category: str, size: int = 64) -> SyntheticDataModule:
-    return SyntheticDataModule(
-        root=str(root),
-        category=category,
-        image_size=size,
-        num_workers=0,
-        batch_size=8,
-        normalize="none",
-    )
+    return synthetic_dm(root, category, size, normalize="none")
 
 
 def training_images(dm: SyntheticDataModule) -> torch.Tensor:

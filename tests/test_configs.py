@@ -94,3 +94,11 @@ def test_model_config_instantiates_an_anomaly_module(name: str) -> None:
     model = hydra.utils.instantiate(cfg.model)
     assert isinstance(model, AnomalyModule)
     assert model.primary_score and cfg.trainer.max_epochs != 0
+
+
+def test_an_experiment_sets_top_level_keys_and_the_command_line_wins() -> None:
+    """Experiments come after config.yaml's own keys, so `protocol: paper` in one takes effect."""
+    assert cfg_for("data.root=/x").protocol == "leak_free"
+    assert cfg_for("experiment=liu_dpae_table4", "data.root=/x").protocol == "paper"
+    overridden = cfg_for("experiment=liu_dpae_table4", "data.root=/x", "protocol=leak_free")
+    assert overridden.protocol == "leak_free"

@@ -8,22 +8,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from ad_lightning.backbones import FeatureExtractor
-from ad_lightning.data import SyntheticDataModule
 from ad_lightning.models.cpcae import CPCAE
 from ad_lightning.models.knn import DeepKNN, KNNScorer
 from ad_lightning.nn.cpcae import ConditionalPatchAE, encode_condition
-from tests.conftest import fit_and_test
+from tests.conftest import fit_and_test, synthetic_dm
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions: on a shared 2-core machine one thread is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def brute_force_knn(train: np.ndarray, query: np.ndarray, k: int, standardize: bool) -> np.ndarray:
@@ -77,14 +67,7 @@ def test_conditional_patch_ae_shapes_and_condition(condition: str) -> None:
 
 
 def test_cpcae_learns_on_synthetic_object(synthetic_root) -> None:
-    dm = SyntheticDataModule(
-        root=str(synthetic_root),
-        category="object",
-        image_size=128,
-        num_workers=0,
-        batch_size=8,
-        normalize="none",
-    )
+    dm = synthetic_dm(synthetic_root, "object", 128, normalize="none")
     torch.manual_seed(0)
     model = CPCAE(
         FeatureExtractor("efficientnet_lite0", blocks=[4]),
@@ -131,9 +114,7 @@ def test_cpcae_learns_on_synthetic_object(synthetic_root) -> None:
 
 @pytest.mark.parametrize(("category", "floor"), [("object", 0.9), ("texture", 0.8)])
 def test_deep_knn_learns_on_synthetic(synthetic_root, category: str, floor: float) -> None:
-    dm = SyntheticDataModule(
-        root=str(synthetic_root), category=category, image_size=128, num_workers=0, batch_size=8
-    )
+    dm = synthetic_dm(synthetic_root, category, 128)
     model = DeepKNN(FeatureExtractor("efficientnet_lite0", blocks=[4]), k=15)
     results = fit_and_test(model, dm, epochs=3)  # stops after the one pass it needs
     print("deep_knn", category, results["metrics"])

@@ -1,10 +1,9 @@
 import torch
 
 from ad_lightning.backbones import FeatureExtractor
-from ad_lightning.data import SyntheticDataModule
 from ad_lightning.models.dfr import DFR, pca_latent_channels
 from ad_lightning.nn.pointwise_ae import PointwiseAutoencoder
-from tests.conftest import fit_and_test
+from tests.conftest import fit_and_test, synthetic_dm
 
 
 def test_pca_rule_counts_components_of_known_rank() -> None:
@@ -28,9 +27,7 @@ def test_pointwise_autoencoder_has_no_spatial_mixing() -> None:
 
 
 def test_dfr_learns_with_pca_latent_channels(synthetic_root) -> None:
-    dm = SyntheticDataModule(
-        root=str(synthetic_root), category="object", image_size=128, num_workers=0, batch_size=8
-    )
+    dm = synthetic_dm(synthetic_root, "object", 128)
     model = DFR(FeatureExtractor("efficientnet_lite0", feature_size=16), lr=3e-3)
     results = fit_and_test(model, dm, epochs=25)
     latent = model.describe()["latent_channels"]

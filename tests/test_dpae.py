@@ -7,35 +7,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ad_lightning.data import SyntheticDataModule
 from ad_lightning.models.dpae import DPAE
 from ad_lightning.nn.conv_ae import ConvAutoencoder, bottleneck_size
-from tests.conftest import fit_and_test
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPU is shared: two intra-op threads on a loaded machine run ~7x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from tests.conftest import fit_and_test, synthetic_dm, untrained_results
 
 SMALL = {"image_size": 64, "channels": 3, "latent_dim": 32, "widths": [32, 64, 32, 32, 32]}
-
-
-def untrained_results(model: pl.LightningModule, dm: SyntheticDataModule) -> dict:
-    """Test results of a model that was never trained: the bar to clear."""
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-    )
-    trainer.test(model, datamodule=dm, verbose=False)
-    return model.test_results
 
 
 def test_paper_architecture_at_224() -> None:
@@ -185,14 +161,7 @@ def test_prototypes_stay_in_sync_under_ddp(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_dpae_learns_on_synthetic_object(synthetic_root) -> None:
-    dm = SyntheticDataModule(
-        root=str(synthetic_root),
-        category="object",
-        image_size=64,
-        num_workers=0,
-        batch_size=8,
-        normalize="none",
-    )
+    dm = synthetic_dm(synthetic_root, "object", 64, normalize="none")
     # the paper's literal objective and SGD lr 1e-3; trains at 64 px with these widths
     make = lambda: DPAE(**SMALL, reduction="sum", lr=1e-3)  # noqa: E731
     pl.seed_everything(0)

@@ -22,29 +22,11 @@ from ad_lightning.models.ganomaly import Ganomaly
 from ad_lightning.models.skip_ganomaly import SkipGanomaly
 from ad_lightning.nn.dcgan import DCGANDecoder, DCGANDiscriminator, DCGANEncoder
 from ad_lightning.nn.unet import UNetGenerator
-from tests.conftest import fit_and_test
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """GAN steps are many small ops: on the shared 2-core machine one thread ran these tests
-    ~40x faster than two threads competing with other jobs (measured), and the same thread
-    count keeps the seeded runs bit-identical."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.conftest import fit_and_test, synthetic_dm
 
 
 def datamodule(root: Any, category: str, size: int = 32) -> SyntheticDataModule:
-    return SyntheticDataModule(
-        root=str(root),
-        category=category,
-        image_size=size,
-        num_workers=0,
-        batch_size=8,
-        normalize="half",
-    )
+    return synthetic_dm(root, category, size, normalize="half")
 
 
 def untrained_auroc(model: AnomalyModule, dm: SyntheticDataModule) -> dict[str, float]:

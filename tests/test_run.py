@@ -127,6 +127,9 @@ def test_multirun_sweep_backbones_by_blocks_then_report(tmp_path: Path) -> None:
     }
     assert combos == {(b, k) for b in ("resnet18", "mobilenetv3_small") for k in ((1, 2), (2, 3))}
     assert all(any("RANDOM" in w for w in r["warnings"]) for r in results)
+    # the group choices are recorded, so a report can key on the config name
+    assert {r["choices"]["backbone"] for r in results} == {"resnet18", "mobilenetv3_small"}
+    assert all(r["choices"]["model"] == "skip_dfr" for r in results)
     assert all(r["method"]["backbone"]["weights"] == "random" for r in results)
     # W&B ran offline, one run folder per job, all in one group (the sweep folder)
     assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 4

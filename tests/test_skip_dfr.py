@@ -1,10 +1,9 @@
 import torch
 
 from ad_lightning.backbones import FeatureExtractor
-from ad_lightning.data import SyntheticDataModule
 from ad_lightning.models.skip_dfr import SkipDFR
 from ad_lightning.nn.skip_ae import SkipAutoencoder
-from tests.conftest import fit_and_test
+from tests.conftest import fit_and_test, synthetic_dm
 
 
 def test_skip_autoencoder_shapes_and_skip_modes() -> None:
@@ -18,9 +17,7 @@ def test_skip_autoencoder_shapes_and_skip_modes() -> None:
 
 
 def test_skip_dfr_learns_on_synthetic_object(synthetic_root) -> None:
-    dm = SyntheticDataModule(
-        root=str(synthetic_root), category="object", image_size=128, num_workers=0, batch_size=8
-    )
+    dm = synthetic_dm(synthetic_root, "object", 128)
     model = SkipDFR(
         FeatureExtractor("efficientnet_lite0", blocks=[1, 2, 3], feature_size=16), lr=3e-3
     )

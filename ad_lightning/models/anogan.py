@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.models.base import AnomalyModule, Scores, choice
 from ad_lightning.nn.dcgan import (
     DCGANDecoder,
     DCGANDiscriminator,
@@ -53,8 +53,6 @@ class AnoGAN(AnomalyModule):
         score: str = "anogan",
     ) -> None:
         super().__init__()
-        if score not in ANOGAN_SCORES:
-            raise ValueError(f"model.score={score!r}: use one of {ANOGAN_SCORES}")
         if latent_steps < 0:
             raise ValueError(f"model.latent_steps={latent_steps} must be >= 0")
         self.image_size = check_image_size(image_size)
@@ -70,7 +68,7 @@ class AnoGAN(AnomalyModule):
         self.latent_lr = latent_lr
         self.score_lambda = score_lambda
         self.latent_seed = latent_seed
-        self.primary_score = score
+        self.primary_score = choice("model.score", score, ANOGAN_SCORES)
 
     @property
     def monitor(self) -> None:

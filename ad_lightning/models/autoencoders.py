@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.models.base import AnomalyModule, Scores, choice
 from ad_lightning.nn.conv_ae import ConvAutoencoder, ConvDecoder, ConvEncoder, paper_widths
 from ad_lightning.nn.ssim import ssim_map, ssim_residual
 
@@ -83,15 +83,11 @@ class Autoencoder(_SGDModule):
         weight_decay: float = 5e-4,
     ) -> None:
         super().__init__()
-        if loss not in AE_LOSSES:
-            raise ValueError(f"model.loss={loss!r}: use one of {AE_LOSSES}")
-        if score not in AE_SCORES:
-            raise ValueError(f"model.score={score!r}: use one of {AE_SCORES}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"model.reduction={reduction!r}: use one of {REDUCTIONS}")
+        choice("model.loss", loss, AE_LOSSES)
+        choice("model.reduction", reduction, REDUCTIONS)
         self.save_hyperparameters()
         self.reduction = reduction
-        self.primary_score = score
+        self.primary_score = choice("model.score", score, AE_SCORES)
         self.loss_name = loss
         self.ssim_sigma, self.data_range = ssim_sigma, data_range
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
@@ -156,15 +152,12 @@ class VAE(_SGDModule):
         weight_decay: float = 5e-4,
     ) -> None:
         super().__init__()
-        if score not in VAE_SCORES:
-            raise ValueError(f"model.score={score!r}: use one of {VAE_SCORES}")
         if n_samples < 1:
             raise ValueError(f"model.n_samples={n_samples} must be >= 1")
-        if reduction not in VAE_REDUCTIONS:
-            raise ValueError(f"model.reduction={reduction!r}: use one of {VAE_REDUCTIONS}")
+        choice("model.reduction", reduction, VAE_REDUCTIONS)
         self.save_hyperparameters()
         self.reduction = reduction
-        self.primary_score = score
+        self.primary_score = choice("model.score", score, VAE_SCORES)
         self.decoder_std, self.kl_weight, self.n_samples = decoder_std, kl_weight, n_samples
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.latent_dim = latent_dim

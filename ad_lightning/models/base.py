@@ -33,6 +33,17 @@ class Scores:
     map: torch.Tensor | None = None
 
 
+def choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> str:
+    """Return `value` if it is one of `allowed`; else a ValueError naming the config key.
+
+    Every method validates its string knobs (score, loss, reduction) here, so a typo on the
+    command line fails before any data is read, with the same message everywhere.
+    """
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r}: use one of {list(allowed)}")
+    return value
+
+
 class DivergenceError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
@@ -92,9 +103,9 @@ class AnomalyModule(pl.LightningModule):
         threshold_percentile: float = 99.0,
         kept_map_size: int = 128,
     ) -> None:
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol={protocol!r}: use one of {PROTOCOLS}")
-        self.eval_config = EvalConfig(protocol, float(threshold_percentile), int(kept_map_size))
+        self.eval_config = EvalConfig(
+            choice("protocol", protocol, PROTOCOLS), float(threshold_percentile), int(kept_map_size)
+        )
 
     # ---- training safety -----------------------------------------------------------
     def check_finite(self, loss: torch.Tensor, what: str = "loss") -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ad_lightning.models.base import Scores
+from ad_lightning.models.base import Scores, choice
 from ad_lightning.models.knn import KNNScorer, ResizableBuffers, StatisticsModule
 
 
@@ -27,9 +27,7 @@ class VariationModel(StatisticsModule, ResizableBuffers):
     def __init__(self, min_std: float = 0.01, score: str = "z2_sum") -> None:
         super().__init__()
         self.save_hyperparameters()
-        if score not in ("z2_sum", "z2_max"):
-            raise ValueError(f"model.score={score!r}: use z2_sum (paper) or z2_max")
-        self.primary_score = score
+        self.primary_score = choice("model.score", score, ("z2_sum", "z2_max"))  # paper: z2_sum
         self.min_std = min_std
         self.register_buffer("pixel_mean", torch.empty(0))
         self.register_buffer("pixel_std", torch.empty(0))

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.models.base import AnomalyModule, Scores, choice
 from ad_lightning.models.knn import KNNScorer, gather_rows
 from ad_lightning.nn.cpcae import ConditionalPatchAE
 from ad_lightning.nn.patches import PatchGrid, assemble_patches, extract_patches
@@ -57,11 +57,8 @@ class CPCAE(AnomalyModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
-        if score not in ("knn", "reconstruction"):
-            raise ValueError(
-                f"model.score={score!r}: use knn (the method) or reconstruction (AE L2 baseline)"
-            )
-        self.primary_score = score
+        # knn: the method; reconstruction: its AE (L2) baseline
+        self.primary_score = choice("model.score", score, ("knn", "reconstruction"))
         self.backbone = backbone
         self.grid = PatchGrid(work_size, work_size, patch_size, patch_stride)
         self.autoencoder = ConditionalPatchAE(

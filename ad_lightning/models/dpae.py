@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.models.base import AnomalyModule, Scores, choice
 from ad_lightning.nn.conv_ae import ConvDecoder, ConvEncoder, paper_widths
 
 LOSSES = ("both", "reconstruction", "prototype")
@@ -71,16 +71,12 @@ class DPAE(AnomalyModule):
         score: str = "rlz",
     ) -> None:
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"model.loss={loss!r}: use one of {LOSSES}")
-        if score not in SCORES:
-            raise ValueError(f"model.score={score!r}: use one of {SCORES}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"model.reduction={reduction!r}: use one of {REDUCTIONS}")
+        choice("model.loss", loss, LOSSES)
+        choice("model.reduction", reduction, REDUCTIONS)
         if not 0.0 < prototype_rate <= 1.0:
             raise ValueError(f"model.prototype_rate={prototype_rate} must be in (0, 1]")
         self.save_hyperparameters()
-        self.primary_score = score
+        self.primary_score = choice("model.score", score, SCORES)
         self.loss_mode = loss
         self.lam, self.gamma = lam, gamma
         self.prototype_rate = prototype_rate

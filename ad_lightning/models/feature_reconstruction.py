@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ad_lightning.backbones.features import FeatureExtractor
-from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.models.base import AnomalyModule, Scores, choice
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,9 @@ class FeatureReconstructionModule(AnomalyModule):
         self.backbone = backbone
         self.autoencoder = autoencoder
         self.lr = lr
-        if score.removeprefix("residual_") not in SCORE_REDUCTIONS:
-            raise ValueError(
-                f"model.score={score!r}: use one of {[f'residual_{r}' for r in SCORE_REDUCTIONS]}"
-            )
-        self.primary_score = score
+        self.primary_score = choice(
+            "model.score", score, [f"residual_{r}" for r in SCORE_REDUCTIONS]
+        )
         self.cache_features = cache_features
         self.cache_max_bytes = int(cache_max_gb * 2**30)
         self._cache: dict[int, torch.Tensor] = {}

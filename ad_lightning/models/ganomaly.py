@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.models.base import AnomalyModule, Scores, choice
 from ad_lightning.nn.dcgan import (
     DCGANDecoder,
     DCGANDiscriminator,
@@ -180,8 +180,7 @@ class Ganomaly(AdversarialReconstruction):
         score: str = "image_l1",
         reinit_d_below: float = 1e-5,
     ) -> None:
-        if score not in GANOMALY_SCORES:
-            raise ValueError(f"model.score={score!r}: use one of {GANOMALY_SCORES}")
+        choice("model.score", score, GANOMALY_SCORES)
         size = check_image_size(image_size)
         super().__init__(
             GanomalyGenerator(image_size, channels, latent_dim, width),

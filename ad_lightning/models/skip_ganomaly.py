@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ad_lightning.models.base import Scores
+from ad_lightning.models.base import Scores, choice
 from ad_lightning.models.ganomaly import AdversarialReconstruction, mean_over_pixels
 from ad_lightning.nn.dcgan import DCGANDiscriminator, check_image_size
 from ad_lightning.nn.unet import UNetGenerator
@@ -51,8 +51,7 @@ class SkipGanomaly(AdversarialReconstruction):
         score: str = "combined",
         reinit_d_below: float = 1e-5,
     ) -> None:
-        if score not in SKIP_GANOMALY_SCORES:
-            raise ValueError(f"model.score={score!r}: use one of {SKIP_GANOMALY_SCORES}")
+        choice("model.score", score, SKIP_GANOMALY_SCORES)
         if not 0.0 <= score_lambda <= 1.0:
             raise ValueError(f"model.score_lambda={score_lambda} must be in [0, 1]")
         size = check_image_size(image_size)
