@@ -184,3 +184,32 @@ def test_contamination_sweep_of_two_ratios_multirun_ganomaly(tmp_path: Path) -> 
     ] == round(0.06 * 43)
     assert runs[0.06]["data"]["n_test"] == runs[0]["data"]["n_test"] - 3
     assert {"image_l1", "feature_l1", "feature_l2", "latent_l2"} <= set(runs[0.06]["scores"])
+
+
+def _scores_by_path(run_dir: Path, name: str) -> dict[str, float]:
+    with open(run_dir / "scores.csv") as f:
+        return {row["path"]: float(row[name]) for row in csv.DictReader(f)}
+
+
+def test_ddp_on_two_cpu_processes_scores_like_one_process(tmp_path: Path) -> None:
+    """trainer=ddp with 2 gloo ranks: the per-pixel statistics are gathered over both ranks'
+    training shards and every test image is scored once, so the result equals one process's."""
+    env = os.environ | {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    common = [
+        "model=variation",
+        "data.image_size=32",
+        "data.category=object",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+    ]
+    runs = {"single": [], "ddp": ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]}
+    for name, extra in runs.items():
+        cmd = [sys.executable, "run.py", *common, *extra, f"hydra.run.dir={tmp_path / name}"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MEMBER: 2/2" in (tmp_path / "ddp" / "run.log").read_text() + proc.stderr
+    single, ddp = (_scores_by_path(tmp_path / n, "z2_sum") for n in runs)
+    n_test = json.loads((tmp_path / "ddp" / "results.json").read_text())["data"]["n_test"]
+    assert len(ddp) == len(single) == n_test
+    for path, value in single.items():
+        assert ddp[path] == pytest.approx(value, rel=1e-5), path
