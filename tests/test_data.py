@@ -182,3 +182,10 @@ def test_registration_aligns_images_and_masks_with_one_transform(tmp_path: Path)
     assert (aligned["image"] - ref).abs().mean() < 0.3 * (raw["image"] - ref).abs().mean()
     assert (aligned["mask"] * torch.as_tensor(mask / 255)).sum() > 0.8 * aligned["mask"].sum() > 0
     assert registered.summary()["registered"].startswith("ecc")
+
+
+def test_unknown_register_method_fails_when_the_datamodule_is_built(tmp_path: Path) -> None:
+    """A typo in data.register_method is refused at construction, before any image is read
+    (the folder does not even exist), naming the key and the allowed methods."""
+    with pytest.raises(ValueError, match=r"data.register_method='sift'.*ecc.*orb"):
+        AnomalyDataModule(root=str(tmp_path / "nowhere"), category="x", register_method="sift")

@@ -19,7 +19,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from ad_lightning.checks import choice
 from ad_lightning.data.folder import CategoryFiles, DataLayoutError, Sample, scan_category
+from ad_lightning.data.registration import (
+    METHODS,
+    RegistrationError,
+    apply_alignment,
+    estimate_alignment,
+)
 from ad_lightning.data.transforms import build_transform
 
 log = logging.getLogger(__name__)
@@ -85,12 +92,6 @@ class AnomalyDataset(Dataset):
 
         The transform is estimated once per image and reused every epoch.
         """
-        from ad_lightning.data.registration import (
-            RegistrationError,
-            apply_alignment,
-            estimate_alignment,
-        )
-
         ref = self.reference
         size = (ref.shape[1], ref.shape[0])
         if path not in self._alignments:
@@ -177,7 +178,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.name = name
         self.categories = list(categories or [])  # the category list the papers use (for sweeps)
         self.register = register
-        self.register_method = register_method
+        self.register_method = choice("data.register_method", register_method, METHODS)
         self.reference: np.ndarray | None = None
         self.files: CategoryFiles | None = None
         self.train_samples: list[Sample] = []

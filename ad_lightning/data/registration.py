@@ -22,6 +22,8 @@ import logging
 import cv2
 import numpy as np
 
+from ad_lightning.checks import choice
+
 log = logging.getLogger(__name__)
 
 METHODS = ("ecc", "orb")
@@ -55,8 +57,7 @@ def _ecc(
     image: np.ndarray, reference: np.ndarray, motion: str, levels: int, iterations: int
 ) -> np.ndarray:
     """Coarse-to-fine ECC; returns the warp W with image(W(x)) ~ reference(x)."""
-    if motion not in ECC_MOTIONS:
-        raise ValueError(f"ECC motion {motion!r}: use one of {sorted(ECC_MOTIONS)}")
+    choice("ECC motion", motion, ECC_MOTIONS)
     pyramid = [(image.astype(np.float32) / 255.0, reference.astype(np.float32) / 255.0)]
     for _ in range(levels - 1):
         img, ref = pyramid[-1]
@@ -108,8 +109,7 @@ def estimate_alignment(
     iterations: int = 100,
 ) -> np.ndarray:
     """2x3 matrix M (float32) such that cv2.warpAffine(image, M, ref_size) lies on the reference."""
-    if method not in METHODS:
-        raise ValueError(f"registration method {method!r}: use one of {METHODS}")
+    choice("data.register_method", method, METHODS)
     img, ref = _gray(image), _gray(reference)
     scale = min(1.0, max_side / max(ref.shape))
     img, ref = _scaled(img, scale), _scaled(ref, scale)

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ad_lightning.models.base import AnomalyModule, Scores, choice
+from ad_lightning.checks import choice
+from ad_lightning.models.base import AnomalyModule, Scores
 from ad_lightning.nn.dcgan import (
     DCGANDecoder,
     DCGANDiscriminator,

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from ad_lightning.models.base import AnomalyModule, Scores, choice
+from ad_lightning.checks import choice
+from ad_lightning.models.base import AnomalyModule, Scores
 from ad_lightning.nn.conv_ae import ConvAutoencoder, ConvDecoder, ConvEncoder, paper_widths
 from ad_lightning.nn.ssim import ssim_map, ssim_residual
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchmetrics.classification import BinaryAUROC
 
+from ad_lightning.checks import choice
 from ad_lightning.metrics.evaluator import evaluate_scores, flatten, squash
 
 log = logging.getLogger(__name__)
@@ -31,17 +32,6 @@ class Scores:
 
     image: dict[str, torch.Tensor]
     map: torch.Tensor | None = None
-
-
-def choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> str:
-    """Return `value` if it is one of `allowed`; else a ValueError naming the config key.
-
-    Every method validates its string knobs (score, loss, reduction) here, so a typo on the
-    command line fails before any data is read, with the same message everywhere.
-    """
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r}: use one of {list(allowed)}")
-    return value
 
 
 class DivergenceError(FloatingPointError):

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ad_lightning.models.base import Scores, choice
+from ad_lightning.checks import choice
+from ad_lightning.models.base import Scores
 from ad_lightning.models.knn import KNNScorer, ResizableBuffers, StatisticsModule
 
 

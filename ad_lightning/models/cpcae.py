@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from ad_lightning.backbones.features import FeatureExtractor
+from ad_lightning.checks import choice
 from ad_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ad_lightning.models.base import AnomalyModule, Scores, choice
+from ad_lightning.models.base import AnomalyModule, Scores
 from ad_lightning.models.knn import KNNScorer, gather_rows
 from ad_lightning.nn.cpcae import ConditionalPatchAE
 from ad_lightning.nn.patches import PatchGrid, assemble_patches, extract_patches

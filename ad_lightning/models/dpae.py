@@ -44,7 +44,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ad_lightning.models.base import AnomalyModule, Scores, choice
+from ad_lightning.checks import choice
+from ad_lightning.models.base import AnomalyModule, Scores
 from ad_lightning.nn.conv_ae import ConvDecoder, ConvEncoder, paper_widths
 
 LOSSES = ("both", "reconstruction", "prototype")

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ad_lightning.backbones.features import FeatureExtractor
-from ad_lightning.models.base import AnomalyModule, Scores, choice
+from ad_lightning.checks import choice
+from ad_lightning.models.base import AnomalyModule, Scores
 
 log = logging.getLogger(__name__)
 

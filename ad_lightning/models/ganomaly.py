@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ad_lightning.models.base import AnomalyModule, Scores, choice
+from ad_lightning.checks import choice
+from ad_lightning.models.base import AnomalyModule, Scores
 from ad_lightning.nn.dcgan import (
     DCGANDecoder,
     DCGANDiscriminator,

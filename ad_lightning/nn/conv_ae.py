@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ad_lightning.checks import choice
+
 OUTPUT_ACTIVATIONS = ("sigmoid", "tanh", "none")
 
 
@@ -95,10 +97,7 @@ class ConvDecoder(nn.Module):
         output_activation: str = "sigmoid",
     ) -> None:
         super().__init__()
-        if output_activation not in OUTPUT_ACTIVATIONS:
-            raise ValueError(
-                f"model.output_activation={output_activation!r}: use one of {OUTPUT_ACTIVATIONS}"
-            )
+        choice("model.output_activation", output_activation, OUTPUT_ACTIVATIONS)
         widths = list(widths)
         self.shape = (widths[-1], *bottleneck_size(image_size, len(widths)))
         n = self.shape[0] * self.shape[1] * self.shape[2]

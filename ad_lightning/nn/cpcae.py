@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ad_lightning.checks import choice
+
 CONDITIONS = ("scalar", "onehot", "none")
 OUTPUTS = ("sigmoid", "linear")
 
@@ -45,10 +47,8 @@ class ConditionalPatchAE(nn.Module):
     ) -> None:
         super().__init__()
         widths = list(widths)
-        if condition not in CONDITIONS:
-            raise ValueError(f"model.condition={condition!r}: use one of {CONDITIONS}")
-        if output not in OUTPUTS:
-            raise ValueError(f"model.output={output!r}: use one of {OUTPUTS}")
+        choice("model.condition", condition, CONDITIONS)
+        choice("model.output", output, OUTPUTS)
         if not widths or patch_size % 2 ** len(widths):
             raise ValueError(
                 f"patch_size={patch_size} must be divisible by 2**len(widths) = {2 ** len(widths)}"

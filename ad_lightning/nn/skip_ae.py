@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ad_lightning.checks import choice
+
 SKIP_MODES = ("all", "partial", "none")
 
 
@@ -39,8 +41,7 @@ class SkipAutoencoder(nn.Module):
         self, in_channels: int, widths: Sequence[int] = (256, 128, 64), skips: str = "all"
     ) -> None:
         super().__init__()
-        if skips not in SKIP_MODES:
-            raise ValueError(f"model.skips={skips!r}: use one of {SKIP_MODES}")
+        choice("model.skips", skips, SKIP_MODES)
         widths = list(widths)
         depth = len(widths)
         if depth < 1:
