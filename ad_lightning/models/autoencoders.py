@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ad_lightning.checks import choice
-from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.models.base import Scores, SingleObjective
 from ad_lightning.nn.conv_ae import ConvAutoencoder, ConvDecoder, ConvEncoder, paper_widths
 from ad_lightning.nn.ssim import ssim_map, ssim_residual
 
@@ -40,7 +40,7 @@ AE_SCORES = ("l2", "ssim")
 VAE_SCORES = ("neg_elbo", "recon_nll")
 
 
-class _SGDModule(AnomalyModule):
+class _SGDModule(SingleObjective):
     """DPAE's optimiser, shared by the baselines."""
 
     lr: float
@@ -51,17 +51,6 @@ class _SGDModule(AnomalyModule):
         return torch.optim.SGD(
             self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.check_finite(self.loss(batch["image"]))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
-        return loss
-
-    def validation_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.loss(batch["image"])
-
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
 
 class Autoencoder(_SGDModule):

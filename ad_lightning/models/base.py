@@ -243,3 +243,20 @@ class AnomalyModule(pl.LightningModule):
             {n: {"auroc": s["auroc"], "ap": s["ap"]} for n, s in per_score.items()}, "test/score"
         )
         self.log_dict(flat, sync_dist=False)
+
+
+class SingleObjective(AnomalyModule):
+    """A method trained on one objective of the image batch, `loss(images)`: the training step
+    checks and logs it, and the same objective on normal validation images selects the
+    checkpoint (the AE baselines, CPCAE)."""
+
+    def loss(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.check_finite(self.loss(batch["image"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        return loss
+
+    def validation_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.loss(batch["image"])

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.checks import choice
 from ad_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.models.base import Scores, SingleObjective
 from ad_lightning.models.knn import KNNScorer, gather_rows
 from ad_lightning.nn.cpcae import ConditionalPatchAE
 from ad_lightning.nn.patches import PatchGrid, assemble_patches, extract_patches
@@ -36,7 +36,7 @@ from ad_lightning.nn.pooling import ParallelCascadedPooling
 log = logging.getLogger(__name__)
 
 
-class CPCAE(AnomalyModule):
+class CPCAE(SingleObjective):
     def __init__(
         self,
         backbone: FeatureExtractor,
@@ -128,14 +128,6 @@ class CPCAE(AnomalyModule):
         """L2 reconstruction of every patch + lambda * L1 of the bottleneck code (sum over units)."""
         patches, recon, code = self.reconstruct_patches(self.downsize(images))
         return F.mse_loss(recon, patches) + self.l1_weight * code.abs().sum(1).mean()
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.check_finite(self.loss(batch["image"]))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
-        return loss
-
-    def validation_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.loss(batch["image"])
 
     def anomaly_map(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """|x - upsize(reassembled reconstruction)| averaged over channels [B, H, W], and the AE's L2 [B]."""
