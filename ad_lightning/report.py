@@ -4,30 +4,52 @@ Reads every results.json under the given folders (multirun sweeps, single runs, 
 once), puts `--metric` in a grid of rows x columns taken from the runs' resolved configs,
 averages repeated cells (e.g. seeds, shown as mean ± std), adds a mean row, prints Markdown,
 writes CSV, and logs the table to W&B when the runs themselves logged there.
+
+`--benchmark` instead compares methods (config group `model`) across `data.category`: a
+summary, one table per metric (image / pixel AUROC, fit seconds, ms per image), the runs that
+did not finish with their error, and CSVs of all of it.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import statistics
+import os
+import re
 import sys
-from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 MISSING = "—"
+FINISHED = "finished"
+ROW, COL, STATUS = "_row", "_col", "status"
+
+# --benchmark: column name -> (heading, dotted key in results.json, number format)
+BENCHMARK_METRICS: dict[str, tuple[str, str, str]] = {
+    "image_auroc": ("image AUROC", "metrics.image_auroc", ".3f"),
+    "pixel_auroc": ("pixel AUROC", "metrics.pixel_auroc", ".3f"),
+    "fit_s": ("fit s", "timings.fit_s", ".1f"),
+    "ms_per_image": ("ms/image", "timings.inference_ms_per_image", ".2f"),
+}
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """Multirun job folders sort 0, 1, 2, ..., 10 (not 0, 1, 10, 2), i.e. in sweep order."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
 def find_results(folders: list[str]) -> list[dict[str, Any]]:
+    """Every readable results.json under the folders, in sweep order, each tagged with its path."""
     runs = []
     for folder in folders:
         path = Path(folder)
-        files = [path] if path.is_file() else sorted(path.rglob("results.json"))
         if not path.exists():
             raise SystemExit(f"report: {folder} does not exist")
+        files = [path] if path.is_file() else sorted(path.rglob("results.json"), key=_natural_key)
         for file in files:
             try:
                 data = json.loads(file.read_text())
@@ -39,8 +61,24 @@ def find_results(folders: list[str]) -> list[dict[str, Any]]:
     return runs
 
 
+def find_unreported(folders: list[str]) -> list[Path]:
+    """Hydra job folders without results.json: jobs that crashed before writing it (or still run)."""
+    missing = []
+    for folder in map(Path, folders):
+        if folder.is_dir():
+            jobs = (d.parent for d in folder.rglob(".hydra") if d.is_dir())
+            missing += [job for job in jobs if not (job / "results.json").exists()]
+    return sorted(missing, key=_natural_key)
+
+
 def lookup(run: dict[str, Any], key: str) -> Any:
-    """A dotted key, looked up in the run's results first, then in its resolved config."""
+    """A dotted key, looked up in the run's results first, then in its resolved config.
+
+    Shorthands: `backbone` is the backbone's name; `model` is the config group choice
+    (`patchcore`, `ae_ssim`) when the run recorded it, since several choices share a class.
+    """
+    if key == "model" and (run.get("choices") or {}).get("model"):
+        return run["choices"]["model"]
     if key == "backbone":
         key = "method.backbone.name"
     for source in (run, run.get("config", {})):
@@ -56,12 +94,23 @@ def lookup(run: dict[str, Any], key: str) -> Any:
     return None
 
 
-def metric_value(run: dict[str, Any], metric: str) -> float | str | None:
-    if run.get("status") not in (None, "finished"):
-        return run.get("status")
-    key = metric if "." in metric else f"metrics.{metric}"
+def metric_key(metric: str) -> str:
+    """`image_auroc` is shorthand for `metrics.image_auroc`; dotted keys are taken as they are."""
+    return metric if "." in metric else f"metrics.{metric}"
+
+
+def metric_value(run: dict[str, Any], key: str) -> float:
+    """The number at `key`, NaN when the run did not finish or has no such number."""
+    if run_status(run) != FINISHED:
+        return np.nan
     value = lookup(run, key)
-    return float(value) if isinstance(value, (int, float)) else None
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if is_number else np.nan
+
+
+def run_status(run: dict[str, Any]) -> str:
+    """Older results.json files have no status; they were only written by finished runs."""
+    return str(run.get("status") or FINISHED)
 
 
 def label(value: Any) -> str:
@@ -70,76 +119,107 @@ def label(value: Any) -> str:
     return str(value)
 
 
-def build_table(
-    runs: list[dict[str, Any]], metric: str, rows: str, cols: str
-) -> tuple[list[str], list[str], dict]:
-    cells: dict[tuple[str, str], list] = defaultdict(list)
-    row_order: list[str] = []
-    col_order: list[str] = []
-    for run in runs:
-        r, c = label(lookup(run, rows)), label(lookup(run, cols))
-        if r not in row_order:
-            row_order.append(r)
-        if c not in col_order:
-            col_order.append(c)
-        value = metric_value(run, metric)
-        if value is not None:
-            cells[(r, c)].append(value)
-    return row_order, col_order, cells
+def runs_frame(
+    runs: list[dict[str, Any]], rows: str, cols: str, metrics: dict[str, str]
+) -> pd.DataFrame:
+    """One row per run: its row and column labels, each metric (name -> dotted key), status."""
+    records = [
+        {
+            ROW: label(lookup(run, rows)),
+            COL: label(lookup(run, cols)),
+            **{name: metric_value(run, key) for name, key in metrics.items()},
+            STATUS: run_status(run),
+            "error": str(run.get("error") or ""),
+            "run_dir": str(Path(run["_file"]).parent),
+        }
+        for run in runs
+    ]
+    return pd.DataFrame.from_records(
+        records, columns=[ROW, COL, *metrics, STATUS, "error", "run_dir"]
+    )
 
 
-def summarise(values: list) -> tuple[float | None, str]:
-    numbers = [v for v in values if isinstance(v, float)]
-    if not numbers:
-        return None, (values[0] if values else MISSING)
-    mean = statistics.fmean(numbers)
-    if len(numbers) > 1:
-        return mean, f"{mean:.3f} ± {statistics.stdev(numbers):.3f}"
-    return mean, f"{mean:.3f}"
+@dataclass
+class Grid:
+    """A rows x columns table: numeric cell means (for margins) and the text to show."""
+
+    mean: pd.DataFrame
+    text: pd.DataFrame
 
 
-def render(row_order: list[str], col_order: list[str], cells: dict, rows: str) -> list[list[str]]:
-    table = [[rows, *col_order]]
-    col_values: dict[str, list[float]] = defaultdict(list)
-    for r in row_order:
-        line = [r]
-        for c in col_order:
-            mean, text = summarise(cells.get((r, c), []))
-            line.append(text)
-            if mean is not None:
-                col_values[c].append(mean)
-        table.append(line)
-    if len(row_order) > 1:
-        mean_line = ["mean"]
-        for c in col_order:
-            vals = col_values[c]
-            text = f"{statistics.fmean(vals):.3f}" if vals else MISSING
-            if vals and len(vals) < len(row_order):
-                text += f" ({len(vals)}/{len(row_order)})"
-            mean_line.append(text)
-        table.append(mean_line)
-    return table
+def pivot(frame: pd.DataFrame, value: str, spec: str = ".3f") -> Grid:
+    """Cells of `value` by (row, column) in order of appearance; several runs -> mean ± std.
+
+    A cell without a number shows the status of a run that did not finish (`diverged`,
+    `failed`), else MISSING, so a hole in the table says why it is there.
+    """
+    rows, cols = list(pd.unique(frame[ROW])), list(pd.unique(frame[COL]))
+    stats = frame.dropna(subset=[value]).pivot_table(
+        index=ROW, columns=COL, values=value, aggfunc=["mean", "std", "count"]
+    )
+
+    def part(name: str) -> pd.DataFrame:
+        return stats.get(name, pd.DataFrame()).reindex(index=rows, columns=cols)
+
+    mean, std, count = part("mean"), part("std"), part("count").fillna(0)
+    unfinished = frame[frame[STATUS] != FINISHED].groupby([ROW, COL])[STATUS].first()
+
+    def cell(r: str, c: str) -> str:
+        n = count.at[r, c]
+        if n > 1:
+            return f"{mean.at[r, c]:{spec}} ± {std.at[r, c]:{spec}}"
+        if n == 1:
+            return f"{mean.at[r, c]:{spec}}"
+        return unfinished.get((r, c), MISSING)
+
+    text = pd.DataFrame([[cell(r, c) for c in cols] for r in rows], index=rows, columns=cols)
+    return Grid(mean=mean, text=text)
 
 
-def to_markdown(table: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
-    return "\n".join(lines)
+def margin(mean: pd.DataFrame, axis: int, spec: str = ".3f") -> pd.Series:
+    """Mean over rows (axis=0) or columns (axis=1) of the cell means, with (n/m) when some
+    cells are missing: a mean over fewer cells is not comparable with a full one."""
+    total = mean.shape[axis]
+    values, counts = mean.mean(axis=axis), mean.notna().sum(axis=axis)
+
+    def text(value: float, n: int) -> str:
+        if n == 0:
+            return MISSING
+        return f"{value:{spec}}" + (f" ({n}/{total})" if n < total else "")
+
+    return pd.Series([text(v, n) for v, n in zip(values, counts, strict=True)], index=values.index)
 
 
-def to_csv(table: list[list[str]]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf).writerows(table)
-    return buf.getvalue()
+def with_mean_row(grid: Grid, spec: str = ".3f") -> pd.DataFrame:
+    if len(grid.text) < 2:
+        return grid.text
+    return pd.concat([grid.text, margin(grid.mean, 0, spec).to_frame("mean").T])
 
 
-def log_to_wandb(runs: list[dict[str, Any]], table: list[list[str]], title: str) -> bool:
-    """Log the table as a W&B Table when the runs logged to W&B (offline without an API key)."""
+def with_mean_column(grid: Grid, spec: str = ".3f") -> pd.DataFrame:
+    if grid.text.shape[1] < 2:
+        return grid.text
+    return grid.text.assign(mean=margin(grid.mean, 1, spec))
+
+
+def to_markdown(table: pd.DataFrame, corner: str) -> str:
+    """Cells are already text: numparse off keeps `0.900` from becoming `0.9`."""
+    return (
+        table.rename_axis(index=corner, columns=None)
+        .reset_index()
+        .to_markdown(index=False, disable_numparse=True)
+    )
+
+
+def write_csv(table: pd.DataFrame, corner: str, path: Path) -> None:
+    table.rename_axis(index=corner, columns=None).to_csv(path)
+
+
+def log_to_wandb(runs: list[dict[str, Any]], tables: dict[str, pd.DataFrame], title: str) -> bool:
+    """Log the tables as W&B Tables when the runs logged to W&B (offline without an API key)."""
     wandb_runs = [r for r in runs if isinstance(lookup(r, "logger.wandb"), dict)]
     if not wandb_runs:
         return False
-    import os
-
     import wandb
 
     conf = lookup(wandb_runs[0], "logger.wandb") or {}
@@ -152,9 +232,83 @@ def log_to_wandb(runs: list[dict[str, Any]], table: list[list[str]], title: str)
         mode="online" if os.environ.get("WANDB_API_KEY") else "offline",
         reinit=True,
     )
-    run.log({"report": wandb.Table(columns=table[0], data=table[1:])})
+    run.log(
+        {
+            key: wandb.Table(columns=list(map(str, t.columns)), data=t.values.tolist())
+            for key, t in tables.items()
+        }
+    )
     run.finish()
     return True
+
+
+def failed_runs(frame: pd.DataFrame, unreported: list[Path]) -> str:
+    """Markdown list of the runs that did not finish: where they are and the error they left."""
+    bad = frame[frame[STATUS] != FINISHED]
+    if bad.empty and not unreported:
+        return ""
+    lines = [
+        f"Runs that did not finish ({len(bad) + len(unreported)} of {len(frame) + len(unreported)}):"
+    ]
+    for run in bad.to_dict("records"):
+        error = run["error"].strip().splitlines()[0][:300] if run["error"].strip() else "no message"
+        lines.append(f"- `{run['run_dir']}` ({run[ROW]}, {run[COL]}): {run[STATUS]}: {error}")
+    lines += [
+        f"- `{job}`: no results.json (crashed before writing it, or still running)"
+        for job in unreported
+    ]
+    return "\n".join(lines)
+
+
+def benchmark(
+    runs: list[dict[str, Any]], folders: list[str], csv_dir: Path
+) -> tuple[str, dict[str, pd.DataFrame]]:
+    """Methods (model config choice) x categories: a summary of per-method means over the
+    categories, then one table per metric, then the runs that failed. Writes benchmark_*.csv."""
+    frame = runs_frame(
+        runs,
+        "model",
+        "data.category",
+        {name: key for name, (_, key, _) in BENCHMARK_METRICS.items()},
+    )
+    methods = list(pd.unique(frame[ROW]))
+    done = frame[STATUS].eq(FINISHED).groupby(frame[ROW]).agg(["sum", "size"]).reindex(methods)
+    summary = pd.DataFrame(
+        {"runs": [f"{d}/{n}" for d, n in zip(done["sum"], done["size"], strict=True)]},
+        index=methods,
+    )
+    tables: dict[str, pd.DataFrame] = {}
+    for name, (heading, _, spec) in BENCHMARK_METRICS.items():
+        grid = pivot(frame, name, spec)
+        tables[name] = with_mean_column(grid, spec)
+        summary.insert(len(summary.columns) - 1, heading, margin(grid.mean, 1, spec))
+    sections = [
+        f"benchmark ({len(runs)} runs): mean over categories, (n/m) = categories with a result\n\n"
+        + to_markdown(summary, "method")
+    ]
+    sections += [
+        f"{BENCHMARK_METRICS[name][0]}\n\n" + to_markdown(table, "method")
+        for name, table in tables.items()
+    ]
+    failed = failed_runs(frame, find_unreported(folders))
+    if failed:
+        sections.append(failed)
+    csv_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(summary, "method", csv_dir / "benchmark_summary.csv")
+    for name, table in tables.items():
+        write_csv(table, "method", csv_dir / f"benchmark_{name}.csv")
+    frame.rename(columns={ROW: "method", COL: "category"}).to_csv(
+        csv_dir / "benchmark_runs.csv", index=False
+    )
+    return "\n\n".join(sections), {
+        "benchmark_summary": summary.reset_index(names="method"),
+        **{f"benchmark_{name}": t.reset_index(names="method") for name, t in tables.items()},
+    }
+
+
+def default_csv_dir(folders: list[str]) -> Path:
+    first = Path(folders[0])
+    return first if first.is_dir() else first.parent
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -175,34 +329,46 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--cols",
         default="model",
-        help="config key for columns, e.g. model, backbone, backbone.blocks, data.contamination",
+        help="config key for columns, e.g. model (config choice), backbone, backbone.blocks, "
+        "data.contamination",
     )
     parser.add_argument(
         "--csv",
         default=None,
-        help="CSV output path (default: report_<metric>.csv in the first folder)",
+        help="CSV output path (default: report_<metric>.csv in the first folder); with "
+        "--benchmark, the folder for benchmark_*.csv",
+    )
+    parser.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="methods x data.category: image / pixel AUROC, fit s, ms/image, failed runs "
+        "(ignores --metric, --rows, --cols)",
     )
     parser.add_argument("--no-wandb", action="store_true", help="do not log the table to W&B")
     args = parser.parse_args(argv)
     runs = find_results(args.folders)
     if not runs:
         raise SystemExit(f"report: no results.json under {args.folders}")
-    row_order, col_order, cells = build_table(runs, args.metric, args.rows, args.cols)
-    table = render(row_order, col_order, cells, rows=args.rows)
-    markdown = to_markdown(table)
-    print(f"\n{args.metric} ({len(runs)} runs)\n\n{markdown}\n")
-    first = Path(args.folders[0])
-    csv_path = (
-        Path(args.csv)
-        if args.csv
-        else (first if first.is_dir() else first.parent)
-        / f"report_{args.metric.replace('.', '_')}.csv"
-    )
-    csv_path.write_text(to_csv(table))
-    print(f"CSV: {csv_path}")
-    if not args.no_wandb and log_to_wandb(
-        runs, table, f"report {args.metric} {args.rows} x {args.cols}"
-    ):
+    if args.benchmark:
+        csv_dir = Path(args.csv) if args.csv else default_csv_dir(args.folders)
+        markdown, tables = benchmark(runs, args.folders, csv_dir)
+        print(f"\n{markdown}\n\nCSV: {csv_dir}/benchmark_*.csv")
+        title = "benchmark"
+    else:
+        frame = runs_frame(runs, args.rows, args.cols, {args.metric: metric_key(args.metric)})
+        table = with_mean_row(pivot(frame, args.metric))
+        markdown = to_markdown(table, args.rows)
+        print(f"\n{args.metric} ({len(runs)} runs)\n\n{markdown}\n")
+        csv_path = (
+            Path(args.csv)
+            if args.csv
+            else default_csv_dir(args.folders) / f"report_{args.metric.replace('.', '_')}.csv"
+        )
+        write_csv(table, args.rows, csv_path)
+        print(f"CSV: {csv_path}")
+        tables = {"report": table.rename_axis(index=args.rows, columns=None).reset_index()}
+        title = f"report {args.metric} {args.rows} x {args.cols}"
+    if not args.no_wandb and log_to_wandb(runs, tables, title):
         print("table logged to W&B (job_type=report)")
     return markdown
 

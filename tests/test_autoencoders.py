@@ -138,3 +138,32 @@ def test_vae_learns_on_synthetic_object(synthetic_root) -> None:
     assert results["primary_score"] == "neg_elbo"
     assert scores["neg_elbo"] > 0.85 and scores["recon_nll"] > 0.85, scores
     assert results["metrics"]["pixel_auroc"] > 0.9 and gain > 0.15
+
+
+def score_in_batches(model, images: torch.Tensor, batches: list[list[int]]) -> dict[str, list]:
+    """Each image's scores when the images are scored in the given batches (indices into
+    `images`, in any order); batches carry path and dataset index as the loaders' do."""
+    out: dict[str, list] = {}
+    for rows in batches:
+        batch = {
+            "image": images[rows],
+            "path": [f"/data/test/good/{i:03d}.png" for i in rows],
+            "index": torch.tensor(rows),
+        }
+        for name, values in model._score(batch).image.items():
+            scores = out.setdefault(name, [None] * len(images))
+            for i, value in zip(rows, values.tolist(), strict=True):
+                scores[i] = value
+    return out
+
+
+def test_vae_scores_do_not_depend_on_the_batch() -> None:
+    """The reconstruction probability averages sampled z: the noise is drawn per image (seeded
+    by its path), so an image scores the same in any batch, in any run."""
+    torch.manual_seed(0)
+    vae = VAE(**SMALL, n_samples=4).eval()
+    images = torch.rand(6, 3, 64, 64)
+    together = score_in_batches(vae, images, [[0, 1, 2, 3, 4, 5]])
+    torch.manual_seed(123)  # the global RNG must not matter either
+    apart = score_in_batches(vae, images, [[5, 3], [1, 0, 4], [2]])
+    assert together == apart

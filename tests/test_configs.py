@@ -102,3 +102,25 @@ def test_an_experiment_sets_top_level_keys_and_the_command_line_wins() -> None:
     assert cfg_for("experiment=liu_dpae_table4", "data.root=/x").protocol == "paper"
     overridden = cfg_for("experiment=liu_dpae_table4", "data.root=/x", "protocol=leak_free")
     assert overridden.protocol == "leak_free"
+
+
+BENCHMARK_MODELS = ["skip_dfr", "dfr", "patchcore", "padim", "deep_knn"]
+
+
+def test_benchmark_preset_sweeps_five_methods_and_leaves_categories_to_the_command_line() -> None:
+    cfg = cfg_for("experiment=benchmark", "data.root=/d", "data.category=a", hydra_cfg=True)
+    params = cfg.hydra.sweeper.params
+    assert params["model"].split(",") == BENCHMARK_MODELS
+    assert set(params) == {"model"}  # nothing per category in the preset
+    assert cfg.hydra.runtime.choices.data == "folder" and cfg.data.category == "a"
+    assert cfg.seed == 0
+
+
+@pytest.mark.parametrize("model", BENCHMARK_MODELS)
+def test_benchmark_job_composes_for_each_method(model: str) -> None:
+    """What one job of the sweep composes: the method's own file on data=folder at 256 px."""
+    if not (CONF / "model" / f"{model}.yaml").exists():
+        pytest.skip(f"conf/model/{model}.yaml not written yet")
+    cfg = cfg_for("experiment=benchmark", f"model={model}", "data.root=/d", "data.category=a")
+    assert cfg.data.name == "folder" and cfg.data.image_size == 256
+    assert cfg.model._target_.startswith("ad_lightning.models.")

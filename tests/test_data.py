@@ -73,22 +73,94 @@ def test_grayscale_is_expanded_to_three_channels(tiny_folder: Path) -> None:
     assert torch.allclose(item["image"], torch.full((3, 32, 32), 77 / 255))
 
 
-def test_corrupt_image_error_names_the_file(tiny_folder: Path) -> None:
-    bad = tiny_folder / "widget" / "test" / "good" / "002.png"
-    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+def break_files(cat: Path) -> dict[str, Path]:
+    """One file of each kind of fault, in different splits: a zero-byte image, a PNG cut off in
+    its pixel data (its header still opens), a two-channel image and a mask of the wrong size."""
+    empty = cat / "test" / "good" / "099.png"
+    empty.write_bytes(b"")
+    truncated = cat / "train" / "good" / "003.png"
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    two_channel = cat / "train" / "good" / "004.png"
+    Image.fromarray(np.full((32, 32, 2), 90, np.uint8), "LA").save(two_channel)
+    mask = cat / "ground_truth" / "dent" / "001_mask.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(mask)
+    return {"empty": empty, "truncated": truncated, "two_channel": two_channel, "mask": mask}
+
+
+def test_bad_files_are_all_named_in_one_error_at_setup(tiny_folder: Path) -> None:
+    """Every image and mask is decoded when the datamodule is set up, so a corrupt test image
+    stops the run before the first epoch, not after training; one error names every file."""
+    bad = break_files(tiny_folder / "widget")
+    dm = AnomalyDataModule(root=str(tiny_folder), category="widget", image_size=32, num_workers=0)
+    with pytest.raises(DataLayoutError) as err:
+        dm.setup()
+    message = str(err.value)
+    for path in bad.values():
+        assert str(path) in message
+    assert "4 bad files" in message and "data.skip_bad=true" in message
+    assert "2 channels" in message and "16x16" in message
+
+
+def test_skip_bad_drops_and_lists_bad_files(
+    tiny_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = break_files(tiny_folder / "widget")
+    with caplog.at_level("WARNING"):
+        dm = make_dm(tiny_folder, skip_bad=True)
+    skipped = dm.summary()["skipped_files"]
+    assert sorted(s["path"] for s in skipped) == sorted(str(p) for p in bad.values())
+    assert all(s["problem"] for s in skipped)
+    assert all(str(p) in caplog.text for p in bad.values())
+    used = {s.path for s in dm.train_samples + dm.val_samples + dm.test_samples}
+    dent_001 = tiny_folder / "widget" / "test" / "dent" / "001.png"  # its mask is bad
+    assert not used & {bad["empty"], bad["truncated"], bad["two_channel"], dent_001}
+    assert len(dm.train_samples) + len(dm.val_samples) == 18 and len(dm.test_samples) == 11
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        for _ in loader:
+            pass
+
+
+def test_clean_folder_has_no_skipped_files(tiny_folder: Path) -> None:
+    assert make_dm(tiny_folder).summary()["skipped_files"] == []
+
+
+def test_an_image_that_breaks_after_setup_is_named_when_read(tiny_folder: Path) -> None:
     dm = make_dm(tiny_folder)
+    bad = tiny_folder / "widget" / "test" / "good" / "002.png"
+    bad.write_bytes(bad.read_bytes()[:40])
     with pytest.raises(ImageReadError, match="002.png"):
         for _ in dm.test_dataloader():
             pass
 
 
-def test_mask_size_mismatch_is_an_error(tiny_folder: Path) -> None:
-    mask = tiny_folder / "widget" / "ground_truth" / "dent" / "001_mask.png"
-    Image.fromarray(np.zeros((16, 16), np.uint8)).save(mask)
-    dm = make_dm(tiny_folder)
-    with pytest.raises(ImageReadError, match="001_mask.png"):
-        for _ in dm.test_dataloader():
-            pass
+def test_last_batch_of_one_does_not_reach_batchnorm(tiny_folder: Path) -> None:
+    """17 training images in batches of 8 (17 = 2 * 8 + 1): the lone last image would crash
+    BatchNorm1d in training; the training loader drops it (reshuffled every epoch, so no image
+    is left out for good) and one epoch of the AE (BatchNorm1d on its code) runs."""
+    import pytorch_lightning as pl
+
+    from ad_lightning.models.autoencoders import Autoencoder
+
+    dm = make_dm(tiny_folder, val_split=0.15, batch_size=8, normalize="none")
+    assert len(dm.train_samples) == 17
+    assert [len(b["image"]) for b in dm.train_dataloader()] == [8, 8]
+    assert sum(len(b["image"]) for b in dm.test_dataloader()) == len(dm.test_samples)
+    model = Autoencoder(image_size=32, latent_dim=4, widths=[8, 8, 8, 8, 4])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert trainer.current_epoch == 1
+    small = make_dm(tiny_folder, val_split=0.15, batch_size=32)
+    assert [len(b["image"]) for b in small.train_dataloader()] == [17]  # one batch: kept whole
 
 
 def test_layout_errors_say_what_to_fix(tmp_path: Path, tiny_folder: Path) -> None:

@@ -232,3 +232,16 @@ def test_nan_loss_raises_divergence_error(synthetic_root, kind: str) -> None:
     model.generator.register_forward_hook(poison)
     with pytest.raises(DivergenceError, match="diverged"):
         fit_and_test(model, datamodule(synthetic_root, "texture"), epochs=1)
+
+
+def test_anogan_scores_do_not_depend_on_the_batch() -> None:
+    """The latent search starts from a z seeded by the image (its path), not by its position in
+    the batch, so an image scores the same in any batch and order."""
+    from tests.test_autoencoders import score_in_batches
+
+    torch.manual_seed(0)
+    model = AnoGAN(16, 3, latent_dim=8, width=4, latent_steps=3).eval()
+    images = torch.rand(5, 3, 16, 16) * 2 - 1
+    together = score_in_batches(model, images, [[0, 1, 2, 3, 4]])
+    apart = score_in_batches(model, images, [[4, 2], [3, 0, 1]])
+    assert together == apart

@@ -1,7 +1,9 @@
+import csv
 import json
 from pathlib import Path
+from typing import Any
 
-from ad_lightning.report import main
+from ad_lightning.report import lookup, main
 
 
 def fake_run(
@@ -11,7 +13,9 @@ def fake_run(
     auroc: float,
     seed: int = 0,
     status: str = "finished",
+    **extra: Any,
 ) -> None:
+    """A results.json as train.py writes it, with only the keys the report reads."""
     folder.mkdir(parents=True)
     data = {
         "status": status,
@@ -24,8 +28,17 @@ def fake_run(
             "seed": seed,
             "logger": {"csv": {}},
         },
+        **extra,
     }
     (folder / "results.json").write_text(json.dumps(data))
+
+
+def cells(markdown: str) -> list[list[str]]:
+    """The Markdown table's cells, header first, without the alignment line or the padding."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [
+        [c.strip() for c in line.strip("|").split("|")] for i, line in enumerate(lines) if i != 1
+    ]
 
 
 def test_report_builds_paper_table_from_partial_sweeps(tmp_path: Path, capsys) -> None:
@@ -47,12 +60,27 @@ def test_report_builds_paper_table_from_partial_sweeps(tmp_path: Path, capsys) -
             str(tmp_path / "t.csv"),
         ]
     )
-    lines = md.splitlines()
-    assert lines[0] == "| data.category | resnet18 | vgg19 |"
-    assert lines[2] == "| bottle | 0.900 | 0.800 |"
-    assert lines[3] == "| wood | 0.750 ± 0.071 | diverged |"
-    assert lines[4] == "| mean | 0.825 | 0.800 (1/2) |"
-    assert (tmp_path / "t.csv").read_text().splitlines()[1] == "bottle,0.900,0.800"
+    assert cells(md) == [
+        ["data.category", "resnet18", "vgg19"],
+        ["bottle", "0.900", "0.800"],
+        ["wood", "0.750 ± 0.071", "diverged"],
+        ["mean", "0.825", "0.800 (1/2)"],
+    ]
+    rows = list(csv.reader((tmp_path / "t.csv").read_text().splitlines()))
+    assert rows[0] == ["data.category", "resnet18", "vgg19"]
+    assert rows[1] == ["bottle", "0.900", "0.800"]
+
+
+def test_report_marks_missing_cells_and_keeps_order_of_appearance(tmp_path: Path) -> None:
+    fake_run(tmp_path / "s" / "0", "wood", "vgg19", 0.5)
+    fake_run(tmp_path / "s" / "1", "bottle", "resnet18", 0.7)
+    md = main([str(tmp_path / "s"), "--cols", "backbone.alias", "--no-wandb"])
+    assert cells(md) == [
+        ["data.category", "vgg19", "resnet18"],
+        ["wood", "0.500", "—"],
+        ["bottle", "—", "0.700"],
+        ["mean", "0.500 (1/2)", "0.700 (1/2)"],
+    ]
 
 
 def test_report_reads_any_dotted_metric(tmp_path: Path) -> None:
@@ -66,7 +94,22 @@ def test_report_reads_any_dotted_metric(tmp_path: Path) -> None:
             "model",
         ]
     )
-    assert "| bottle | 0.300 |" in md
+    assert cells(md) == [["data.category", "SkipDFR"], ["bottle", "0.300"]]
+
+
+def test_model_column_is_the_config_choice_when_the_run_recorded_it(tmp_path: Path) -> None:
+    """Two config choices with one class (ae / ae_ssim) must not share a column."""
+    fake_run(tmp_path / "m" / "0", "bottle", "r", 0.6, model="AE", choices={"model": "ae"})
+    fake_run(tmp_path / "m" / "1", "bottle", "r", 0.8, model="AE", choices={"model": "ae_ssim"})
+    fake_run(tmp_path / "m" / "2", "bottle", "r", 0.7)  # older results.json: no choices
+    md = main([str(tmp_path / "m"), "--cols", "model", "--no-wandb"])
+    assert cells(md)[:2] == [
+        ["data.category", "ae", "ae_ssim", "SkipDFR"],
+        ["bottle", "0.600", "0.800", "0.700"],
+    ]
+    run = {"model": "DPAE", "method": {"backbone": {"name": "vgg19"}}, "config": {"seed": 3}}
+    assert lookup(run, "model") == "DPAE" and lookup(run, "backbone") == "vgg19"
+    assert lookup(run, "seed") == 3 and lookup(run, "data.category") is None
 
 
 def test_report_logs_to_wandb_when_the_runs_did(tmp_path: Path, monkeypatch) -> None:
@@ -79,3 +122,72 @@ def test_report_logs_to_wandb_when_the_runs_did(tmp_path: Path, monkeypatch) -> 
     (folder / "results.json").write_text(json.dumps(data))
     main([str(tmp_path / "sweep"), "--cols", "model"])
     assert list((tmp_path / "sweep").glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def bench_run(
+    folder: Path, method: str, category: str, image: float, pixel: float | None, fit_s: float
+) -> None:
+    """A finished run of a benchmark sweep: config choice, both AUROCs and timings."""
+    metrics = {"image_auroc": image} | ({"pixel_auroc": pixel} if pixel is not None else {})
+    fake_run(
+        folder,
+        category,
+        "efficientnet_lite0",
+        image,
+        model=method.title(),
+        choices={"model": method, "data": "folder"},
+        metrics=metrics,
+        timings={"fit_s": fit_s, "test_s": 1.0, "inference_ms_per_image": fit_s / 10},
+    )
+
+
+def test_benchmark_tables_methods_by_category_and_lists_failed_runs(tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun"
+    bench_run(sweep / "0", "skip_dfr", "bottle", 0.90, 0.95, 120.0)
+    bench_run(sweep / "1", "skip_dfr", "wood", 0.80, 0.85, 100.0)
+    bench_run(sweep / "2", "padim", "bottle", 0.99, 0.97, 10.0)
+    fake_run(
+        sweep / "3",
+        "wood",
+        "efficientnet_lite0",
+        float("nan"),
+        status="failed",
+        model="PaDiM",
+        choices={"model": "padim"},
+        error="CUDA out of memory\nTraceback ...",
+    )
+    bench_run(sweep / "4", "deep_knn", "bottle", 0.70, None, 2.0)  # no pixel map
+    bench_run(sweep / "5", "deep_knn", "wood", 0.60, None, 4.0)
+    (sweep / "6" / ".hydra").mkdir(parents=True)  # a job killed before results.json
+
+    md = main([str(sweep), "--benchmark", "--no-wandb"])
+    summary, image, pixel, fit, ms = (cells(t) for t in md.split("\n\n") if t.startswith("|"))
+    assert summary == [
+        ["method", "image AUROC", "pixel AUROC", "fit s", "ms/image", "runs"],
+        ["skip_dfr", "0.850", "0.900", "110.0", "11.00", "2/2"],
+        ["padim", "0.990 (1/2)", "0.970 (1/2)", "10.0 (1/2)", "1.00 (1/2)", "1/2"],
+        ["deep_knn", "0.650", "—", "3.0", "0.30", "2/2"],
+    ]
+    assert image == [
+        ["method", "bottle", "wood", "mean"],
+        ["skip_dfr", "0.900", "0.800", "0.850"],
+        ["padim", "0.990", "failed", "0.990 (1/2)"],
+        ["deep_knn", "0.700", "0.600", "0.650"],
+    ]
+    assert pixel[3] == ["deep_knn", "—", "—", "—"]
+    assert fit[1] == ["skip_dfr", "120.0", "100.0", "110.0"]
+    assert ms[2] == ["padim", "1.00", "failed", "1.00 (1/2)"]
+    failed = md.split("Runs that did not finish")[1]
+    assert "(2 of 7)" in failed
+    assert f"`{sweep / '3'}` (padim, wood): failed: CUDA out of memory\n" in failed
+    assert f"`{sweep / '6'}`: no results.json" in failed
+
+    for name in ("summary", "image_auroc", "pixel_auroc", "fit_s", "ms_per_image", "runs"):
+        assert (sweep / f"benchmark_{name}.csv").exists()
+    grid = list(csv.reader((sweep / "benchmark_image_auroc.csv").read_text().splitlines()))
+    assert grid[2] == ["padim", "0.990", "failed", "0.990 (1/2)"]
+    runs = list(csv.DictReader((sweep / "benchmark_runs.csv").read_text().splitlines()))
+    assert [(r["method"], r["category"], r["status"]) for r in runs][2:4] == [
+        ("padim", "bottle", "finished"),
+        ("padim", "wood", "failed"),
+    ]

@@ -91,7 +91,7 @@ def test_divergence_stops_with_a_clear_status(tmp_path: Path) -> None:
     cfg = compose_cfg(
         tmp_path,
         "data.category=object",
-        "model.lr=1e12",
+        "model.lr=1e30",
         "trainer.max_epochs=3",
         "data.image_size=64",
     )

@@ -31,3 +31,48 @@ def test_skip_dfr_learns_on_synthetic_object(synthetic_root) -> None:
     assert not model.backbone.training and not any(m.training for m in model.backbone.modules())
     for name in ("residual_max", "residual_mean", "residual_top1pct"):
         assert name in results["scores"]
+
+
+def test_autoencoder_is_sized_to_its_input_and_cheaper_than_the_backbone() -> None:
+    from ad_lightning.models.skip_dfr import widths_for
+
+    assert widths_for(176, 0.5, 3) == [88, 48, 24]
+    assert widths_for(1792, 0.5, 3) == [896, 448, 224]  # ResNeXt101 blocks 1-3
+    model = SkipDFR(FeatureExtractor("efficientnet_lite0", feature_size=32))
+    model._input_hw = (256, 256)
+    flops = model.describe()["flops_per_image"]
+    assert 0 < flops["autoencoder"] < flops["backbone"], flops
+
+
+def test_residual_distance_options() -> None:
+    from ad_lightning.models.feature_reconstruction import residual_distance
+
+    feats = torch.randn(2, 8, 4, 4)
+    scaled = 3 * feats  # same direction, other magnitude
+    assert torch.allclose(
+        residual_distance(scaled, feats, "cosine"), torch.zeros(2, 4, 4), atol=1e-5
+    )
+    assert residual_distance(scaled, feats, "l2").min() > 0
+
+
+def test_standardisation_uses_training_statistics_and_is_saved() -> None:
+    model = SkipDFR(FeatureExtractor("efficientnet_lite0", feature_size=8), standardize=True)
+    c = model.backbone.out_channels
+    feats = torch.randn(4, c, 8, 8) * torch.linspace(0.1, 10, c)[:, None, None] + 5
+    model.fit_feature_statistics(feats)
+    z = model.features({"features": feats})
+    assert z.mean((0, 2, 3)).abs().max() < 1e-4 and (z.std((0, 2, 3)) - 1).abs().max() < 0.05
+    fresh = SkipDFR(FeatureExtractor("efficientnet_lite0", feature_size=8), standardize=True)
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    torch.testing.assert_close(fresh.features({"features": feats}), z)
+
+
+def test_smoothing_spreads_a_single_hot_cell() -> None:
+    from ad_lightning.nn.smoothing import gaussian_smooth
+
+    maps = torch.zeros(1, 64, 64)
+    maps[0, 32, 32] = 1.0
+    smooth = gaussian_smooth(maps, 4.0)
+    assert smooth.max() < 0.05 and smooth.argmax() == maps.argmax()
+    assert torch.isclose(smooth.sum(), torch.tensor(1.0), atol=1e-3)
+    assert gaussian_smooth(maps, 0) is maps

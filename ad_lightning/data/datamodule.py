@@ -20,7 +20,15 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from ad_lightning.checks import choice
-from ad_lightning.data.folder import CategoryFiles, DataLayoutError, Sample, scan_category
+from ad_lightning.data.folder import (
+    BadFile,
+    CategoryFiles,
+    DataLayoutError,
+    Sample,
+    bad_files_error,
+    drop_samples,
+    scan_category,
+)
 from ad_lightning.data.registration import (
     METHODS,
     RegistrationError,
@@ -36,11 +44,20 @@ class ImageReadError(ValueError):
     """An image or mask could not be decoded; the message names the file."""
 
 
+#: grayscale (or 16-bit / float grayscale, or palette), RGB, RGBA / CMYK: what read_image converts
+IMAGE_BANDS = (1, 3, 4)
+
+
 def read_image(path: Path, channels: int) -> np.ndarray:
     """Decode to HxWxC uint8; grayscale is expanded to 3 channels for ImageNet backbones."""
     try:
         with Image.open(path) as img:
             img.load()
+            bands = len(img.getbands())
+            if bands not in IMAGE_BANDS:
+                raise ImageReadError(
+                    f"image {path} has {bands} channels (mode {img.mode}); only 1 (grayscale), 3 (RGB) or 4 (RGBA) can be read as {channels}-channel input: save it as grayscale or RGB."
+                )
             if img.mode in ("I;16", "I;16B", "I", "F"):
                 arr = np.asarray(img, dtype=np.float32)
                 arr = 255 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6)
@@ -55,6 +72,7 @@ def read_image(path: Path, channels: int) -> np.ndarray:
 
 
 def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.ndarray:
+    """Decode a mask to HxW {0, 1} float32; it must have its image's size."""
     try:
         with Image.open(path) as img:
             mask = np.asarray(img.convert("L"))
@@ -67,6 +85,24 @@ def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.nda
             f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is {image_hw[1]}x{image_hw[0]}; masks must match their image's size."
         )
     return (mask > 0).astype(np.float32)
+
+
+def find_bad_files(samples: Sequence[Sample], channels: int) -> list[BadFile]:
+    """Decode every image and mask exactly as training and testing will (read_image, read_mask),
+    so a corrupt or mis-sized file stops the run at setup, not after training."""
+    bad: list[BadFile] = []
+    for sample in samples:
+        try:
+            hw = read_image(sample.path, channels).shape[:2]
+        except ImageReadError as err:
+            bad.append(BadFile(sample.path, str(err), sample))
+            continue
+        if sample.mask_path is not None:
+            try:
+                read_mask(sample.mask_path, sample.path, hw)
+            except ImageReadError as err:
+                bad.append(BadFile(sample.mask_path, str(err), sample))
+    return bad
 
 
 class AnomalyDataset(Dataset):
@@ -153,6 +189,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         categories: Sequence[str] | None = None,
         register: bool = False,
         register_method: str = "ecc",
+        skip_bad: bool = False,
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
@@ -179,6 +216,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.categories = list(categories or [])  # the category list the papers use (for sweeps)
         self.register = register
         self.register_method = choice("data.register_method", register_method, METHODS)
+        self.skip_bad = skip_bad
+        self.skipped: list[BadFile] = []
         self.reference: np.ndarray | None = None
         self.files: CategoryFiles | None = None
         self.train_samples: list[Sample] = []
@@ -201,9 +240,23 @@ class AnomalyDataModule(pl.LightningDataModule):
             raise DataLayoutError(
                 "data.root is not set: pass data.root=/path/to/dataset (the folder holding the categories)."
             )
-        self.files = scan_category(self.root, self.category)
-        if self.files.mask_note:
-            log.warning("%s/%s: %s", self.root, self.category, self.files.mask_note)
+        files = scan_category(self.root, self.category)
+        if files.mask_note:
+            log.warning("%s/%s: %s", self.root, self.category, files.mask_note)
+        where = Path(self.root).expanduser() / self.category
+        bad = find_bad_files(files.train + files.test, self.channels)
+        if bad and not self.skip_bad:
+            raise bad_files_error(bad, where)
+        if bad:
+            log.warning(
+                "data.skip_bad=true: %d bad files of %s left out with their images:\n%s",
+                len(bad),
+                where,
+                "\n".join(f"  - {b.problem}" for b in bad),
+            )
+            files = drop_samples(files, bad, where)
+        self.skipped = bad
+        self.files = files
         rng = random.Random(self.seed)
         normals = list(self.files.train)
         rng.shuffle(normals)
@@ -249,6 +302,7 @@ class AnomalyDataModule(pl.LightningDataModule):
             "has_masks": self.has_masks,
             "mask_note": self.files.mask_note if self.files else "",
             "contamination": {"ratio": self.contamination, "n_moved": len(self.contaminated)},
+            "skipped_files": [b.record() for b in self.skipped],
             "registered": f"{self.register_method} to {self.train_samples[0].path}"
             if self.register
             else False,
@@ -264,10 +318,14 @@ class AnomalyDataModule(pl.LightningDataModule):
         dataset = AnomalyDataset(
             samples, transform, self.channels, self.reference, self.register_method
         )
+        batch_size = self.batch_size if train else self.eval_batch_size
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
+            batch_size=batch_size,
             shuffle=train,
+            # A last training batch of one image crashes BatchNorm in training mode; the split
+            # is reshuffled every epoch, so the few images dropped are not dropped for good.
+            drop_last=train and len(samples) > batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed) if train else None,

@@ -34,6 +34,52 @@ class CategoryFiles:
     mask_note: str = ""
 
 
+@dataclass(frozen=True)
+class BadFile:
+    """An image or mask that cannot be used, and the sample it takes out with it."""
+
+    path: Path
+    problem: str  # names the file, says what is wrong and how to fix it
+    sample: Sample
+
+    def record(self) -> dict[str, str]:
+        """The entry of results.json's data.skipped_files."""
+        return {"path": str(self.path), "problem": self.problem, "image": str(self.sample.path)}
+
+
+def bad_files_error(bad: list[BadFile], where: Path) -> DataLayoutError:
+    """One error that lists every bad file, so a single fix-up pass repairs the dataset."""
+    lines = "\n".join(f"  - {b.problem}" for b in bad)
+    return DataLayoutError(
+        f"{len(bad)} bad files in {where} (every image and mask is decoded before training):\n"
+        f"{lines}\nReplace or delete these files, or set data.skip_bad=true to leave them (and "
+        "the images they belong to) out; skipped files are listed in results.json under "
+        "data.skipped_files."
+    )
+
+
+def drop_samples(files: CategoryFiles, bad: list[BadFile], where: Path) -> CategoryFiles:
+    """`files` without the samples of the bad files; the splits must still be usable."""
+    dropped = {b.sample.path for b in bad}
+    train = [s for s in files.train if s.path not in dropped]
+    test = [s for s in files.test if s.path not in dropped]
+    if not train:
+        raise DataLayoutError(
+            f"every training image of {where} is bad; nothing is left to train on."
+        )
+    _check_test_labels(test, where / "test")
+    return CategoryFiles(train, test, files.has_masks, files.mask_note)
+
+
+def _check_test_labels(test: list[Sample], test_dir: Path) -> None:
+    """AUROC needs both classes in the test set."""
+    n_anomalous = sum(s.label for s in test)
+    if n_anomalous == 0 or n_anomalous == len(test):
+        raise DataLayoutError(
+            f"{test_dir} needs both normal images (test/good/) and defective ones (test/<defect>/) for AUROC; found {len(test) - n_anomalous} normal and {n_anomalous} defective."
+        )
+
+
 def list_images(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
@@ -99,11 +145,8 @@ def scan_category(root: str | Path, category: str) -> CategoryFiles:
             if mask is None and gt_dir.is_dir():
                 missing_masks.append(image)
             test.append(Sample(image, 1, defect, mask))
+    _check_test_labels(test, test_dir)
     n_anomalous = sum(s.label for s in test)
-    if n_anomalous == 0 or n_anomalous == len(test):
-        raise DataLayoutError(
-            f"{test_dir} needs both normal images (test/good/) and defective ones (test/<defect>/) for AUROC; found {len(test) - n_anomalous} normal and {n_anomalous} defective."
-        )
 
     has_masks = gt_dir.is_dir() and not missing_masks
     note = ""

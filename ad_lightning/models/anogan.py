@@ -29,6 +29,7 @@ from ad_lightning.nn.dcgan import (
     check_image_size,
     init_dcgan_weights,
 )
+from ad_lightning.nn.noise import image_seeds, per_image_normal
 
 log = logging.getLogger(__name__)
 ANOGAN_SCORES = ("anogan", "residual", "discrimination")
@@ -137,10 +138,11 @@ class AnoGAN(AnomalyModule):
         lam = self.score_lambda
         return (1 - lam) * residual + lam * discrimination, residual, discrimination, g
 
-    def search_latent(self, x: torch.Tensor) -> torch.Tensor:
-        """z* = argmin_z loss(z) by Adam from a seeded random start (same image -> same score)."""
-        start = torch.Generator(device=x.device).manual_seed(self.latent_seed)
-        z = self.sample_latent(len(x), start).requires_grad_(True)
+    def search_latent(self, x: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """z* = argmin_z loss(z) by Adam from a random start seeded per image (`seeds`), so the
+        same image gets the same score whatever its batch or position in it."""
+        shape = (self.latent_dim, 1, 1)
+        z = per_image_normal(seeds, shape, x.device, x.dtype).requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=self.latent_lr)
         with torch.no_grad():
             _, f_x = self.discriminator(x)
@@ -156,7 +158,7 @@ class AnoGAN(AnomalyModule):
         # A test loop under inference mode would make x an inference tensor autograd cannot use.
         with torch.inference_mode(False), torch.enable_grad():
             x = batch["image"].clone()
-            z = self.search_latent(x)
+            z = self.search_latent(x, image_seeds(batch, self.latent_seed))
         with torch.no_grad():
             _, f_x = self.discriminator(x)
             total, residual, discrimination, g = self.mapping_loss(x, f_x, z)

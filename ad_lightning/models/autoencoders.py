@@ -31,6 +31,7 @@ import torch
 from ad_lightning.checks import choice
 from ad_lightning.models.base import Scores, SingleObjective
 from ad_lightning.nn.conv_ae import ConvAutoencoder, ConvDecoder, ConvEncoder, paper_widths
+from ad_lightning.nn.noise import image_seeds, per_image_normal
 from ad_lightning.nn.ssim import ssim_map, ssim_residual
 
 AE_LOSSES = ("l2", "ssim")
@@ -134,6 +135,7 @@ class VAE(_SGDModule):
         decoder_std: float = 0.7071,
         kl_weight: float = 1.0,
         n_samples: int = 8,
+        noise_seed: int = 0,
         score: str = "neg_elbo",
         reduction: str = "pixel_mean",
         output_activation: str = "sigmoid",
@@ -149,6 +151,7 @@ class VAE(_SGDModule):
         self.reduction = reduction
         self.primary_score = choice("model.score", score, VAE_SCORES)
         self.decoder_std, self.kl_weight, self.n_samples = decoder_std, kl_weight, n_samples
+        self.noise_seed = noise_seed
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.latent_dim = latent_dim
         self.widths = list(widths) if widths else paper_widths(latent_dim)
@@ -194,14 +197,15 @@ class VAE(_SGDModule):
         return neg_elbo / x[0].numel() if self.reduction == "pixel_mean" else neg_elbo
 
     def score(self, batch: dict[str, Any]) -> Scores:
+        """The z samples of the reconstruction probability are drawn per image, seeded by
+        `noise_seed` and the image's path, so an image scores the same in any batch and run."""
         x = batch["image"]
         mu, logvar = self.posterior(x)
         std = (0.5 * logvar).exp()
+        seeds = image_seeds(batch, self.noise_seed)
+        eps = per_image_normal(seeds, (self.n_samples, *mu.shape[1:]), mu.device, mu.dtype)
         recon_nll = torch.stack(
-            [
-                self.nll(x, self.decoder(mu + torch.randn_like(mu) * std))
-                for _ in range(self.n_samples)
-            ]
+            [self.nll(x, self.decoder(mu + eps[:, i] * std)) for i in range(self.n_samples)]
         ).mean(0)
         anomaly_map = (x - self.decoder(mu)).pow(2).mean(1)
         image = {

@@ -41,30 +41,35 @@ class DFR(FeatureReconstructionModule):
         pca_variance: float = 0.9,
         pca_images: int = 64,
         score: str = "residual_max",
-        cache_features: bool = True,
-        cache_max_gb: float = 8.0,
+        distance: str = "l2",
+        standardize: bool = False,
+        sigma: float = 0.0,
+        stats_images: int = 512,
     ) -> None:
         autoencoder = (
             PointwiseAutoencoder(backbone.out_channels, latent_channels)
             if latent_channels
             else None
         )
-        super().__init__(backbone, autoencoder, lr, score, cache_features, cache_max_gb)
+        super().__init__(
+            backbone, autoencoder, lr, score, distance, standardize, sigma, stats_images
+        )
         self.save_hyperparameters(ignore=["backbone"])
         self.pca_variance = pca_variance
         self.pca_images = pca_images
 
     def setup(self, stage: str) -> None:
         """Apply the PCA rule on training features before the optimiser is built."""
+        super().setup(stage)
         if self.autoencoder is not None:
             return
-        feats, n = [], 0
-        for batch in self.trainer.datamodule.train_dataloader():
-            feats.append(self.backbone(batch["image"].to(self.device)).cpu())
-            n += len(feats[-1])
-            if n >= self.pca_images:
-                break
-        latent = pca_latent_channels(torch.cat(feats), self.pca_variance)
+        feats = self.training_features(self.pca_images)
+        if self.standardize:
+            feats = (feats - self.feature_mean.cpu()[:, None, None]) / self.feature_std.cpu()[
+                :, None, None
+            ]
+        n = len(feats)
+        latent = pca_latent_channels(feats, self.pca_variance)
         log.info(
             "DFR latent channels by PCA (%.0f%% variance of %d images): %d",
             100 * self.pca_variance,

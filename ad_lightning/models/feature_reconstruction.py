@@ -2,9 +2,17 @@
 
 FE(x) is the concatenation of the chosen backbone blocks; an autoencoder AE learns
 AE(FE(x)) ~ FE(x) on normal images with an L2 loss. The residual map is the per-position
-L2 norm over channels of AE(FE(x)) - FE(x), upsampled to the image; image scores reduce it.
-Because FE is frozen, its features are cached after the first epoch when training uses no
-random augmentation, so later epochs never re-run the backbone.
+distance between AE(FE(x)) and FE(x), upsampled to the image; image scores reduce it.
+
+Three choices make the residual hold on real data, each a config key:
+- `standardize`: features are standardised per channel with training statistics, so the
+  deepest block (largest values) does not own the loss and the distance;
+- `distance`: `l2` (the papers) or `cosine`, which ignores the overall feature magnitude
+  that varies with texture contrast and keeps the direction that defects change;
+- `sigma`: Gaussian smoothing of the upsampled map (input pixels) before the image score.
+
+Because FE is frozen, training reads features computed once per image from a
+`FeatureStore` (backbones/feature_store.py) when the batch carries them.
 """
 
 from __future__ import annotations
@@ -19,12 +27,17 @@ from torch import nn
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.checks import choice
 from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.nn.flops import flops_per_image
+from ad_lightning.nn.smoothing import upsample_and_smooth
 
 log = logging.getLogger(__name__)
 
+SCORE_REDUCTIONS = ("max", "mean", "top1pct")
+DISTANCES = ("l2", "cosine")
+
 
 def reduce_map(residual: torch.Tensor, how: str) -> torch.Tensor:
-    """Image score from a residual map [B, H, W]: max, mean, or mean of the top 1 % positions."""
+    """Image score from a map [B, H, W]: max, mean, or mean of the top 1 % positions."""
     flat = residual.flatten(1)
     if how == "max":
         return flat.amax(1)
@@ -36,18 +49,29 @@ def reduce_map(residual: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown score reduction {how!r}; use max, mean or top1pct")
 
 
-SCORE_REDUCTIONS = ("max", "mean", "top1pct")
+def residual_distance(
+    reconstruction: torch.Tensor, features: torch.Tensor, how: str
+) -> torch.Tensor:
+    """Per-position distance over channels, [B, C, h, w] x 2 -> [B, h, w]."""
+    if how == "l2":
+        return (reconstruction - features).pow(2).sum(1).sqrt()
+    return 1 - F.cosine_similarity(reconstruction, features, dim=1, eps=1e-6)
 
 
 class FeatureReconstructionModule(AnomalyModule):
+    #: training and validation may read features from a FeatureStore (the backbone is frozen)
+    reads_stored_features = True
+
     def __init__(
         self,
         backbone: FeatureExtractor,
         autoencoder: nn.Module | None,
         lr: float,
         score: str = "residual_max",
-        cache_features: bool = True,
-        cache_max_gb: float = 8.0,
+        distance: str = "l2",
+        standardize: bool = False,
+        sigma: float = 0.0,
+        stats_images: int = 512,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -56,27 +80,40 @@ class FeatureReconstructionModule(AnomalyModule):
         self.primary_score = choice(
             "model.score", score, [f"residual_{r}" for r in SCORE_REDUCTIONS]
         )
-        self.cache_features = cache_features
-        self.cache_max_bytes = int(cache_max_gb * 2**30)
-        self._cache: dict[int, torch.Tensor] = {}
-        self._cache_bytes = 0
-        self._cache_on = False
+        self.distance = choice("model.distance", distance, DISTANCES)
+        self.standardize = standardize
+        self.sigma = float(sigma)
+        self.stats_images = stats_images
+        # per-channel training statistics (identity until fitted); saved with the model
+        self.register_buffer("feature_mean", torch.zeros(backbone.out_channels))
+        self.register_buffer("feature_std", torch.ones(backbone.out_channels))
+        self.register_buffer("stats_fitted", torch.tensor(False))
         self.strict_loading = False  # checkpoints hold no backbone weights
+        self._input_hw: tuple[int, int] | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {"backbone": self.backbone.describe(), "feature_cache": self._cache_on}
+        facts: dict[str, Any] = {
+            "backbone": self.backbone.describe(),
+            "distance": self.distance,
+            "standardize": self.standardize,
+            "sigma": self.sigma,
+        }
+        if self._input_hw is not None and self.autoencoder is not None:
+            facts["flops_per_image"] = self.flops()
+        return facts
+
+    def flops(self) -> dict[str, int]:
+        """Forward FLOPs per image of the backbone and of the AE, at the input size scored."""
+        device = self.feature_mean.device
+        image = torch.zeros(1, 3, *self._input_hw, device=device)
+        feats = self.backbone(image)
+        return {
+            "backbone": flops_per_image(self.backbone, image),
+            "autoencoder": flops_per_image(self.autoencoder, feats),
+        }
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.autoencoder.parameters(), lr=self.lr)
-
-    def on_fit_start(self) -> None:
-        augmenting = getattr(self.trainer.datamodule, "has_random_augmentation", True)
-        self._cache_on = self.cache_features and not augmenting
-        self._cache, self._cache_bytes = {}, 0
-        if self.cache_features and augmenting:
-            log.info(
-                "feature cache off: random train augmentations change the features every epoch"
-            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The frozen backbone is rebuilt from its config; keeping it out saves disk (340 MB for ResNeXt101)."""
@@ -84,24 +121,47 @@ class FeatureReconstructionModule(AnomalyModule):
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
         }
 
-    def on_fit_end(self) -> None:
-        self._cache, self._cache_bytes = {}, 0
+    # ---- features --------------------------------------------------------------------
+    def raw_features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """FE(x): from the feature store when the batch carries them, else the backbone."""
+        if "features" in batch:
+            return batch["features"].float()
+        self._input_hw = tuple(batch["image"].shape[-2:])
+        return self.backbone(batch["image"])
 
     def features(self, batch: dict[str, Any]) -> torch.Tensor:
-        """FE(x), from the cache when every image of the batch is in it."""
-        if not (self._cache_on and self.training):
-            return self.backbone(batch["image"])
-        keys = [int(i) for i in batch["index"]]
-        if all(k in self._cache for k in keys):
-            return torch.stack([self._cache[k] for k in keys]).to(self.device)
-        feats = self.backbone(batch["image"])
-        size = feats[0].numel() * feats[0].element_size()
-        for k, f in zip(keys, feats, strict=False):
-            if k not in self._cache and self._cache_bytes + size <= self.cache_max_bytes:
-                self._cache[k] = f.detach().cpu()
-                self._cache_bytes += size
-        return feats
+        feats = self.raw_features(batch)
+        if not self.standardize:
+            return feats
+        return (feats - self.feature_mean[:, None, None]) / self.feature_std[:, None, None]
 
+    def training_features(self, max_images: int) -> torch.Tensor:
+        """Raw features of up to `max_images` training images (one rank's view, unshuffled)."""
+        feats, n = [], 0
+        for batch in self.trainer.datamodule.train_eval_dataloader():
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            feats.append(self.raw_features(batch).cpu())
+            n += len(feats[-1])
+            if n >= max_images:
+                break
+        return torch.cat(feats)[:max_images]
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.standardize and not bool(self.stats_fitted):
+            self.fit_feature_statistics(self.training_features(self.stats_images))
+
+    @torch.no_grad()
+    def fit_feature_statistics(self, feats: torch.Tensor) -> None:
+        """Per-channel mean and std over images and positions of the training features."""
+        flat = feats.double().transpose(0, 1).flatten(1)
+        std = flat.std(1, unbiased=False)
+        self.feature_mean = flat.mean(1).float().to(self.feature_mean.device)
+        self.feature_std = (
+            torch.where(std > 1e-6, std, torch.ones_like(std)).float().to(self.feature_std.device)
+        )
+        self.stats_fitted = torch.tensor(True, device=self.stats_fitted.device)
+
+    # ---- training ----------------------------------------------------------------------
     def reconstruction_loss(self, feats: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(self.autoencoder(feats), feats)
 
@@ -111,13 +171,12 @@ class FeatureReconstructionModule(AnomalyModule):
         return loss
 
     def validation_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.reconstruction_loss(self.backbone(batch["image"]))
+        return self.reconstruction_loss(self.features(batch))
 
+    # ---- scoring -----------------------------------------------------------------------
     def score(self, batch: dict[str, Any]) -> Scores:
-        feats = self.backbone(batch["image"])
-        residual = (self.autoencoder(feats) - feats).pow(2).sum(1).sqrt()
-        anomaly_map = F.interpolate(
-            residual[:, None], size=batch["image"].shape[-2:], mode="bilinear", align_corners=False
-        )[:, 0]
-        image = {f"residual_{how}": reduce_map(residual, how) for how in SCORE_REDUCTIONS}
+        feats = self.features(batch)
+        residual = residual_distance(self.autoencoder(feats), feats, self.distance)
+        anomaly_map = upsample_and_smooth(residual, tuple(batch["image"].shape[-2:]), self.sigma)
+        image = {f"residual_{how}": reduce_map(anomaly_map, how) for how in SCORE_REDUCTIONS}
         return Scores(image=image, map=anomaly_map)

@@ -13,24 +13,32 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc  # noqa: E402
 
+from ad_lightning.metrics.evaluator import unit_scale  # noqa: E402
+
+
+def curve_points(
+    values: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, precision, recall) of one score, on the same affine [0, 1] scale the evaluator
+    uses: torchmetrics would sigmoid raw scores outside [0, 1] into ties and flatten the curve
+    that the legend's AUROC describes."""
+    preds = unit_scale(torch.as_tensor(values))
+    target = torch.as_tensor(labels).long()
+    fpr, tpr, _ = binary_roc(preds, target)
+    precision, recall, _ = binary_precision_recall_curve(preds, target)
+    return fpr.numpy(), tpr.numpy(), precision.numpy(), recall.numpy()
+
 
 def plot_curves(
     scores: dict[str, np.ndarray], labels: np.ndarray, per_score: dict[str, dict], out_dir: Path
 ) -> list[Path]:
     """One ROC and one PR figure with a curve per named score."""
-    target = torch.as_tensor(labels).long()
     fig_roc, ax_roc = plt.subplots(figsize=(5, 5))
     fig_pr, ax_pr = plt.subplots(figsize=(5, 5))
     for name, values in scores.items():
-        preds = torch.as_tensor(values, dtype=torch.float64)
-        fpr, tpr, _ = binary_roc(preds, target)
-        precision, recall, _ = binary_precision_recall_curve(preds, target)
-        ax_roc.plot(
-            fpr.numpy(), tpr.numpy(), label=f"{name} (AUROC {per_score[name]['auroc']:.3f})"
-        )
-        ax_pr.plot(
-            recall.numpy(), precision.numpy(), label=f"{name} (AP {per_score[name]['ap']:.3f})"
-        )
+        fpr, tpr, precision, recall = curve_points(values, labels)
+        ax_roc.plot(fpr, tpr, label=f"{name} (AUROC {per_score[name]['auroc']:.3f})")
+        ax_pr.plot(recall, precision, label=f"{name} (AP {per_score[name]['ap']:.3f})")
     ax_roc.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
     ax_pr.set(xlabel="recall", ylabel="precision", title="Precision-recall")

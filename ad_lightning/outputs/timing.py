@@ -1,0 +1,45 @@
+"""Wall time of each training epoch, logged and kept for results.json."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+
+
+class EpochTimer(pl.Callback):
+    """Logs `time/epoch_s` per training epoch (validation excluded), so the cost of an epoch is
+    seen apart from one-off costs such as the feature pass."""
+
+    def __init__(self) -> None:
+        self.epoch_s: list[float] = []
+        self._start = 0.0
+        self._val_start = 0.0
+        self._val_s = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, self._val_s = time.perf_counter(), 0.0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_s += time.perf_counter() - self._val_start
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning runs the epoch's validation before this hook: leave it out
+        seconds = time.perf_counter() - self._start - self._val_s
+        self.epoch_s.append(seconds)
+        pl_module.log("time/epoch_s", seconds, on_epoch=True, on_step=False)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.epoch_s:
+            return {"n": 0}
+        return {
+            "n": len(self.epoch_s),
+            "median": round(statistics.median(self.epoch_s), 3),
+            "first": round(self.epoch_s[0], 3),
+            "total": round(sum(self.epoch_s), 2),
+        }
