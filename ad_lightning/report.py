@@ -99,11 +99,18 @@ def metric_key(metric: str) -> str:
     return metric if "." in metric else f"metrics.{metric}"
 
 
+#: metrics that peek at the test labels (the defect-ratio F1) sit under this key, apart from
+#: the headline `metrics`; older results.json held them in `metrics`, where they are read then
+TEST_LABEL_METRICS = "test_label_metrics."
+
+
 def metric_value(run: dict[str, Any], key: str) -> float:
     """The number at `key`, NaN when the run did not finish or has no such number."""
     if run_status(run) != FINISHED:
         return np.nan
     value = lookup(run, key)
+    if value is None and key.startswith(TEST_LABEL_METRICS):
+        value = lookup(run, "metrics." + key.removeprefix(TEST_LABEL_METRICS))
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     return float(value) if is_number else np.nan
 
@@ -321,7 +328,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--metric",
         default="image_auroc",
-        help="metrics.<name> shorthand or a dotted path in results.json, e.g. scores.image_l1.auroc",
+        help="metrics.<name> shorthand or a dotted path in results.json, e.g. scores.image_l1.auroc, "
+        "test_label_metrics.f1_at_defect_ratio",
     )
     parser.add_argument(
         "--rows", default="data.category", help="config key for rows (dotted), e.g. data.category"

@@ -1,15 +1,19 @@
 """One experiment: instantiate data, model, loggers and trainer from the config; fit; test once; write.
 
-`run(cfg)` is what run.py calls under Hydra; tests call it through Hydra's compose API.
+`run(cfg)` is what run.py calls under Hydra; tests call it through Hydra's compose API. It
+strings together prepare -> fit -> choose_checkpoint -> test -> write, and the resume and
+test-only modes reuse the same pieces.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import platform
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +136,47 @@ def with_feature_store(datamodule: Any, model: AnomalyModule, cfg: DictConfig, o
     )
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one configuration; return what results.json holds."""
-    out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Job:
+    """Everything one run builds from its config, handed from step to step."""
+
+    cfg: DictConfig
+    out: Path
+    datamodule: Any
+    fit_data: Any
+    model: AnomalyModule
+    loggers: list[Any]
+    checkpoint: ModelCheckpoint
+    timer: EpochTimer
+    trainer: pl.Trainer
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def read_results(out: Path) -> dict[str, Any] | None:
+    path = out / "results.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def resolve_out(cfg: DictConfig) -> tuple[Path, str]:
+    """The run folder and the mode: `train`, `resume` (a killed fit) or `test` (test only)."""
+    if cfg.get("resume") and cfg.get("test_only"):
+        raise ValueError("give resume=RUN_DIR or test_only=RUN_DIR, not both")
+    for key, mode in (("resume", "resume"), ("test_only", "test")):
+        if cfg.get(key):
+            folder = Path(cfg[key])
+            if not (folder / "checkpoints" / "last.ckpt").exists():
+                raise FileNotFoundError(
+                    f"{key}={folder}: no checkpoints/last.ckpt there; pass the folder of a run whose fit started (it holds results.json and checkpoints/)"
+                )
+            return folder, mode
+    return run_dir(cfg), "train"
+
+
+def prepare(cfg: DictConfig, out: Path) -> Job:
+    """Data (validated before any training), model, loggers, callbacks, trainer."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
@@ -143,94 +184,186 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model.configure_evaluation(cfg.protocol, cfg.eval.threshold_percentile, cfg.eval.kept_map_size)
     loggers = build_loggers(cfg, out)
     callbacks = build_callbacks(cfg, model, out)
-    fit_data = with_feature_store(datamodule, model, cfg, out)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out)
     )
+    job = Job(
+        cfg,
+        out,
+        datamodule,
+        with_feature_store(datamodule, model, cfg, out),
+        model,
+        loggers,
+        callbacks[0],
+        callbacks[2],
+        trainer,
+    )
+    job.results = start_results(job)
+    return job
+
+
+def start_results(job: Job) -> dict[str, Any]:
+    """results.json as written at the start (status running): a killed run stays visible."""
+    summary = job.datamodule.summary()
     results: dict[str, Any] = {
         "status": "running",
-        "run_dir": str(out),
-        "model": type(model).__name__,
-        "protocol": cfg.protocol,
+        "run_dir": str(job.out),
+        "model": type(job.model).__name__,
+        "protocol": job.cfg.protocol,
         "choices": config_choices(),
-        "data": datamodule.summary(),
+        "data": summary,
         "versions": versions(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": OmegaConf.to_container(job.cfg, resolve=True),
         "warnings": [],
     }
-    backbone = model.describe().get("backbone")
+    backbone = job.model.describe().get("backbone")
     if backbone and not backbone["pretrained"]:
         results["warnings"].append(
             f"backbone {backbone['name']} has RANDOM weights (backbone.pretrained=false)"
         )
-    if datamodule.summary()["mask_note"]:
-        results["warnings"].append(datamodule.summary()["mask_note"])
-    contamination_file = write_contamination(datamodule, out)
+    if summary["mask_note"]:
+        results["warnings"].append(summary["mask_note"])
+    contamination_file = write_contamination(job.datamodule, job.out)
     if contamination_file:
         results["data"]["contamination"]["file"] = str(contamination_file)
+    return results
 
+
+def fit(job: Job, ckpt_path: str | None = None) -> None:
+    """Train (or continue from `ckpt_path`); record fit, feature-pass and epoch times."""
     start = time.perf_counter()
+    job.trainer.fit(job.model, datamodule=job.fit_data, ckpt_path=ckpt_path)
+    fit_s = time.perf_counter() - start
+    feature_pass_s = getattr(job.fit_data, "feature_pass_s", 0.0)
+    for logger in job.loggers:  # the one-off feature pass, apart from the per-epoch time/epoch_s
+        logger.log_metrics({"time/feature_pass_s": feature_pass_s, "time/fit_s": fit_s})
+    job.results["timings"] = {
+        "fit_s": round(fit_s, 2),
+        "feature_pass_s": round(feature_pass_s, 2),
+        "epoch_s": job.timer.summary(),
+        "resumed_from": ckpt_path,
+    }
+
+
+def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
+    """The checkpoint to score: lowest validation loss (leak_free) or the last epoch (paper).
+    Methods without gradient training are scored as fitted in memory (None), or from their
+    last.ckpt when nothing was fitted in this process (test-only)."""
+    model, cfg, out = job.model, job.cfg, job.out
+    if not model.trains_by_gradient:
+        return None if fitted else str(out / "checkpoints" / "last.ckpt")
+    best = job.checkpoint.best_model_path
+    if not best:  # test-only: the callback did not run; read the folder
+        found = sorted((out / "checkpoints").glob("best-*.ckpt"))
+        best = str(found[-1]) if found else ""
+    last = job.checkpoint.last_model_path or str(out / "checkpoints" / "last.ckpt")
+    ckpt_path = best if cfg.protocol == "leak_free" and best else last
+    job.results["checkpoint"] = {
+        "scored": ckpt_path,
+        "selection": f"lowest {model.monitor} (normal validation images only)"
+        if ckpt_path == best
+        else "last epoch",
+        "best_score": float(job.checkpoint.best_model_score)
+        if job.checkpoint.best_model_score is not None
+        else None,
+        "epochs": job.trainer.current_epoch,
+    }
+    return ckpt_path
+
+
+def test(job: Job, ckpt_path: str | None) -> None:
+    """Score the test split once with the chosen checkpoint."""
+    start = time.perf_counter()
+    job.trainer.test(job.model, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=False)
+    test_s = time.perf_counter() - start
+    result = job.model.test_results
+    job.results.update(
+        status="finished",
+        method=job.model.describe(),
+        primary_score=result["primary_score"],
+        metrics=result["metrics"],
+        test_label_metrics=result["test_label_metrics"],
+        scores=result["scores"],
+        val_scores=result["val_scores"],
+    )
+    job.results.setdefault("timings", {})
+    job.results["timings"].update(
+        test_s=round(test_s, 2),
+        inference_ms_per_image=round(result["inference_ms_per_image"], 3),
+        n_images_timed=result["n_images_timed"],
+        device=str(job.model.device),
+    )
+    if "checkpoint" not in job.results:
+        job.results["checkpoint"] = {"scored": ckpt_path or "in-memory model after fit"}
+
+
+def write(job: Job) -> None:
+    if job.trainer.is_global_zero:
+        write_json(job.out / "results.json", job.results)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test one configuration; return what results.json holds.
+
+    Modes: a new run (fit, choose checkpoint, test); `resume=RUN_DIR` continues a killed fit
+    from its last.ckpt, then tests; `test_only=RUN_DIR` tests a finished fit's checkpoint.
+    With `skip_done=true` a run folder whose results.json says finished is left as it is.
+    """
+    out, mode = resolve_out(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = read_results(out)
+    if cfg.get("skip_done") and previous and previous.get("status") == "finished":
+        log.info("skip_done: %s is finished; not run again", out)
+        return previous
     try:
-        trainer.fit(model, datamodule=fit_data)
+        job = prepare(cfg, out)
+    except Exception as err:  # bad data or config: recorded before any training starts
+        write_json(
+            out / "results.json",
+            {
+                "status": "failed",
+                "error": f"{type(err).__name__}: {err}",
+                "run_dir": str(out),
+                "choices": config_choices(),
+                "config": OmegaConf.to_container(cfg, resolve=False),
+            },
+        )
+        raise
+    if mode != "train" and previous:
+        job.results["previous_status"] = previous.get("status")
+    write(job)  # status: running
+    try:
+        if mode == "test":
+            for key in ("timings", "checkpoint"):
+                if previous and key in previous:
+                    job.results[key] = previous[key]
+            job.results.setdefault("timings", {})["test_only"] = True
+        else:
+            fit(job, str(out / "checkpoints" / "last.ckpt") if mode == "resume" else None)
+        test(job, choose_checkpoint(job, fitted=mode != "test"))
     except DivergenceError as err:
-        results.update(
+        job.results.update(
             status="diverged",
             error=str(err),
             last_checkpoint=str(out / "checkpoints" / "last.ckpt"),
         )
-        write_json(out / "results.json", results)
-        finish_loggers(loggers)
+        write(job)
+        finish_loggers(job.loggers, "failed")
         raise
-    fit_s = time.perf_counter() - start
-    feature_pass_s = getattr(fit_data, "feature_pass_s", 0.0)
-    for logger in loggers:  # the one-off feature pass, apart from the per-epoch time/epoch_s
-        logger.log_metrics({"time/feature_pass_s": feature_pass_s, "time/fit_s": fit_s})
-    checkpoint = callbacks[0]
-    ckpt_path = None
-    if model.trains_by_gradient:
-        use_best = cfg.protocol == "leak_free" and checkpoint.best_model_path
-        ckpt_path = checkpoint.best_model_path if use_best else checkpoint.last_model_path or None
-    results["checkpoint"] = {
-        "scored": ckpt_path or "in-memory model after fit",
-        "selection": f"lowest {model.monitor} (normal validation images only)"
-        if ckpt_path and ckpt_path == checkpoint.best_model_path
-        else "last epoch",
-        "best_score": float(checkpoint.best_model_score)
-        if checkpoint.best_model_score is not None
-        else None,
-        "epochs": trainer.current_epoch,
-    }
-    start = time.perf_counter()
-    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-    test_s = time.perf_counter() - start
-    test = model.test_results
-    results.update(
-        status="finished",
-        method=model.describe(),
-        primary_score=test["primary_score"],
-        metrics=test["metrics"],
-        scores=test["scores"],
-        val_scores=test["val_scores"],
-        timings={
-            "fit_s": round(fit_s, 2),
-            "feature_pass_s": round(feature_pass_s, 2),
-            "epoch_s": callbacks[2].summary(),
-            "test_s": round(test_s, 2),
-            "inference_ms_per_image": round(test["inference_ms_per_image"], 3),
-            "n_images_timed": test["n_images_timed"],
-            "device": str(model.device),
-        },
-    )
-    if trainer.is_global_zero:
-        write_json(out / "results.json", results)
-        log.info("results: %s", {k: round(v, 4) for k, v in results["metrics"].items()})
-    finish_loggers(loggers)
-    return results
+    except BaseException as err:  # noqa: BLE001 - recorded, then re-raised
+        job.results.update(status="failed", error=f"{type(err).__name__}: {err}")
+        write(job)
+        finish_loggers(job.loggers, "failed")
+        raise
+    write(job)
+    log.info("results: %s", {k: round(v, 4) for k, v in job.results["metrics"].items()})
+    finish_loggers(job.loggers)
+    return job.results
 
 
-def finish_loggers(loggers: list[Any]) -> None:
+def finish_loggers(loggers: list[Any], status: str = "success") -> None:
     """Close each W&B run, so the next job of a multirun (same process) starts its own."""
     for logger in loggers:
-        logger.finalize("success")
+        logger.finalize(status)
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()

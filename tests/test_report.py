@@ -191,3 +191,28 @@ def test_benchmark_tables_methods_by_category_and_lists_failed_runs(tmp_path: Pa
         ("padim", "bottle", "finished"),
         ("padim", "wood", "failed"),
     ]
+
+
+def test_report_reads_test_label_metrics_of_new_and_older_runs(tmp_path: Path) -> None:
+    """Leak-free runs keep f1_at_defect_ratio out of `metrics` (it uses the test labels' defect
+    ratio); results.json written before that held it in `metrics`. One key reads both."""
+    fake_run(
+        tmp_path / "s" / "0", "bottle", "r", 0.6, test_label_metrics={"f1_at_defect_ratio": 0.4}
+    )
+    fake_run(tmp_path / "s" / "1", "wood", "r", 0.8, metrics={"f1_at_defect_ratio": 0.7})
+    md = main(
+        [
+            str(tmp_path / "s"),
+            "--metric",
+            "test_label_metrics.f1_at_defect_ratio",
+            "--cols",
+            "model",
+            "--no-wandb",
+        ]
+    )
+    assert cells(md) == [
+        ["data.category", "SkipDFR"],
+        ["bottle", "0.400"],
+        ["wood", "0.700"],
+        ["mean", "0.550"],
+    ]

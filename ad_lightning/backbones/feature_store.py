@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ad_lightning.backbones.features import FeatureExtractor
+from ad_lightning.data.sampling import EpochShuffle
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +189,12 @@ class FeatureDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         samples = self.images.train_samples if split == "train" else self.images.val_samples
         batch_size = self.images.batch_size if train else self.images.eval_batch_size
+        dataset = StoredFeatures(self.stores[split], samples)
         return DataLoader(
-            StoredFeatures(self.stores[split], samples),
+            dataset,
             batch_size=batch_size,
-            shuffle=train,
-            generator=torch.Generator().manual_seed(self.images.seed) if train else None,
+            sampler=EpochShuffle(dataset, self.images.seed) if train else None,
+            drop_last=train and len(dataset) > batch_size,  # no BatchNorm batch of one
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -35,6 +35,7 @@ from ad_lightning.data.registration import (
     apply_alignment,
     estimate_alignment,
 )
+from ad_lightning.data.sampling import EpochShuffle
 from ad_lightning.data.transforms import build_transform
 
 log = logging.getLogger(__name__)
@@ -322,13 +323,12 @@ class AnomalyDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=EpochShuffle(dataset, self.seed) if train else None,
             # A last training batch of one image crashes BatchNorm in training mode; the split
             # is reshuffled every epoch, so the few images dropped are not dropped for good.
             drop_last=train and len(samples) > batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:

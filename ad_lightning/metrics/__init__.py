@@ -1,6 +1,12 @@
 """Image- and pixel-level metrics, computed once for every method."""
 
-from ad_lightning.metrics.evaluator import evaluate_scores, threshold_stats
+from ad_lightning.metrics.evaluator import evaluate_scores, pixel_auroc, threshold_stats
 from ad_lightning.metrics.thresholds import defect_ratio_threshold, percentile_threshold
 
-__all__ = ["defect_ratio_threshold", "evaluate_scores", "percentile_threshold", "threshold_stats"]
+__all__ = [
+    "defect_ratio_threshold",
+    "evaluate_scores",
+    "percentile_threshold",
+    "pixel_auroc",
+    "threshold_stats",
+]

@@ -25,11 +25,11 @@ def unit_scale(values: torch.Tensor) -> torch.Tensor:
     return (values - lo) / (hi - lo) if hi > lo else torch.zeros_like(values)
 
 
-def squash(values: torch.Tensor, scale: float) -> torch.Tensor:
-    """Monotone map of unbounded map values into (0, 1), for streaming pixel AUROC where the
-    test-set range is not known in advance; `scale` (from validation maps) keeps it unsaturated."""
-    u = values.double() / max(scale, 1e-12)
-    return 0.5 + 0.5 * u / (1 + u.abs())
+def pixel_auroc(maps: torch.Tensor, masks: torch.Tensor) -> float:
+    """Exact AUROC over all test pixels at once. One affine unit scale over every pixel keeps the
+    ranking whatever the batching was (a scale per batch would not), and keeps torchmetrics from
+    sigmoiding values outside [0, 1] into ties."""
+    return float(binary_auroc(unit_scale(maps.flatten()), masks.flatten().long()))
 
 
 def threshold_stats(

@@ -36,7 +36,7 @@ class SkipDFR(FeatureReconstructionModule):
         levels: int = 3,
         skips: str = "partial",
         score: str = "residual_max",
-        distance: str = "cosine",
+        distance: str = "combined",
         standardize: bool = True,
         sigma: float = 4.0,
         stats_images: int = 512,

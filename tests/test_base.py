@@ -1,0 +1,189 @@
+"""AnomalyModule's evaluation, driven step by step without a Trainer: headline metrics that do
+not peek at test labels, pixel AUROC that does not depend on batching, and DDP padding that
+counts each image's pixels once."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from ad_lightning.metrics.evaluator import unit_scale
+from ad_lightning.models import base
+from ad_lightning.models.base import AnomalyModule, Scores
+from tests.conftest import synthetic_dm
+
+
+class MapModel(AnomalyModule):
+    """The batch's `image` is the anomaly map itself; the image score is its maximum."""
+
+    def score(self, batch: dict[str, Any]) -> Scores:
+        maps = batch["image"]
+        return Scores({"score": maps.flatten(1).amax(1)}, maps)
+
+
+def batch_of(maps: torch.Tensor, masks: torch.Tensor, indices: list[int]) -> dict[str, Any]:
+    """The datamodule's batch for images `indices`: label 1 where the mask has a defect."""
+    picked = torch.tensor(indices)
+    labels = (masks[picked].flatten(1).amax(1) > 0).long()
+    return {
+        "image": maps[picked],
+        "mask": masks[picked],
+        "label": labels,
+        "path": [f"img{i:02d}.png" for i in indices],
+        "defect_type": ["defect" if y else "good" for y in labels.tolist()],
+    }
+
+
+def evaluate(
+    maps: torch.Tensor, masks: torch.Tensor, batches: list[list[int]], protocol: str = "leak_free"
+) -> dict[str, Any]:
+    """Test results with no validation split (no map scale, no validation scores)."""
+    model = MapModel()
+    model.configure_evaluation(protocol=protocol)
+    model._has_masks = True
+    for i, indices in enumerate(batches):
+        model.test_step(batch_of(maps, masks, indices), i)
+    model.on_test_epoch_end()
+    assert model.test_results is not None
+    return model.test_results
+
+
+def exact_pixel_auroc(maps: torch.Tensor, masks: torch.Tensor) -> float:
+    return float(binary_auroc(unit_scale(maps.flatten()), masks.long().flatten()))
+
+
+def two_scales() -> tuple[torch.Tensor, torch.Tensor]:
+    """A defect map in [0.5, 1], one in [40, 100] and a good one at 0.2: a per-batch scale
+    squashes image 0's defect pixel (1.0) above image 1's normal pixels (40)."""
+    maps = torch.tensor(
+        [
+            [[0.5, 1.0], [0.5, 0.5]],
+            [[40.0, 100.0], [40.0, 40.0]],
+            [[0.2, 0.2], [0.2, 0.2]],
+        ]
+    )
+    masks = torch.tensor([[[0, 1], [0, 0]], [[0, 1], [0, 0]], [[0, 0], [0, 0]]])
+    return maps, masks
+
+
+def test_headline_metrics_do_not_use_test_labels_under_leak_free() -> None:
+    maps, masks = two_scales()
+    results = evaluate(maps, masks, [[0, 1, 2]])
+    assert "f1_at_defect_ratio" not in results["metrics"]
+    assert {"image_auroc", "image_ap", "pixel_auroc"} <= set(results["metrics"])
+    expected = results["scores"]["score"]["at_defect_ratio"]["f1"]
+    assert results["test_label_metrics"] == {"f1_at_defect_ratio": expected}
+
+
+def test_paper_protocol_keeps_f1_at_defect_ratio_in_metrics() -> None:
+    maps, masks = two_scales()
+    results = evaluate(maps, masks, [[0, 1, 2]], protocol="paper")
+    expected = results["scores"]["score"]["at_defect_ratio"]["f1"]
+    assert results["metrics"]["f1_at_defect_ratio"] == expected
+    assert results["test_label_metrics"] == {"f1_at_defect_ratio": expected}
+
+
+def test_pixel_auroc_does_not_depend_on_batching_without_validation() -> None:
+    maps, masks = two_scales()
+    # positives 1.0 and 100 against negatives 0.2 x4, 0.5 x3, 40 x3: (7 + 10) / 20 pairs
+    assert exact_pixel_auroc(maps, masks) == pytest.approx(0.85)
+    for batches in ([[0, 1, 2]], [[0], [1], [2]], [[1], [2, 0]]):
+        results = evaluate(maps, masks, batches)
+        assert results["metrics"]["pixel_auroc"] == pytest.approx(0.85), batches
+
+
+class TwoRanks:
+    """torch.distributed for one of two ranks simulated in one process: all_gather_object
+    returns this rank's object and a copy of what the other rank sent at the same call (when
+    the other rank has not run yet, its own object again)."""
+
+    def __init__(self, rank: int, other_sent: list[Any] | None = None) -> None:
+        self.rank, self.other_sent, self.sent = rank, other_sent, []
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_world_size(self) -> int:
+        return 2
+
+    def get_rank(self) -> int:
+        return self.rank
+
+    def all_gather_object(self, parts: list[Any], obj: Any) -> None:
+        self.sent.append(copy.deepcopy(obj))  # the real call pickles
+        theirs = self.other_sent[len(self.sent) - 1] if self.other_sent else obj
+        parts[self.rank], parts[1 - self.rank] = obj, copy.deepcopy(theirs)
+
+
+def test_ddp_padding_counts_each_image_pixels_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """5 images on 2 ranks: DistributedSampler pads to 6 by repeating image 0, so rank 0 scores
+    [0, 2, 4] and rank 1 [1, 3, 0]. Both ranks' pixels count, image 0's only once."""
+    gen = torch.Generator().manual_seed(0)
+    maps = (
+        torch.rand(5, 8, 8, generator=gen) * torch.tensor([1.0, 3.0, 10.0, 1.0, 5.0])[:, None, None]
+    )
+    masks = torch.zeros(5, 8, 8, dtype=torch.long)
+    masks[0, :4, :4] = masks[1, 2:6, 2:6] = masks[2, 4:, 4:] = 1
+    maps[0][masks[0] == 1] = 0.1  # image 0's defect is missed: counted twice, it lowers the AUROC
+    reference = exact_pixel_auroc(maps, masks)
+    doubled = exact_pixel_auroc(torch.cat([maps, maps[:1]]), torch.cat([masks, masks[:1]]))
+    assert abs(doubled - reference) > 1e-3  # the case separates counting once from twice
+
+    single = evaluate(maps, masks, [[0, 1, 2, 3, 4]])
+    assert single["metrics"]["pixel_auroc"] == pytest.approx(reference)
+
+    shards = {0: [[0, 2, 4]], 1: [[1, 3, 0]]}  # one batch per rank: no batch-scale effect
+    rank1 = TwoRanks(1)
+    monkeypatch.setattr(base, "dist", rank1)
+    evaluate(maps, masks, shards[1])
+    monkeypatch.setattr(base, "dist", TwoRanks(0, rank1.sent))
+    ddp = evaluate(maps, masks, shards[0])
+    assert len(ddp["records"]) == 5
+    assert ddp["metrics"]["pixel_auroc"] == pytest.approx(reference)
+    assert ddp["metrics"]["image_auroc"] == pytest.approx(single["metrics"]["image_auroc"])
+
+
+class ChannelMean(AnomalyModule):
+    """A method with nothing to learn: the map is the image's channel mean, the score its max."""
+
+    def score(self, batch: dict[str, Any]) -> Scores:
+        maps = batch["image"].mean(1)
+        return Scores({"score": maps.flatten(1).amax(1)}, maps)
+
+
+def trainer_test(model: AnomalyModule, datamodule: Any) -> dict[str, Any]:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    assert model.test_results is not None
+    return model.test_results
+
+
+def test_trainer_loop_pixel_auroc_is_the_same_for_any_test_batch_size(synthetic_root) -> None:
+    """Through Lightning's test loop, on the synthetic set, without a validation split."""
+    results = [
+        trainer_test(
+            ChannelMean(), synthetic_dm(synthetic_root, val_split=0.0, eval_batch_size=size)
+        )
+        for size in (32, 5)
+    ]
+    assert results[0]["metrics"]["pixel_auroc"] == results[1]["metrics"]["pixel_auroc"]
+    assert len(results[0]["records"]) == len(results[1]["records"]) == 40
+    assert "f1_at_defect_ratio" in results[0]["test_label_metrics"]
+    with_val = trainer_test(ChannelMean(), synthetic_dm(synthetic_root, eval_batch_size=5))
+    assert "f1_at_val_percentile" in with_val["metrics"]
+    assert with_val["metrics"]["pixel_auroc"] == results[0]["metrics"]["pixel_auroc"]
