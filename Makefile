@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint clean
+.PHONY: install run test test-fast benchmark lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=10
+
+# the suite without the tests marked slow (those that train for more than a few seconds)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not slow"
+
+# the methods x categories benchmark on ../shared/datasets (about an hour on 2 CPU cores)
+benchmark: $(STAMP)
+	bash experiments/benchmark/run_shared.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check ad_lightning tests run.py

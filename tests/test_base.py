@@ -187,3 +187,30 @@ def test_trainer_loop_pixel_auroc_is_the_same_for_any_test_batch_size(synthetic_
     with_val = trainer_test(ChannelMean(), synthetic_dm(synthetic_root, eval_batch_size=5))
     assert "f1_at_val_percentile" in with_val["metrics"]
     assert with_val["metrics"]["pixel_auroc"] == results[0]["metrics"]["pixel_auroc"]
+
+
+def test_checkpoints_leave_out_frozen_backbones_and_still_load_strictly() -> None:
+    """One mechanism in the base for every method on a frozen backbone: the backbone stays
+    out of the file, is filled in from the built model on load, and everything else must be
+    there (a missing method key is an error, not a silent default)."""
+    from ad_lightning.backbones import FeatureExtractor
+    from ad_lightning.models.skip_dfr import SkipDFR
+
+    def build() -> SkipDFR:
+        return SkipDFR(FeatureExtractor("efficientnet_lite0", feature_size=8))
+
+    model = build()
+    model.feature_mean.fill_(0.5)
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    assert not any(k.startswith("backbone.") for k in checkpoint["state_dict"])
+    assert "feature_mean" in checkpoint["state_dict"]
+    fresh = build()
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"], strict=True)
+    assert torch.equal(fresh.feature_mean, model.feature_mean)
+    del checkpoint["state_dict"]["feature_mean"]
+    other = build()
+    other.on_load_checkpoint(checkpoint)
+    with pytest.raises(RuntimeError, match="Missing key.*feature_mean"):
+        other.load_state_dict(checkpoint["state_dict"], strict=True)

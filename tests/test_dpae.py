@@ -180,3 +180,34 @@ def test_dpae_learns_on_synthetic_object(synthetic_root) -> None:
     # the map finds the defective pixels, which the untrained one does not
     assert results["metrics"]["pixel_auroc"] > 0.9 and gain > 0.15
     assert set(results["scores"]["rlz"]["at_defect_ratio"]) >= {"precision", "tpr", "tnr", "f1"}
+
+
+def test_weight_decay_is_scaled_with_the_objective() -> None:
+    """pixel_mean divides the paper's summed objective by C*H*W; the decay must follow, or
+    it weighs C*H*W times more against the data term than in the paper (issue: ~150,000x)."""
+    summed = DPAE(image_size=32, channels=3, reduction="sum", weight_decay=5e-4)
+    scaled = DPAE(image_size=32, channels=3, reduction="pixel_mean", weight_decay=5e-4)
+    decay = {
+        name: m.configure_optimizers().param_groups[0]["weight_decay"]
+        for name, m in (("sum", summed), ("pixel_mean", scaled))
+    }
+    assert decay["sum"] == 5e-4
+    assert decay["pixel_mean"] * 3 * 32 * 32 == pytest.approx(5e-4)
+    # same parameters, same data: the scaled objective's gradient (decay included) is the
+    # summed one's divided by C*H*W, so SGD at lr * C*H*W takes exactly the same step
+    scaled.load_state_dict(summed.state_dict())
+    x = torch.rand(4, 3, 32, 32)
+    grads = []
+    for model in (summed, scaled):
+        model.zero_grad()
+        opt = model.configure_optimizers()
+        model.train()
+        torch.manual_seed(0)
+        model.validation_loss({"image": x}).backward()
+        wd = opt.param_groups[0]["weight_decay"]
+        grads.append(
+            torch.cat(
+                [(p.grad + wd * p).flatten() for p in model.parameters() if p.grad is not None]
+            )
+        )
+    torch.testing.assert_close(grads[1] * 3 * 32 * 32, grads[0], rtol=1e-3, atol=1e-4)

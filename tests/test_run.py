@@ -213,3 +213,45 @@ def test_ddp_on_two_cpu_processes_scores_like_one_process(tmp_path: Path) -> Non
     assert len(ddp) == len(single) == n_test
     for path, value in single.items():
         assert ddp[path] == pytest.approx(value, rel=1e-5), path
+
+
+@pytest.mark.slow
+def test_ddp_scores_a_gradient_trained_model_like_one_process(tmp_path: Path) -> None:
+    """Skip-DFR trained in one process, then its checkpoint tested on 2 gloo ranks
+    (test_only): each test image is scored once and exactly as one process scores it."""
+    env = os.environ | {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    common = [
+        "data.image_size=64",
+        "data.category=object",
+        "backbone.feature_size=16",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+    ]
+    train = [*common, "trainer.max_steps=30", f"hydra.run.dir={tmp_path / 'single'}"]
+    ddp = [
+        *common,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"test_only={tmp_path / 'single'}",
+        f"hydra.run.dir={tmp_path / 'ddp_hydra'}",
+    ]
+    for args in (train, ddp):
+        proc = subprocess.run(
+            [sys.executable, "run.py", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if args is train:
+            single = _scores_by_path(tmp_path / "single", "residual_max")
+    assert "MEMBER: 2/2" in proc.stderr + (tmp_path / "ddp_hydra" / "run.log").read_text()
+    rescored = _scores_by_path(tmp_path / "single", "residual_max")
+    saved = json.loads((tmp_path / "single" / "results.json").read_text())
+    assert saved["status"] == "finished" and saved["timings"]["test_only"]
+    assert len(rescored) == len(single) == saved["data"]["n_test"]
+    for path, value in single.items():
+        assert rescored[path] == pytest.approx(value, rel=1e-5), path

@@ -30,6 +30,7 @@ import torch
 
 from ad_lightning.checks import choice
 from ad_lightning.models.base import Scores, SingleObjective
+from ad_lightning.models.sgd import pixel_values, sgd_with_scaled_decay
 from ad_lightning.nn.conv_ae import ConvAutoencoder, ConvDecoder, ConvEncoder, paper_widths
 from ad_lightning.nn.noise import image_seeds, per_image_normal
 from ad_lightning.nn.ssim import ssim_map, ssim_residual
@@ -47,10 +48,12 @@ class _SGDModule(SingleObjective):
     lr: float
     momentum: float
     weight_decay: float
+    #: the paper's summed objective divided by this is what `loss` returns
+    loss_divisor: float = 1.0
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(
-            self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        return sgd_with_scaled_decay(
+            self, self.lr, self.momentum, self.weight_decay, self.loss_divisor
         )
 
 
@@ -82,6 +85,7 @@ class Autoencoder(_SGDModule):
         self.loss_name = loss
         self.ssim_sigma, self.data_range = ssim_sigma, data_range
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.loss_divisor = 1.0 if reduction == "sum" else pixel_values(channels, image_size)
         self.ae = ConvAutoencoder(channels, image_size, latent_dim, widths, output_activation)
 
     def describe(self) -> dict[str, Any]:

@@ -83,7 +83,6 @@ class CPCAE(SingleObjective):
         self.register_buffer(
             "map_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False
         )
-        self.strict_loading = False  # checkpoints hold no backbone weights
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -101,12 +100,6 @@ class CPCAE(SingleObjective):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.autoencoder.parameters(), lr=self.lr)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The frozen backbone is rebuilt from its config."""
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
-        }
 
     # ---- the autoencoder ------------------------------------------------------------
     def downsize(self, images: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,9 @@ Our choices where the paper is silent (all constructor arguments):
   lr 1e-3 its reconstruction gradient, which grows with C H W, saturates the sigmoid output
   in the first steps at 224 px, and at 64 px with the paper's widths (measured; narrower
   early levels train at 64 px). "pixel_mean" (default) divides the whole objective by the
-  number of pixel values C H W: the same objective up to a constant, so the same minimiser
-  and the same balance between its terms, with mean-squared-error-sized gradients at any
-  image size. Its cost: the prototype terms are scaled down with the rest, so on the
+  number of pixel values C H W, and SGD's weight decay by the same number: the paper's
+  objective (decay included) divided by a constant, so the same minimiser and the same
+  balance between its terms, with mean-squared-error-sized gradients at any image size. Its cost: the prototype terms are scaled down with the rest, so on the
   parameters BatchNorm does not rescale (the latent BatchNorm's affine, the output layer)
   compactness acts C H W times more slowly than under the literal sum. "mean" averages each
   term over its own elements, which weighs the prototype terms C H W / d times more than
@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from ad_lightning.checks import choice
 from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.models.sgd import pixel_values, sgd_with_scaled_decay
 from ad_lightning.nn.conv_ae import ConvDecoder, ConvEncoder, paper_widths
 
 LOSSES = ("both", "reconstruction", "prototype")
@@ -83,6 +84,8 @@ class DPAE(AnomalyModule):
         self.prototype_rate = prototype_rate
         self.reduction = reduction
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        # pixel_mean divides the summed objective by C*H*W; the weight decay is divided alike
+        self.loss_divisor = pixel_values(channels, image_size) if reduction == "pixel_mean" else 1.0
         widths = list(widths) if widths else paper_widths(latent_dim)
         self.widths = widths
         self.encoder1 = ConvEncoder(channels, image_size, widths, latent_dim)
@@ -170,8 +173,8 @@ class DPAE(AnomalyModule):
         return self.objective(self.loss_terms(x, *self(x)))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(
-            self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        return sgd_with_scaled_decay(
+            self, self.lr, self.momentum, self.weight_decay, self.loss_divisor
         )
 
     def score(self, batch: dict[str, Any]) -> Scores:

@@ -107,7 +107,6 @@ class FeatureReconstructionModule(AnomalyModule):
         # mean l2 and cosine residual on normal validation images, for distance=combined
         self.register_buffer("distance_scale", torch.ones(2))
         self.register_buffer("scale_fitted", torch.tensor(False))
-        self.strict_loading = False  # checkpoints hold no backbone weights
         self._input_hw: tuple[int, int] | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -133,12 +132,6 @@ class FeatureReconstructionModule(AnomalyModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.autoencoder.parameters(), lr=self.lr)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The frozen backbone is rebuilt from its config; keeping it out saves disk (340 MB for ResNeXt101)."""
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
-        }
 
     # ---- features --------------------------------------------------------------------
     def raw_features(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -203,7 +203,6 @@ class DeepKNN(StatisticsModule):
         self.primary_score = score
         self.backbone = backbone
         self.scorer = KNNScorer(k, standardize)
-        self.strict_loading = False  # checkpoints hold no backbone weights
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -211,12 +210,6 @@ class DeepKNN(StatisticsModule):
             "k": self.scorer.k,
             "standardize": self.scorer.standardize,
             "n_train_embeddings": len(self.scorer.bank),
-        }
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The frozen backbone is rebuilt from its config."""
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
         }
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

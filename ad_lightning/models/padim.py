@@ -90,7 +90,6 @@ class PaDiM(StatisticsModule, ResizableBuffers):
         self.register_buffer("channel_index", channels.sort().values)
         self.register_buffer("mean", torch.empty(0, 0))  # [D, h*w]
         self.register_buffer("inv_covariance", torch.empty(0, 0, 0))  # [h*w, D, D]
-        self.strict_loading = False  # checkpoints hold no backbone weights
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -98,12 +97,6 @@ class PaDiM(StatisticsModule, ResizableBuffers):
             "n_features": self.n_features,
             "eps": self.eps,
             "n_positions": self.mean.shape[1] if self.mean.numel() else 0,
-        }
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The frozen backbone is rebuilt from its config."""
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
         }
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -153,7 +153,6 @@ class PatchCore(StatisticsModule, ResizableBuffers):
         self.seed = seed
         self.register_buffer("memory_bank", torch.empty(0, 0))
         self._index: faiss.IndexFlatL2 | None = None  # cache rebuilt from memory_bank
-        self.strict_loading = False  # checkpoints hold no backbone weights
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -163,12 +162,6 @@ class PatchCore(StatisticsModule, ResizableBuffers):
             "coreset_projection": self.coreset_projection,
             "neighbourhood": self.neighbourhood,
             "reweight": self.reweight,
-        }
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The frozen backbone is rebuilt from its config."""
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
         }
 
     def _on_buffers_loaded(self) -> None:
