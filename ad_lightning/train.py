@@ -251,7 +251,14 @@ def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
     last.ckpt when nothing was fitted in this process (test-only)."""
     model, cfg, out = job.model, job.cfg, job.out
     if not model.trains_by_gradient:
-        return None if fitted else str(out / "checkpoints" / "last.ckpt")
+        ckpt_path = None if fitted else str(out / "checkpoints" / "last.ckpt")
+        job.results["checkpoint"] = {
+            "scored": ckpt_path or "in-memory model after fit",
+            "selection": "statistics of one pass (no gradient training)",
+            "best_score": None,
+            "epochs": job.trainer.current_epoch,
+        }
+        return ckpt_path
     best = job.checkpoint.best_model_path
     if not best:  # test-only: the callback did not run; read the folder
         found = sorted((out / "checkpoints").glob("best-*.ckpt"))

@@ -38,7 +38,8 @@ def test_paper_backbones_are_all_configured() -> None:
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_backbone_config_builds_blocks_1_to_3(name: str) -> None:
-    cfg = cfg_for(f"backbone={name}", "backbone.pretrained=false")
+    # feature_size=null: the backbone file's own default (model=skip_dfr resizes to 32)
+    cfg = cfg_for(f"backbone={name}", "backbone.pretrained=false", "backbone.feature_size=null")
     fe = hydra.utils.instantiate(cfg.backbone)
     x = torch.randn(1, 3, 64, 64)
     out = fe(x)

@@ -137,15 +137,17 @@ def test_an_image_that_breaks_after_setup_is_named_when_read(tiny_folder: Path) 
 
 def test_last_batch_of_one_does_not_reach_batchnorm(tiny_folder: Path) -> None:
     """17 training images in batches of 8 (17 = 2 * 8 + 1): the lone last image would crash
-    BatchNorm1d in training; the training loader drops it (reshuffled every epoch, so no image
-    is left out for good) and one epoch of the AE (BatchNorm1d on its code) runs."""
+    BatchNorm1d in training; the training loader joins it to the batch before (so methods
+    that collect statistics still see every image) and one epoch of the AE runs."""
     import pytorch_lightning as pl
 
     from ad_lightning.models.autoencoders import Autoencoder
 
     dm = make_dm(tiny_folder, val_split=0.15, batch_size=8, normalize="none")
     assert len(dm.train_samples) == 17
-    assert [len(b["image"]) for b in dm.train_dataloader()] == [8, 8]
+    loader = dm.train_dataloader()
+    assert [len(b["image"]) for b in loader] == [8, 9] and len(loader) == 2
+    assert sorted(int(i) for b in loader for i in b["index"]) == list(range(17))
     assert sum(len(b["image"]) for b in dm.test_dataloader()) == len(dm.test_samples)
     model = Autoencoder(image_size=32, latent_dim=4, widths=[8, 8, 8, 8, 4])
     trainer = pl.Trainer(

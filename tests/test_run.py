@@ -42,7 +42,8 @@ def test_single_run_writes_complete_results(tmp_path: Path) -> None:
     assert saved["metrics"]["image_auroc"] == pytest.approx(results["metrics"]["image_auroc"])
     assert 0.0 <= saved["metrics"]["image_auroc"] <= 1.0 and "pixel_auroc" in saved["metrics"]
     assert saved["config"]["model"]["_target_"] == "ad_lightning.models.skip_dfr.SkipDFR"
-    assert saved["config"]["model"]["lr"] == 3e-3 and saved["config"]["trainer"]["max_epochs"] == 3
+    assert saved["config"]["model"]["distance"] == "combined"  # model/skip_dfr.yaml's default
+    assert saved["config"]["trainer"]["max_epochs"] == 3 and saved["checkpoint"]["epochs"] == 3
     assert saved["method"]["backbone"]["weights"].startswith("package:efficientnet_lite0")
     assert saved["protocol"] == "leak_free" and "validation" in saved["checkpoint"]["selection"]
     assert (
@@ -152,7 +153,12 @@ def test_multirun_sweep_backbones_by_blocks_then_report(tmp_path: Path) -> None:
         timeout=120,
     )
     assert report.returncode == 0, report.stderr
-    assert "| backbone.blocks | resnet18 | mobilenetv3_small |" in report.stdout
+    header = next(line for line in report.stdout.splitlines() if "backbone.blocks" in line)
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "backbone.blocks",
+        "resnet18",
+        "mobilenetv3_small",
+    ]
     assert "{1,2}" in report.stdout and "{2,3}" in report.stdout
 
 

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ad_lightning.backbones.features import FeatureExtractor
-from ad_lightning.data.sampling import EpochShuffle
+from ad_lightning.data.sampling import training_batches
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +190,9 @@ class FeatureDataModule(pl.LightningDataModule):
         samples = self.images.train_samples if split == "train" else self.images.val_samples
         batch_size = self.images.batch_size if train else self.images.eval_batch_size
         dataset = StoredFeatures(self.stores[split], samples)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=EpochShuffle(dataset, self.images.seed) if train else None,
-            drop_last=train and len(dataset) > batch_size,  # no BatchNorm batch of one
-        )
+        if not train:
+            return DataLoader(dataset, batch_size=batch_size)
+        return DataLoader(dataset, **training_batches(dataset, batch_size, self.images.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

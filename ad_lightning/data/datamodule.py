@@ -35,7 +35,7 @@ from ad_lightning.data.registration import (
     apply_alignment,
     estimate_alignment,
 )
-from ad_lightning.data.sampling import EpochShuffle
+from ad_lightning.data.sampling import training_batches
 from ad_lightning.data.transforms import build_transform
 
 log = logging.getLogger(__name__)
@@ -320,15 +320,17 @@ class AnomalyDataModule(pl.LightningDataModule):
             samples, transform, self.channels, self.reference, self.register_method
         )
         batch_size = self.batch_size if train else self.eval_batch_size
+        # training: reshuffled per (seed, epoch), never a BatchNorm batch of one image
+        batching = (
+            training_batches(dataset, batch_size, self.seed)
+            if train
+            else {"batch_size": batch_size}
+        )
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=EpochShuffle(dataset, self.seed) if train else None,
-            # A last training batch of one image crashes BatchNorm in training mode; the split
-            # is reshuffled every epoch, so the few images dropped are not dropped for good.
-            drop_last=train and len(samples) > batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            **batching,
         )
 
     def train_dataloader(self) -> DataLoader:

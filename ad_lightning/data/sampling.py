@@ -10,9 +10,10 @@ exactly the batches of an uninterrupted one.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
 
 class EpochShuffle(Sampler[int]):
@@ -32,3 +33,35 @@ class EpochShuffle(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+class NoSingletonBatches(BatchSampler):
+    """Batches of `batch_size`, except that a last batch of one image joins the one before.
+
+    BatchNorm refuses a training batch of one image (297 images in batches of 8 leave one),
+    and dropping it would cost the methods that collect statistics of every training image
+    (PatchCore's bank, PaDiM's Gaussians, kNN banks) an image. `drop_last` keeps its usual
+    meaning; Lightning rebuilds this sampler around a DistributedSampler under DDP.
+    """
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = list(super().__iter__())
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            batches[-2].extend(batches.pop())
+        return iter(batches)
+
+    def __len__(self) -> int:
+        n = super().__len__()
+        single = not self.drop_last and len(self.sampler) % self.batch_size == 1
+        return n - 1 if n > 1 and single else n
+
+
+def training_batches(data: Sized, batch_size: int, seed: int) -> dict[str, Any]:
+    """DataLoader arguments for a training split: shuffled per (seed, epoch), and, only when
+    the split would end in a batch of one image, that image joined to the batch before.
+    (A plain sampler is kept otherwise: resuming a fit reproduces its batches exactly with
+    it, which we measured; with a batch sampler Lightning's resume drifted slightly.)"""
+    shuffle = EpochShuffle(data, seed)
+    if len(data) > 1 and len(data) % batch_size == 1:
+        return {"batch_sampler": NoSingletonBatches(shuffle, batch_size, False)}
+    return {"sampler": shuffle, "batch_size": batch_size}
