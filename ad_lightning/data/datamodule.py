@@ -315,7 +315,9 @@ class AnomalyDataModule(pl.LightningDataModule):
                 f"the {'training' if train else 'evaluation'} split of {self.root}/{self.category} is empty"
             )
         augment = self.train_augmentations if train else ()
-        transform = build_transform(self.image_size, self.channels, self.normalize, augment)
+        transform = build_transform(
+            self.image_size, self.channels, self.normalize, augment, seed=self.seed
+        )
         dataset = AnomalyDataset(
             samples, transform, self.channels, self.reference, self.register_method
         )

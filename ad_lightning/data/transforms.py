@@ -30,8 +30,12 @@ def build_transform(
     channels: int,
     normalize: str = "imagenet",
     augmentations: Sequence[A.BasicTransform] = (),
+    seed: int | None = None,
 ) -> A.Compose:
-    """Resize (masks with nearest neighbour), augment, normalise and convert to CHW tensors."""
+    """Resize (masks with nearest neighbour), augment, normalise and convert to CHW tensors.
+
+    `seed` seeds albumentations' own random state (it does not follow numpy's or torch's
+    global seed), so the same run seed gives the same augmented images."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     steps: list[A.BasicTransform] = [
         A.Resize(h, w, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)
@@ -43,4 +47,4 @@ def build_transform(
     else:
         steps.append(A.Normalize(mean=stats[0], std=stats[1], max_pixel_value=255.0))
     steps.append(ToTensorV2())
-    return A.Compose(steps)
+    return A.Compose(steps, seed=seed)
