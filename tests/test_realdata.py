@@ -23,6 +23,17 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def both_cores():
+    """These fits run alone (no subprocess beside them): both cores, as a user's run has."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_default(tmp_path: Path, model: str) -> dict:
     cfg = compose_cfg(
         tmp_path, f"model={model}", "data=folder", f"data.root={TIRE}", "data.category=tire"
