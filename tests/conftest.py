@@ -72,12 +72,11 @@ def untrained_results(model, datamodule) -> dict:
     return fit_and_test(model, datamodule, epochs=0)
 
 
-def fit_and_test(model, datamodule, epochs: int, **trainer_kwargs) -> dict:
-    """Train on CPU without loggers or checkpoints, test once; return model.test_results."""
+def quiet_trainer(epochs: int = 1, **trainer_kwargs):
+    """A CPU Trainer without loggers, checkpoints, progress bar or sanity validation."""
     import pytorch_lightning as pl
 
-    pl.seed_everything(0, workers=True)
-    trainer = pl.Trainer(
+    return pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=epochs,
@@ -86,9 +85,16 @@ def fit_and_test(model, datamodule, epochs: int, **trainer_kwargs) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        inference_mode=False,
         **trainer_kwargs,
     )
+
+
+def fit_and_test(model, datamodule, epochs: int, **trainer_kwargs) -> dict:
+    """Train on CPU without loggers or checkpoints, test once; return model.test_results."""
+    import pytorch_lightning as pl
+
+    pl.seed_everything(0, workers=True)
+    trainer = quiet_trainer(epochs, inference_mode=False, **trainer_kwargs)
     trainer.fit(model, datamodule=datamodule)
     trainer.test(model, datamodule=datamodule, verbose=False)
     return model.test_results

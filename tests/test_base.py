@@ -8,14 +8,13 @@ import copy
 from typing import Any
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from ad_lightning.metrics.evaluator import unit_scale
 from ad_lightning.models import base
 from ad_lightning.models.base import AnomalyModule, Scores
-from tests.conftest import synthetic_dm
+from tests.conftest import quiet_trainer, synthetic_dm
 
 
 class MapModel(AnomalyModule):
@@ -160,15 +159,7 @@ class ChannelMean(AnomalyModule):
 
 
 def trainer_test(model: AnomalyModule, datamodule: Any) -> dict[str, Any]:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.test(model, datamodule=datamodule, verbose=False)
+    quiet_trainer().test(model, datamodule=datamodule, verbose=False)
     assert model.test_results is not None
     return model.test_results
 

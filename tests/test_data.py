@@ -139,9 +139,8 @@ def test_last_batch_of_one_does_not_reach_batchnorm(tiny_folder: Path) -> None:
     """17 training images in batches of 8 (17 = 2 * 8 + 1): the lone last image would crash
     BatchNorm1d in training; the training loader joins it to the batch before (so methods
     that collect statistics still see every image) and one epoch of the AE runs."""
-    import pytorch_lightning as pl
-
     from ad_lightning.models.autoencoders import Autoencoder
+    from tests.conftest import quiet_trainer
 
     dm = make_dm(tiny_folder, val_split=0.15, batch_size=8, normalize="none")
     assert len(dm.train_samples) == 17
@@ -150,15 +149,7 @@ def test_last_batch_of_one_does_not_reach_batchnorm(tiny_folder: Path) -> None:
     assert sorted(int(i) for b in loader for i in b["index"]) == list(range(17))
     assert sum(len(b["image"]) for b in dm.test_dataloader()) == len(dm.test_samples)
     model = Autoencoder(image_size=32, latent_dim=4, widths=[8, 8, 8, 8, 4])
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(1)
     trainer.fit(model, datamodule=dm)
     assert trainer.current_epoch == 1
     small = make_dm(tiny_folder, val_split=0.15, batch_size=32)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 
 from ad_lightning.backbones import FeatureExtractor
 from ad_lightning.backbones.feature_store import FeatureDataModule
 from ad_lightning.models.skip_dfr import SkipDFR
-from tests.conftest import synthetic_dm
+from tests.conftest import quiet_trainer, synthetic_dm
 
 
 def count_images(extractor: FeatureExtractor) -> list[int]:
@@ -21,24 +20,12 @@ def count_images(extractor: FeatureExtractor) -> list[int]:
     return seen
 
 
-def trainer(epochs: int) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-
-
 def test_backbone_runs_once_per_image_per_fit(synthetic_root, tmp_path) -> None:
     images = synthetic_dm(synthetic_root, "object", 64)
     model = SkipDFR(FeatureExtractor("efficientnet_lite0", blocks=[1, 2, 3]), lr=3e-3)
     seen = count_images(model.backbone)
     data = FeatureDataModule(images, model.backbone, memory_gb=1, spill_dir=tmp_path)
-    trainer(epochs=4).fit(model, datamodule=data)
+    quiet_trainer(4).fit(model, datamodule=data)
     n_fit = len(images.train_samples) + len(images.val_samples)
     # 4 epochs of training and validation plus the standardisation statistics: one pass only
     assert seen[0] == n_fit, (seen[0], n_fit)
@@ -46,7 +33,7 @@ def test_backbone_runs_once_per_image_per_fit(synthetic_root, tmp_path) -> None:
     # without the store the same fit runs the backbone every epoch
     plain = SkipDFR(FeatureExtractor("efficientnet_lite0", blocks=[1, 2, 3]), lr=3e-3)
     seen_plain = count_images(plain.backbone)
-    trainer(epochs=4).fit(plain, datamodule=images)
+    quiet_trainer(4).fit(plain, datamodule=images)
     assert seen_plain[0] >= 4 * n_fit
 
 
