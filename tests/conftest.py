@@ -98,3 +98,23 @@ def fit_and_test(model, datamodule, epochs: int, **trainer_kwargs) -> dict:
     trainer.fit(model, datamodule=datamodule)
     trainer.test(model, datamodule=datamodule, verbose=False)
     return model.test_results
+
+
+def assert_checkpoint_round_trip(model, fresh, datamodule, path) -> None:
+    """A fitted model's checkpoint holds no backbone weights, and a freshly built model
+    loaded from it scores a test batch bit-identically (maps and every image score)."""
+    import torch
+
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    assert not any(k.startswith("backbone.") for k in checkpoint["state_dict"])
+    torch.save(checkpoint, path)
+    missing, unexpected = fresh.load_state_dict(
+        torch.load(path, weights_only=True)["state_dict"], strict=False
+    )
+    assert not unexpected and all(k.startswith("backbone.") for k in missing)
+    batch = next(iter(datamodule.test_dataloader()))
+    before, after = model.score(batch), fresh.score(batch)
+    assert torch.equal(before.map, after.map)
+    for name in before.image:
+        assert torch.equal(before.image[name], after.image[name]), name

@@ -10,7 +10,12 @@ from hydra import compose, initialize_config_dir
 
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.models.padim import PaDiM, gaussian_per_position, mahalanobis
-from tests.conftest import fit_and_test, synthetic_dm, untrained_results
+from tests.conftest import (
+    assert_checkpoint_round_trip,
+    fit_and_test,
+    synthetic_dm,
+    untrained_results,
+)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -85,21 +90,7 @@ def test_padim_learns_on_synthetic(fitted, synthetic_root) -> None:
 
 def test_checkpoint_round_trip_without_backbone(fitted, tmp_path: Path) -> None:
     model, dm, _ = fitted
-    checkpoint = {"state_dict": model.state_dict()}
-    model.on_save_checkpoint(checkpoint)
-    assert not any(k.startswith("backbone.") for k in checkpoint["state_dict"])
-    torch.save(checkpoint, tmp_path / "model.ckpt")
-    fresh = padim()
-    missing, unexpected = fresh.load_state_dict(
-        torch.load(tmp_path / "model.ckpt", weights_only=True)["state_dict"], strict=False
-    )
-    assert not unexpected and all(k.startswith("backbone.") for k in missing)
-    batch = next(iter(dm.test_dataloader()))
-    before, after = model.score(batch), fresh.score(batch)
-    assert torch.equal(before.map, after.map)
-    assert torch.equal(before.image["max"], after.image["max"])
-    with pytest.raises(ValueError, match="training image size"):
-        fresh.score({"image": torch.zeros(1, 3, 96, 96)})
+    assert_checkpoint_round_trip(model, padim(), dm, tmp_path / "model.ckpt")
 
 
 def test_padim_config_instantiates() -> None:

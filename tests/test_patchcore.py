@@ -10,7 +10,12 @@ from hydra import compose, initialize_config_dir
 
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.models.patchcore import PatchCore, coreset_indices, k_center_greedy
-from tests.conftest import fit_and_test, synthetic_dm, untrained_results
+from tests.conftest import (
+    assert_checkpoint_round_trip,
+    fit_and_test,
+    synthetic_dm,
+    untrained_results,
+)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -131,20 +136,7 @@ def test_reweighting_weights_lie_in_the_range_eq7_allows(fitted) -> None:
 
 def test_checkpoint_round_trip_without_backbone(fitted, tmp_path: Path) -> None:
     model, dm, _ = fitted
-    checkpoint = {"state_dict": model.state_dict()}
-    model.on_save_checkpoint(checkpoint)
-    assert not any(k.startswith("backbone.") for k in checkpoint["state_dict"])
-    torch.save(checkpoint, tmp_path / "model.ckpt")
-    fresh = patchcore()
-    missing, unexpected = fresh.load_state_dict(
-        torch.load(tmp_path / "model.ckpt", weights_only=True)["state_dict"], strict=False
-    )
-    assert not unexpected and all(k.startswith("backbone.") for k in missing)
-    batch = next(iter(dm.test_dataloader()))
-    before, after = model.score(batch), fresh.score(batch)
-    assert torch.equal(before.map, after.map)
-    for name in before.image:
-        assert torch.equal(before.image[name], after.image[name]), name
+    assert_checkpoint_round_trip(model, patchcore(), dm, tmp_path / "model.ckpt")
 
 
 def test_patchcore_config_instantiates() -> None:

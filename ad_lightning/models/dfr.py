@@ -64,10 +64,7 @@ class DFR(FeatureReconstructionModule):
         if self.autoencoder is not None:
             return
         feats = self.training_features(self.pca_images)
-        if self.standardize:
-            feats = (feats - self.feature_mean.cpu()[:, None, None]) / self.feature_std.cpu()[
-                :, None, None
-            ]
+        feats = self.standardised(feats)
         n = len(feats)
         latent = pca_latent_channels(feats, self.pca_variance)
         log.info(

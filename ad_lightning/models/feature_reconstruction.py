@@ -142,10 +142,14 @@ class FeatureReconstructionModule(AnomalyModule):
         return self.backbone(batch["image"])
 
     def features(self, batch: dict[str, Any]) -> torch.Tensor:
-        feats = self.raw_features(batch)
+        return self.standardised(self.raw_features(batch))
+
+    def standardised(self, feats: torch.Tensor) -> torch.Tensor:
+        """Features per channel in training units (`standardize`), else unchanged."""
         if not self.standardize:
             return feats
-        return (feats - self.feature_mean[:, None, None]) / self.feature_std[:, None, None]
+        mean, std = self.feature_mean.to(feats.device), self.feature_std.to(feats.device)
+        return (feats - mean[:, None, None]) / std[:, None, None]
 
     def training_features(self, max_images: int) -> torch.Tensor:
         """Raw features of up to `max_images` training images (one rank's view, unshuffled)."""
