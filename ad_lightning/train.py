@@ -28,6 +28,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 import ad_lightning
 from ad_lightning.backbones.feature_store import FeatureDataModule
+from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
 from ad_lightning.models.base import AnomalyModule, DivergenceError
 from ad_lightning.outputs.artifacts import TestArtifacts, write_json
 from ad_lightning.outputs.timing import EpochTimer
@@ -181,7 +182,9 @@ def prepare(cfg: DictConfig, out: Path) -> Job:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
     model: AnomalyModule = hydra.utils.instantiate(cfg.model)
-    model.configure_evaluation(cfg.protocol, cfg.eval.threshold_percentile, cfg.eval.kept_map_size)
+    model.configure_evaluation(
+        cfg.protocol, cfg.eval.false_alarm_rate, cfg.eval.kept_map_size, cfg.eval.threshold
+    )
     loggers = build_loggers(cfg, out)
     callbacks = build_callbacks(cfg, model, out)
     trainer: pl.Trainer = hydra.utils.instantiate(
@@ -292,6 +295,7 @@ def test(job: Job, ckpt_path: str | None) -> None:
         test_label_metrics=result["test_label_metrics"],
         scores=result["scores"],
         val_scores=result["val_scores"],
+        thresholds=result["thresholds"],
     )
     job.results.setdefault("timings", {})
     job.results["timings"].update(
@@ -302,6 +306,30 @@ def test(job: Job, ckpt_path: str | None) -> None:
     )
     if "checkpoint" not in job.results:
         job.results["checkpoint"] = {"scored": ckpt_path or "in-memory model after fit"}
+
+
+def write_model_file(job: Job) -> None:
+    """RUN_DIR/model.pt from the scored checkpoint: what predict and export load."""
+    if not job.trainer.is_global_zero:
+        return
+    info = {
+        "run_dir": str(job.out),
+        "method": job.results.get("method"),
+        "choices": job.results.get("choices"),
+        "data": {k: job.results["data"].get(k) for k in ("name", "root", "category")},
+        "metrics": job.results.get("metrics"),
+        "checkpoint": job.results.get("checkpoint", {}).get("scored"),
+        "versions": job.results.get("versions"),
+    }
+    path = save_bundle(
+        job.out / FILE_NAME,
+        job.model,
+        OmegaConf.to_container(job.cfg.model, resolve=True),
+        Preprocess.from_datamodule(job.datamodule),
+        job.model.thresholds,
+        info,
+    )
+    job.results["model_file"] = str(path)
 
 
 def write(job: Job) -> None:
@@ -348,6 +376,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else:
             fit(job, str(out / "checkpoints" / "last.ckpt") if mode == "resume" else None)
         test(job, choose_checkpoint(job, fitted=mode != "test"))
+        write_model_file(job)
     except DivergenceError as err:
         job.results.update(
             status="diverged",

@@ -176,7 +176,7 @@ def test_trainer_loop_pixel_auroc_is_the_same_for_any_test_batch_size(synthetic_
     assert len(results[0]["records"]) == len(results[1]["records"]) == 40
     assert "f1_at_defect_ratio" in results[0]["test_label_metrics"]
     with_val = trainer_test(ChannelMean(), synthetic_dm(synthetic_root, eval_batch_size=5))
-    assert "f1_at_val_percentile" in with_val["metrics"]
+    assert "f1_at_false_alarm_rate" in with_val["metrics"]
     assert with_val["metrics"]["pixel_auroc"] == results[0]["metrics"]["pixel_auroc"]
 
 

@@ -4,18 +4,41 @@ import torch
 from ad_lightning.metrics import (
     defect_ratio_threshold,
     evaluate_scores,
-    percentile_threshold,
+    f1_optimal_threshold,
+    false_alarm_threshold,
     threshold_stats,
 )
 
 
-def test_percentile_threshold_is_not_the_minimum() -> None:
-    normal = torch.arange(100, dtype=torch.float64)
-    t = percentile_threshold(normal, 99)
-    assert (
-        97 < t < 99
-    )  # a high percentile; the peer library's min() would give 0 and flag everything
-    assert (normal >= t).sum() == 1
+@pytest.mark.parametrize("n", [5, 20, 100, 1000])
+@pytest.mark.parametrize("rate", [0.0, 0.01, 0.05, 0.2])
+def test_false_alarm_threshold_never_flags_every_image(n: int, rate: float) -> None:
+    """Learned from normal images only: at most floor(rate * n) of them above it, and never
+    all (the peer library's threshold is their minimum, which flags every image)."""
+    normal = torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    t = false_alarm_threshold(normal, rate)
+    flagged = int((normal > t).sum())
+    assert flagged <= int(rate * n) < n
+    assert t > normal.min()
+    # the lowest such threshold: one normal score more would be flagged just below it
+    assert int((normal >= t).sum()) == flagged + 1
+
+
+def test_false_alarm_threshold_on_held_out_normals_flags_about_the_rate() -> None:
+    g = torch.Generator().manual_seed(0)
+    val, held_out = torch.randn(2000, generator=g), torch.randn(20000, generator=g)
+    t = false_alarm_threshold(val, 0.01)
+    assert 0.005 < float((held_out > t).float().mean()) < 0.02
+
+
+def test_f1_optimal_threshold_separates_a_separable_split() -> None:
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.8, 0.35])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    t, f1 = f1_optimal_threshold(scores, labels)
+    assert f1 == pytest.approx(1.0)
+    assert torch.equal((scores > t).long(), labels)
+    with pytest.raises(ValueError, match="both normal and defective"):
+        f1_optimal_threshold(scores[:3], labels[:3])
 
 
 def test_defect_ratio_threshold_flags_top_fraction() -> None:
@@ -38,10 +61,14 @@ def test_auroc_is_exact_for_large_unbounded_scores() -> None:
     # torchmetrics would squash scores > 1 through a sigmoid (all ~1.0 -> AUROC 0.5); ours keeps the ranking
     scores = {"s": torch.tensor([170.0, 171.0, 172.0, 180.0, 181.0, 179.5])}
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    out = evaluate_scores(scores, labels, {"s": torch.tensor([169.0, 170.5, 171.5])}, percentile=99)
+    out = evaluate_scores(
+        scores, labels, {"s": torch.tensor([169.0, 170.5, 171.5])}, false_alarm_rate=0.01
+    )
     assert out["s"]["auroc"] == pytest.approx(1.0)
     assert out["s"]["ap"] == pytest.approx(1.0)
-    assert out["s"]["at_val_percentile"]["tnr"] == pytest.approx(2 / 3)
+    # the threshold is the largest normal validation score, 171.5: 172.0 is a false alarm
+    assert out["s"]["at_false_alarm_rate"]["threshold"] == 171.5
+    assert out["s"]["at_false_alarm_rate"]["tnr"] == pytest.approx(2 / 3)
     assert out["s"]["at_defect_ratio"]["f1"] == pytest.approx(1.0)
 
 

@@ -54,7 +54,7 @@ def test_single_run_writes_complete_results(tmp_path: Path) -> None:
     assert saved["data"]["n_test"] == 40 and saved["data"]["n_val"] == 5
     for name in ("residual_max", "residual_mean"):
         stats = saved["scores"][name]
-        assert {"auroc", "ap", "at_defect_ratio", "at_val_percentile"} <= set(stats)
+        assert {"auroc", "ap", "at_defect_ratio", "at_false_alarm_rate"} <= set(stats)
     with (tmp_path / "scores.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 40 and {"path", "label", "residual_max", "residual_max_normalized"} <= set(

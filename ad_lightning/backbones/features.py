@@ -32,6 +32,7 @@ class FeatureExtractor(nn.Module):
         feature_size: int | None = None,
         alias: str | None = None,
         channels_last: bool = True,
+        bundled: bool = False,
     ) -> None:
         super().__init__()
         self.name = name
@@ -52,7 +53,9 @@ class FeatureExtractor(nn.Module):
             name, features_only=True, pretrained=False, out_indices=indices
         )
         self.pretrained = bool(pretrained)
-        if self.pretrained:
+        if bundled:  # a model file holds these weights: they are loaded after construction
+            self.weights_source = "model file"
+        elif self.pretrained:
             full = timm.create_model(name, pretrained=False)
             self.weights_source = resolve_weights(full, name, weights, allow_download)
             missing, _ = self.net.load_state_dict(full.state_dict(), strict=False)

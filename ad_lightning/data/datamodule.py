@@ -28,6 +28,7 @@ from ad_lightning.data.folder import (
     bad_files_error,
     drop_samples,
     scan_category,
+    scan_labelled_split,
 )
 from ad_lightning.data.registration import (
     METHODS,
@@ -191,6 +192,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         register: bool = False,
         register_method: str = "ecc",
         skip_bad: bool = False,
+        threshold_split: str | None = None,
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
@@ -218,6 +220,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.register = register
         self.register_method = choice("data.register_method", register_method, METHODS)
         self.skip_bad = skip_bad
+        self.threshold_split = threshold_split
+        self.threshold_samples: list[Sample] = []
         self.skipped: list[BadFile] = []
         self.reference: np.ndarray | None = None
         self.files: CategoryFiles | None = None
@@ -245,7 +249,12 @@ class AnomalyDataModule(pl.LightningDataModule):
         if files.mask_note:
             log.warning("%s/%s: %s", self.root, self.category, files.mask_note)
         where = Path(self.root).expanduser() / self.category
-        bad = find_bad_files(files.train + files.test, self.channels)
+        labelled = (
+            scan_labelled_split(self.root, self.category, self.threshold_split)
+            if self.threshold_split
+            else []
+        )
+        bad = find_bad_files(files.train + files.test + labelled, self.channels)
         if bad and not self.skip_bad:
             raise bad_files_error(bad, where)
         if bad:
@@ -257,6 +266,8 @@ class AnomalyDataModule(pl.LightningDataModule):
             )
             files = drop_samples(files, bad, where)
         self.skipped = bad
+        dropped = {b.sample.path for b in bad}
+        self.threshold_samples = [s for s in labelled if s.path not in dropped]
         self.files = files
         rng = random.Random(self.seed)
         normals = list(self.files.train)
@@ -298,6 +309,7 @@ class AnomalyDataModule(pl.LightningDataModule):
             "n_train": len(self.train_samples),
             "n_val": len(self.val_samples),
             "n_test": len(self.test_samples),
+            "n_threshold_split": len(self.threshold_samples),
             "n_test_defective": n_def,
             "defect_ratio": n_def / max(len(self.test_samples), 1),
             "has_masks": self.has_masks,
@@ -348,3 +360,7 @@ class AnomalyDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_samples, train=False)
+
+    def threshold_dataloader(self) -> DataLoader:
+        """`data.threshold_split`: labelled images for an F1-optimal threshold (not the test set)."""
+        return self._loader(self.threshold_samples, train=False)

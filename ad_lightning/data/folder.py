@@ -156,3 +156,21 @@ def scan_category(root: str | Path, category: str) -> CategoryFiles:
         note = f"{len(missing_masks)} of {n_anomalous} defective test images have no mask (first: {missing_masks[0]}): pixel metrics skipped"
         test = [Sample(s.path, s.label, s.defect_type, None) for s in test]
     return CategoryFiles(train=train, test=test, has_masks=has_masks, mask_note=note)
+
+
+def scan_labelled_split(root: str | Path, category: str, split: str) -> list[Sample]:
+    """Labelled images of `<root>/<category>/<split>/` in the test layout (good/ and one folder
+    per defect), without masks: the images an F1-optimal threshold is chosen on
+    (`data.threshold_split`), kept apart from the test set."""
+    folder = Path(root).expanduser() / category / split
+    if not folder.is_dir():
+        raise DataLayoutError(
+            f"data.threshold_split={split}: {folder} is missing; make it like test/ (good/ and one folder per defect) with images that are not in test/, or set data.threshold_split=null."
+        )
+    samples = [
+        Sample(image, int(sub.name != NORMAL), sub.name)
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir())
+        for image in list_images(sub)
+    ]
+    _check_test_labels(samples, folder)
+    return samples

@@ -14,7 +14,7 @@ from torchmetrics.functional.classification import (
     binary_specificity,
 )
 
-from ad_lightning.metrics.thresholds import defect_ratio_threshold, percentile_threshold
+from ad_lightning.metrics.thresholds import defect_ratio_threshold, false_alarm_threshold
 
 
 def unit_scale(values: torch.Tensor) -> torch.Tensor:
@@ -33,10 +33,12 @@ def pixel_auroc(maps: torch.Tensor, masks: torch.Tensor) -> float:
 
 
 def threshold_stats(
-    scores: torch.Tensor, labels: torch.Tensor, threshold: float
+    scores: torch.Tensor, labels: torch.Tensor, threshold: float, strict: bool = False
 ) -> dict[str, float]:
-    """Precision, TPR (sensitivity), TNR (specificity) and F1 when `score >= threshold` is anomalous."""
-    preds = (scores.double() >= threshold).long()
+    """Precision, TPR (sensitivity), TNR (specificity) and F1 when `score >= threshold` (or
+    `score > threshold` with `strict`, the verdict of a shipped model) is anomalous."""
+    values = scores.double()
+    preds = (values > threshold if strict else values >= threshold).long()
     target = labels.long()
     return {
         "threshold": float(threshold),
@@ -52,7 +54,7 @@ def evaluate_scores(
     scores: dict[str, torch.Tensor],
     labels: torch.Tensor,
     val_scores: dict[str, torch.Tensor] | None = None,
-    percentile: float = 99.0,
+    false_alarm_rate: float = 0.01,
 ) -> dict[str, dict]:
     """Metrics per score name. Non-finite scores are an error, never a silent NaN metric."""
     labels = labels.long().cpu()
@@ -74,10 +76,9 @@ def evaluate_scores(
         }
         val = None if val_scores is None else val_scores.get(name)
         if val is not None and val.numel() > 0:
-            result["at_val_percentile"] = threshold_stats(
-                values, labels, percentile_threshold(val.double().cpu(), percentile)
-            )
-            result["at_val_percentile"]["percentile"] = percentile
+            threshold = false_alarm_threshold(val, false_alarm_rate)
+            result["at_false_alarm_rate"] = threshold_stats(values, labels, threshold, strict=True)
+            result["at_false_alarm_rate"]["false_alarm_rate"] = false_alarm_rate
         out[name] = result
     return out
 

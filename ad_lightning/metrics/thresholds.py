@@ -1,7 +1,12 @@
 """Decision thresholds.
 
-- `percentile_threshold`: leak-free; a high percentile of scores of normal validation
-  images. Never their minimum (which flags every test image as anomalous).
+- `false_alarm_threshold`: leak-free and the one a model ships with; the lowest threshold at
+  which at most a `rate` fraction of normal validation scores lies above it (verdict:
+  anomalous when `score > threshold`). It is never below the normal scores' minimum (which
+  would flag every image: the bug this guards against); with fewer than 1/rate normal
+  images it is their maximum.
+- `f1_optimal_threshold`: needs labelled defective images (`data.threshold_split`); the
+  threshold of best F1 on them, an option for lines that have such images.
 - `defect_ratio_threshold`: the DPAE protocol; flags as anomalous the top fraction of
   test scores equal to the test set's defect ratio. It uses the test labels' ratio, so it is
   reported as the paper's protocol, not used for model selection.
@@ -10,14 +15,38 @@
 from __future__ import annotations
 
 import torch
+from torchmetrics.functional.classification import binary_precision_recall_curve
 
 
-def percentile_threshold(normal_scores: torch.Tensor, percentile: float) -> float:
-    if normal_scores.numel() == 0:
-        raise ValueError("no validation scores to set a threshold from; set data.val_split > 0")
-    if not 0 < percentile <= 100:
-        raise ValueError(f"eval.threshold_percentile={percentile} must be in (0, 100]")
-    return float(torch.quantile(normal_scores.double(), percentile / 100.0))
+def false_alarm_threshold(normal_scores: torch.Tensor, rate: float) -> float:
+    """Threshold t with #(normal > t) <= floor(rate * n): an empirical false-alarm rate <= rate."""
+    values = normal_scores.detach().double().flatten().cpu()
+    if values.numel() == 0:
+        raise ValueError(
+            "no normal validation scores to set a threshold from; set data.val_split > 0"
+        )
+    if not 0 <= rate < 1:
+        raise ValueError(f"eval.false_alarm_rate={rate} must be in [0, 1)")
+    allowed = int(rate * values.numel())  # normal images that may lie above t
+    k = values.numel() - allowed  # t is the k-th smallest score
+    return float(torch.kthvalue(values, k).values)
+
+
+def f1_optimal_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(threshold, F1) of best F1 for `score > threshold` on labelled images."""
+    labels = labels.long().cpu()
+    if labels.min() == labels.max():
+        raise ValueError(
+            "an F1-optimal threshold needs both normal and defective images in data.threshold_split"
+        )
+    values = scores.detach().double().cpu()
+    precision, recall, cuts = binary_precision_recall_curve(values, labels)
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    best = int(torch.argmax(f1[:-1]))  # the last point (recall 0) has no threshold
+    # torchmetrics flags score >= cut; the largest value below the cut gives the same verdicts
+    below = values[values < cuts[best]]
+    threshold = float(below.max()) if below.numel() else float(cuts[best]) - 1e-12
+    return threshold, float(f1[best])
 
 
 def defect_ratio_threshold(scores: torch.Tensor, defect_ratio: float) -> float:

@@ -131,6 +131,8 @@ class SSIMAutoencoder(Autoencoder):
 class VAE(_SGDModule):
     """Variational autoencoder on the same encoder (2 d outputs, no BatchNorm) and decoder."""
 
+    export_blocker = "its score samples z with a seed drawn from each image's file path"
+
     def __init__(
         self,
         image_size: int | Sequence[int] = 224,

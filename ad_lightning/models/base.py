@@ -2,8 +2,8 @@
 
 A method subclasses it and implements training (its paper's loss) and `score(batch)`,
 returning named image scores and optionally an anomaly map. The base scores the normal
-validation images (thresholds, normalisation) and the test set once, gathers across DDP
-ranks, and computes the metrics; it knows nothing about any method.
+validation images (the thresholds a model ships with, normalisation) and the test set once,
+gathers across DDP ranks, and computes the metrics; it knows nothing about any method.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.checks import choice
 from ad_lightning.metrics.evaluator import evaluate_scores, flatten, pixel_auroc
+from ad_lightning.metrics.thresholds import f1_optimal_threshold, false_alarm_threshold
 
 log = logging.getLogger(__name__)
 PROTOCOLS = ("leak_free", "paper")
+THRESHOLD_RULES = ("false_alarm_rate", "f1_optimal")
 
 
 @dataclass
@@ -41,8 +43,9 @@ class DivergenceError(FloatingPointError):
 @dataclass
 class EvalConfig:
     protocol: str = "leak_free"
-    threshold_percentile: float = 99.0
+    false_alarm_rate: float = 0.01
     kept_map_size: int = 128
+    threshold: str = "false_alarm_rate"
 
 
 class AnomalyModule(pl.LightningModule):
@@ -54,6 +57,8 @@ class AnomalyModule(pl.LightningModule):
     trains_by_gradient: bool = True
     #: True when score() needs autograd (AnoGAN's latent search)
     score_needs_grad: bool = False
+    #: why the scoring path cannot be an ONNX graph (None: it can)
+    export_blocker: str | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,6 +66,8 @@ class AnomalyModule(pl.LightningModule):
         self.test_results: dict[str, Any] | None = None
         self._records: list[dict[str, Any]] = []
         self._val_scores: dict[str, torch.Tensor] = {}
+        #: image and pixel decision thresholds, set from normal validation images before testing
+        self.thresholds: dict[str, Any] | None = None
         self._has_masks = False
         self._maps: dict[str, torch.Tensor] = {}
         # Full-resolution map (float32) and mask (bool) per test image, keyed by path, for an
@@ -92,11 +99,17 @@ class AnomalyModule(pl.LightningModule):
     def configure_evaluation(
         self,
         protocol: str = "leak_free",
-        threshold_percentile: float = 99.0,
+        false_alarm_rate: float = 0.01,
         kept_map_size: int = 128,
+        threshold: str = "false_alarm_rate",
     ) -> None:
+        if not 0 <= false_alarm_rate < 1:
+            raise ValueError(f"eval.false_alarm_rate={false_alarm_rate} must be in [0, 1)")
         self.eval_config = EvalConfig(
-            choice("protocol", protocol, PROTOCOLS), float(threshold_percentile), int(kept_map_size)
+            choice("protocol", protocol, PROTOCOLS),
+            float(false_alarm_rate),
+            int(kept_map_size),
+            choice("eval.threshold", threshold, THRESHOLD_RULES),
         )
 
     # ---- checkpoints ----------------------------------------------------------------
@@ -152,22 +165,91 @@ class AnomalyModule(pl.LightningModule):
             None if out.map is None else out.map.detach().float(),
         )
 
-    def score_loader(self, loader: Any) -> dict[str, torch.Tensor]:
-        """Scores of every image of a loader (the normal validation split)."""
+    def _kept_size(self, maps: torch.Tensor) -> torch.Tensor:
+        """Maps [B, H, W] at most `kept_map_size` on their longer side (for heat maps and the
+        pixel threshold; metrics use full-size maps)."""
+        if max(maps.shape[-2:]) <= self.eval_config.kept_map_size:
+            return maps
+        return F.interpolate(
+            maps[:, None], size=self.eval_config.kept_map_size, mode="bilinear", align_corners=False
+        )[:, 0]
+
+    def score_loader(self, loader: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Scores of every image of a loader, and the values of their maps at the kept size
+        (None for methods without maps)."""
         collected: dict[str, list[torch.Tensor]] = {}
+        pixels: list[torch.Tensor] = []
         for batch in loader:
             batch = self.trainer.strategy.batch_to_device(batch) if self._trainer else batch
-            for name, values in self._score(batch).image.items():
+            scores = self._score(batch)
+            for name, values in scores.image.items():
                 collected.setdefault(name, []).append(values.cpu())
-        return {k: torch.cat(v) for k, v in collected.items()}
+            if scores.map is not None:
+                pixels.append(self._kept_size(scores.map).flatten().cpu())
+        return {k: torch.cat(v) for k, v in collected.items()}, (
+            torch.cat(pixels) if pixels else None
+        )
+
+    def fit_thresholds(
+        self,
+        val_scores: dict[str, torch.Tensor],
+        val_pixels: torch.Tensor | None,
+        labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, Any] | None:
+        """The thresholds a model ships with, from normal validation images only: the image
+        threshold at `eval.false_alarm_rate` of them (or, with `eval.threshold=f1_optimal`, the
+        best F1 on `labelled` = (scores, labels) of `data.threshold_split`), and a pixel
+        threshold at the same false-alarm rate of their map pixels."""
+        rate = self.eval_config.false_alarm_rate
+        normal = val_scores.get(self.primary_score)
+        if normal is None or normal.numel() == 0:
+            log.warning("no normal validation images (data.val_split=0): no thresholds are stored")
+            return None
+        image: dict[str, Any] = {
+            "score": self.primary_score,
+            "rule": self.eval_config.threshold,
+            "false_alarm_rate": rate,
+            "at_false_alarm_rate": false_alarm_threshold(normal, rate),
+            "n_normal_images": int(normal.numel()),
+        }
+        image["value"] = image["at_false_alarm_rate"]
+        if labelled is not None:
+            t, f1 = f1_optimal_threshold(*labelled)
+            image |= {
+                "f1_optimal": t,
+                "f1_on_threshold_split": f1,
+                "n_threshold_split": len(labelled[1]),
+            }
+        if self.eval_config.threshold == "f1_optimal":
+            if labelled is None:
+                raise ValueError(
+                    "eval.threshold=f1_optimal needs labelled images: set data.threshold_split=<folder under the category in the test layout (good/ and defect folders)>"
+                )
+            image["value"] = image["f1_optimal"]
+        pixel = None
+        if val_pixels is not None and val_pixels.numel():
+            pixel = {
+                "value": false_alarm_threshold(val_pixels, rate),
+                "normal_median": float(val_pixels.float().median()),  # heat-map colour scale
+                "false_alarm_rate": rate,
+                "n_normal_pixels": int(val_pixels.numel()),
+                "map_size": self.eval_config.kept_map_size,
+            }
+        return {"image": image, "pixel": pixel}
 
     def on_test_epoch_start(self) -> None:
         self._records, self._maps, self._pixels = [], {}, {}
         self._inference_s, self._n_scored = 0.0, 0
         datamodule = self.trainer.datamodule
-        self._val_scores = (
-            self.score_loader(datamodule.val_dataloader()) if datamodule.val_samples else {}
+        self._val_scores, val_pixels = (
+            self.score_loader(datamodule.val_dataloader()) if datamodule.val_samples else ({}, None)
         )
+        labelled = None
+        if getattr(datamodule, "threshold_samples", None):
+            scores, _ = self.score_loader(datamodule.threshold_dataloader())
+            labels = torch.tensor([s.label for s in datamodule.threshold_samples])
+            labelled = (scores[self.primary_score], labels)
+        self.thresholds = self.fit_thresholds(self._val_scores, val_pixels, labelled)
         self._has_masks = bool(getattr(datamodule, "has_masks", False))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -203,14 +285,7 @@ class AnomalyModule(pl.LightningModule):
                         maps[i].to("cpu", copy=True),
                         masks[i].long().bool().cpu(),
                     )
-            small = maps
-            if max(maps.shape[-2:]) > self.eval_config.kept_map_size:
-                small = F.interpolate(
-                    maps[:, None],
-                    size=self.eval_config.kept_map_size,
-                    mode="bilinear",
-                    align_corners=False,
-                )[:, 0]
+            small = self._kept_size(maps)
             for i, path in enumerate(batch["path"]):
                 self._maps[path] = small[i].half().cpu()
 
@@ -247,7 +322,7 @@ class AnomalyModule(pl.LightningModule):
         labels = torch.tensor([r["label"] for r in records])
         scores = {n: torch.tensor([r[n] for r in records], dtype=torch.float64) for n in names}
         per_score = evaluate_scores(
-            scores, labels, self._val_scores, self.eval_config.threshold_percentile
+            scores, labels, self._val_scores, self.eval_config.false_alarm_rate
         )
         # Min-max normalisation: from validation scores (leak-free) or the test set itself
         # (protocol=paper, as DPAE reports). AUROC does not change; the scale does.
@@ -267,8 +342,8 @@ class AnomalyModule(pl.LightningModule):
         metrics: dict[str, Any] = {"image_auroc": primary["auroc"], "image_ap": primary["ap"]}
         if self.eval_config.protocol == "paper":
             metrics |= test_label_metrics
-        if "at_val_percentile" in primary:
-            metrics["f1_at_val_percentile"] = primary["at_val_percentile"]["f1"]
+        if "at_false_alarm_rate" in primary:
+            metrics["f1_at_false_alarm_rate"] = primary["at_false_alarm_rate"]["f1"]
         pixels = self._gather_pixels() if self._has_masks else None
         self._pixels = {}
         if pixels is not None:
@@ -281,6 +356,7 @@ class AnomalyModule(pl.LightningModule):
             "records": records,
             "maps": self._maps,
             "val_scores": {k: v.tolist() for k, v in self._val_scores.items()},
+            "thresholds": self.thresholds,
             "inference_ms_per_image": 1000 * self._inference_s / max(self._n_scored, 1),
             "n_images_timed": self._n_scored,
         }

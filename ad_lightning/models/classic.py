@@ -57,6 +57,10 @@ class VariationModel(StatisticsModule, ResizableBuffers):
 class NearestImage(StatisticsModule):
     """L2 distance to the closest training image."""
 
+    export_blocker = (
+        "its score is a scikit-learn neighbour search, which is not part of an ONNX graph"
+    )
+
     def __init__(self, score: str = "nn_l2") -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 
 class CPCAE(SingleObjective):
+    export_blocker = (
+        "its score is a scikit-learn neighbour search, which is not part of an ONNX graph"
+    )
+
     def __init__(
         self,
         backbone: FeatureExtractor,

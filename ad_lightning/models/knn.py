@@ -193,6 +193,10 @@ class StatisticsModule(AnomalyModule):
 class DeepKNN(StatisticsModule):
     """Deep-feature baseline: kNN (k = 15) on global-max-pooled CNN features of the raw image."""
 
+    export_blocker = (
+        "its score is a scikit-learn neighbour search, which is not part of an ONNX graph"
+    )
+
     def __init__(
         self, backbone: FeatureExtractor, k: int = 15, standardize: bool = False, score: str = "knn"
     ) -> None:

@@ -207,11 +207,21 @@ class PatchCore(StatisticsModule, ResizableBuffers):
     def nearest(self, query: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distances [M, k] and bank indices [M, k] of the k nearest bank patches of query [M, C]."""
         k = min(k, len(self.memory_bank))
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return self.nearest_by_matmul(query, k)
         sq_dist, idx = self.index().search(
             np.ascontiguousarray(query.detach().float().cpu().numpy()), k
         )
         dist = torch.from_numpy(sq_dist).clamp_min_(0).sqrt_()
         return dist.to(query.device), torch.from_numpy(idx).to(query.device)
+
+    def nearest_by_matmul(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same exact search in torch operations: what an exported ONNX graph holds
+        (faiss is a library call a graph cannot contain)."""
+        bank = self.memory_bank.to(query)
+        sq_dist = query.square().sum(1, keepdim=True) - 2 * query @ bank.T + bank.square().sum(1)
+        sq_dist, idx = torch.topk(sq_dist, k, dim=1, largest=False)
+        return sq_dist.clamp_min(0).sqrt(), idx
 
     def reweighting(
         self, patches: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor

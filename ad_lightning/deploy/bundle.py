@@ -1,0 +1,194 @@
+"""Self-contained model files: everything needed to score an image, and nothing else.
+
+A run writes `RUN_DIR/model.pt` after testing, from the checkpoint it scored. The file
+holds the method's resolved config (backbone name, blocks, sizes), the whole state dict
+(backbone weights included, so no weight package or download is needed on the line), the
+input preprocessing (size, channels, normalisation, the registration reference image), the
+thresholds learned from normal images, and the facts of the run. It holds only tensors and
+plain Python values, so it loads with `torch.load(weights_only=True)`: no pickled code.
+Loading needs no dataset and no Hydra config (only `hydra.utils.instantiate` on the
+stored config).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from torch import nn
+
+from ad_lightning.data.datamodule import read_image
+from ad_lightning.data.registration import register_to_reference
+from ad_lightning.data.transforms import build_transform, normalization
+from ad_lightning.models.base import AnomalyModule
+
+FORMAT = "ad_lightning.model/1"
+FILE_NAME = "model.pt"
+
+
+@dataclass
+class Preprocess:
+    """How an image file becomes the model's input, as in the run's test loader."""
+
+    image_size: tuple[int, int]
+    channels: int
+    normalize: str
+    register_method: str | None = None
+    reference: torch.Tensor | None = None  # H x W x C uint8, when images were registered
+
+    @classmethod
+    def from_datamodule(cls, datamodule: Any) -> Preprocess:
+        size = datamodule.image_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        reference = getattr(datamodule, "reference", None)
+        return cls(
+            (int(h), int(w)),
+            int(datamodule.channels),
+            str(datamodule.normalize),
+            datamodule.register_method if reference is not None else None,
+            None if reference is None else torch.from_numpy(np.ascontiguousarray(reference)),
+        )
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        return normalization(self.normalize, self.channels)
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """A decoded H x W x C uint8 image -> [C, H, W] float in [0, 1] at the model's size
+        (registered first if the model was trained on registered images)."""
+        if self.reference is not None:
+            image = register_to_reference(image, self.reference.numpy(), self.register_method)
+        return build_transform(self.image_size, self.channels, "none")(image=image)["image"]
+
+    def load(self, path: str | Path) -> torch.Tensor:
+        """An image file -> model input; raises ImageReadError naming the file."""
+        return self.prepare(read_image(Path(path), self.channels))
+
+
+class ScoringGraph(nn.Module):
+    """The whole scoring path as one module: [B, C, H, W] images in [0, 1] at the model's
+    size -> normalisation -> method -> (image score [B], anomaly map [B, H, W] if any).
+    Predict runs it, and the ONNX export traces it."""
+
+    def __init__(self, model: AnomalyModule, preprocess: Preprocess) -> None:
+        super().__init__()
+        self.model = model
+        stats = preprocess.mean_std()
+        self.normalised = stats is not None
+        mean, std = stats or ((0.0,) * preprocess.channels, (1.0,) * preprocess.channels)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.has_map = True
+
+    def forward(
+        self, images: torch.Tensor, paths: list[str] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        x = (images - self.mean) / self.std if self.normalised else images
+        batch: dict[str, Any] = {"image": x}
+        if paths is not None:  # methods that seed noise per image seed it by path, as in testing
+            batch["path"] = paths
+        out = self.model._score(batch)
+        score = out.image[self.model.primary_score]
+        self.has_map = out.map is not None
+        return (score, out.map) if out.map is not None else (score,)
+
+
+@dataclass
+class Bundle:
+    """A loaded model file."""
+
+    model: AnomalyModule
+    preprocess: Preprocess
+    thresholds: dict[str, Any] | None
+    info: dict[str, Any]
+    path: Path
+
+    def graph(self) -> ScoringGraph:
+        return ScoringGraph(self.model, self.preprocess).eval()
+
+    def image_threshold(self) -> float | None:
+        return None if not self.thresholds else self.thresholds["image"]["value"]
+
+    def pixel_threshold(self) -> float | None:
+        pixel = (self.thresholds or {}).get("pixel")
+        return None if not pixel else pixel["value"]
+
+
+def _mark_backbones_bundled(node: Any) -> Any:
+    """The stored config with every FeatureExtractor told its weights come from the file."""
+    if isinstance(node, dict):
+        out = {k: _mark_backbones_bundled(v) for k, v in node.items()}
+        if str(out.get("_target_", "")).endswith("FeatureExtractor"):
+            out["bundled"] = True
+        return out
+    if isinstance(node, list):
+        return [_mark_backbones_bundled(v) for v in node]
+    return node
+
+
+def plain(value: Any) -> Any:
+    """Plain Python values only (version objects become strings), for weights-only loading."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def save_bundle(
+    path: Path,
+    model: AnomalyModule,
+    model_config: dict[str, Any],
+    preprocess: Preprocess,
+    thresholds: dict[str, Any] | None,
+    info: dict[str, Any],
+) -> Path:
+    """Write the model file atomically (a killed write never leaves a half file)."""
+    payload = {
+        "format": FORMAT,
+        "model_config": plain(model_config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "preprocess": asdict(preprocess),
+        "thresholds": plain(thresholds),
+        "primary_score": model.primary_score,
+        "info": plain(info),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def bundle_path(model: str | Path) -> Path:
+    """A run folder or a model file -> the model file; a clear error when there is none."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / FILE_NAME
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path.parent} holds no {FILE_NAME}: runs write it after testing. For a run made before model files existed, write it with `python run.py test_only={path.parent}` (with that run's overrides)."
+            )
+    elif not path.exists():
+        raise FileNotFoundError(f"model={model}: no such run folder or model file")
+    return path
+
+
+def load_bundle(model: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Rebuild the method from a model file (or a run folder holding one) in eval mode."""
+    path = bundle_path(model)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} is not an ad_lightning model file (format {FORMAT}); Lightning checkpoints (checkpoints/*.ckpt) are not model files: pass the run folder"
+        )
+    built = hydra.utils.instantiate(_mark_backbones_bundled(payload["model_config"]))
+    built.load_state_dict(payload["state_dict"], strict=True)
+    pre = payload["preprocess"]
+    preprocess = Preprocess(
+        tuple(pre["image_size"]),
+        pre["channels"],
+        pre["normalize"],
+        pre["register_method"],
+        pre["reference"],
+    )
+    return Bundle(built.to(device).eval(), preprocess, payload["thresholds"], payload["info"], path)

@@ -1,0 +1,160 @@
+"""Export a trained model's whole scoring path to ONNX: `python -m ad_lightning.export
+model=RUN_DIR format=onnx`.
+
+The graph takes `images` [B, C, H, W] in [0, 1] at the model's input size and returns
+`score` [B] (the primary image score) and, for methods with maps, `map` [B, H, W]:
+normalisation, backbone, method and reduction all inside. Thresholds and the input size
+ride along as metadata. After writing, the export is checked against PyTorch on the
+same inputs and the largest absolute differences are printed and stored in the metadata;
+an export that disagrees beyond `tolerance` is an error, not a file left behind.
+Methods whose score is not one forward pass (AnoGAN's latent search, the scikit-learn
+kNN methods, VAE's path-seeded sampling) say so and export nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ad_lightning.deploy.bundle import Bundle, load_bundle
+from ad_lightning.deploy.cli import parse_args, setup_logging
+
+log = logging.getLogger("ad_lightning.export")
+
+
+class NotExportable(RuntimeError):
+    """The method's scoring path cannot be one ONNX graph; the message says why."""
+
+
+@dataclass
+class ExportArgs:
+    """Export a run's model file to ONNX (and check it against PyTorch)."""
+
+    model: str = "???"  # run folder (holding model.pt) or a model file
+    format: str = "onnx"  # onnx (the only format)
+    out: str | None = None  # default: model.onnx beside the model file
+    opset: int = 17
+    check_images: int = 4  # random images the export is checked on against PyTorch
+    tolerance: float = 1e-3  # largest allowed |onnx - torch| relative to the score range
+
+
+def onnx_engine(path: Path, threads: int = 0) -> Any:
+    """An onnxruntime session as predict's engine: (images, paths) -> (scores, maps or None)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+
+    def run(images: torch.Tensor, paths: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = session.run(names, {"images": images.cpu().numpy().astype(np.float32)})
+        return outputs[0], outputs[1] if len(outputs) > 1 else None
+
+    return run
+
+
+def parity(bundle: Bundle, path: Path, images: torch.Tensor) -> dict[str, float]:
+    """Largest |onnxruntime - PyTorch| of scores and maps on `images`, and the score range."""
+    with torch.no_grad():
+        expected = bundle.graph()(images)
+    scores, maps = onnx_engine(path)(images, [])
+    result = {
+        "max_abs_diff_score": float(np.abs(scores - expected[0].numpy()).max()),
+        "score_range": float(expected[0].abs().max()),
+    }
+    if maps is not None:
+        result["max_abs_diff_map"] = float(np.abs(maps - expected[1].numpy()).max())
+        result["map_range"] = float(expected[1].abs().max())
+    return result
+
+
+def export_onnx(
+    bundle: Bundle, out: Path, opset: int = 17, check_images: int = 4, tolerance: float = 1e-3
+) -> dict[str, Any]:
+    """Write the ONNX graph of `bundle` to `out`; return the parity check's figures."""
+    import onnx
+
+    model = bundle.model.cpu().eval()
+    if model.export_blocker:
+        raise NotExportable(
+            f"{type(model).__name__} cannot be exported to ONNX: {model.export_blocker}. Score it with python -m ad_lightning.predict engine=torch."
+        )
+    graph = bundle.graph()
+    pre = bundle.preprocess
+    example = torch.rand(
+        2, pre.channels, *pre.image_size, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        has_map = len(graph(example)) > 1
+    outputs = ["score", "map"] if has_map else ["score"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]},
+        )
+    checked = torch.rand(
+        check_images, pre.channels, *pre.image_size, generator=torch.Generator().manual_seed(1)
+    )
+    figures = parity(bundle, tmp, checked)
+    worst = figures["max_abs_diff_score"] / max(figures["score_range"], 1e-12)
+    if worst > tolerance:
+        tmp.unlink()
+        raise RuntimeError(
+            f"the ONNX export of {type(model).__name__} disagrees with PyTorch: scores differ by {figures['max_abs_diff_score']:.3g} ({worst:.2%} of their range); nothing written"
+        )
+    proto = onnx.load(str(tmp))
+    metadata = {
+        "ad_lightning": json.dumps(
+            {
+                "method": type(model).__name__,
+                "primary_score": model.primary_score,
+                "image_size": list(pre.image_size),
+                "channels": pre.channels,
+                "input": "images in [0, 1], RGB, resized to image_size; normalisation is inside",
+                "thresholds": bundle.thresholds,
+                "parity": figures,
+            }
+        )
+    }
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(out))
+    tmp.unlink()
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    args = parse_args(ExportArgs, argv, "ad_lightning.export")
+    if args.format != "onnx":
+        raise SystemExit(f"format={args.format}: only onnx is supported")
+    bundle = load_bundle(args.model)
+    out = Path(args.out).expanduser() if args.out else bundle.path.with_suffix(".onnx")
+    try:
+        figures = export_onnx(bundle, out, args.opset, args.check_images, args.tolerance)
+    except NotExportable as err:
+        raise SystemExit(str(err)) from None
+    log.info("wrote %s; parity with PyTorch on %d images: %s", out, args.check_images, figures)
+
+
+if __name__ == "__main__":
+    main()
