@@ -124,6 +124,8 @@ class SSIMAutoencoder(Autoencoder):
     groups rows by, tells it apart from AE (L2).
     """
 
+    export_blocker = "its SSIM map (torchmetrics) builds the Gaussian window from the input's shape at run time, which the ONNX exporter cannot hold as a constant"
+
     def __init__(self, *args: Any, loss: str = "ssim", score: str = "ssim", **kwargs: Any) -> None:
         super().__init__(*args, loss=loss, score=score, **kwargs)
 

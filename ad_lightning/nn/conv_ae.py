@@ -110,7 +110,7 @@ class ConvDecoder(nn.Module):
         ]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.fc(z).view(len(z), *self.shape)
+        h = self.fc(z).view(-1, *self.shape)
         return self.act(self.out(self.convs(h)))
 
 

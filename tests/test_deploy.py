@@ -1,0 +1,213 @@
+"""From a run to a line: the model file, thresholds, predict, ONNX export and its parity."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from conftest import quiet_trainer, synthetic_dm
+from test_run import compose_cfg
+
+from ad_lightning.deploy.bundle import Bundle, Preprocess, load_bundle
+from ad_lightning.export import NotExportable, export_onnx, onnx_engine
+from ad_lightning.export import main as export_main
+from ad_lightning.predict import main as predict_main
+from ad_lightning.train import run
+
+
+@pytest.fixture(scope="module")
+def patchcore_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One PatchCore run on the synthetic texture category (a one-pass fit, seconds)."""
+    out = tmp_path_factory.mktemp("patchcore_run")
+    run(compose_cfg(out, "model=patchcore", "data.category=texture", "data.num_workers=0"))
+    return out
+
+
+def scores_csv(run_dir: Path, name: str) -> dict[str, float]:
+    with (run_dir / "scores.csv").open() as f:
+        return {r["path"]: float(r[name]) for r in csv.DictReader(f)}
+
+
+def test_model_file_scores_like_the_run_without_data_config_or_weight_package(
+    patchcore_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ad_lightning.backbones.features as features
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a model file must not look for backbone weights")
+
+    monkeypatch.setattr(features, "resolve_weights", no_weights)
+    bundle = load_bundle(patchcore_run)
+    assert bundle.model.backbone.describe()["weights"] == "model file"
+    expected = scores_csv(patchcore_run, "max_patch")
+    paths = sorted(expected)[:12]
+    images = torch.stack([bundle.preprocess.load(p) for p in paths])
+    with torch.no_grad():
+        score, amap = bundle.graph()(images)
+    assert amap.shape == (12, 256, 256)
+    torch.testing.assert_close(
+        score, torch.tensor([expected[p] for p in paths]), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_thresholds_from_normal_images_flag_at_most_the_false_alarm_rate(
+    patchcore_run: Path,
+) -> None:
+    results = json.loads((patchcore_run / "results.json").read_text())
+    image = results["thresholds"]["image"]
+    assert image["rule"] == "false_alarm_rate" and image["false_alarm_rate"] == 0.01
+    val = torch.tensor(results["val_scores"]["max_patch"])
+    # 5 validation normals at 1 %: none may be above it, so it is their maximum, not the minimum
+    assert int((val > image["value"]).sum()) == 0 and image["value"] == pytest.approx(val.max())
+    test = scores_csv(patchcore_run, "max_patch")
+    flagged = sum(v > image["value"] for v in test.values())
+    assert 0 < flagged < len(test)
+    assert results["thresholds"]["pixel"]["value"] > results["thresholds"]["pixel"]["normal_median"]
+    assert results["metrics"]["f1_at_false_alarm_rate"] > 0.5
+
+
+def mixed_folder(run_dir: Path, folder: Path) -> dict[str, int]:
+    """3 normal and 3 defective test images (one in a sub-folder), a truncated PNG and a text
+    file named .jpg; returns the label of each readable file name."""
+    test = scores_csv(run_dir, "max_patch")
+    good = sorted(p for p in test if "/good/" in p)[:3]
+    bad = sorted(p for p in test if "/good/" not in p)[:3]
+    labels = {}
+    for i, path in enumerate(good + bad):
+        target = folder / ("sub" if i == 5 else "") / f"{i}_{Path(path).parent.name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+        labels[str(target)] = int(i >= 3)
+    (folder / "truncated.png").write_bytes(Path(good[0]).read_bytes()[:300])
+    (folder / "notes.jpg").write_text("not an image")
+    return labels
+
+
+def read_predictions(out: Path) -> dict[str, dict[str, str]]:
+    with (out / "predictions.csv").open() as f:
+        return {r["file"]: r for r in csv.DictReader(f)}
+
+
+def test_predict_scores_a_mixed_folder_and_names_the_files_it_cannot_read(
+    patchcore_run: Path, tmp_path: Path
+) -> None:
+    labels = mixed_folder(patchcore_run, tmp_path / "in")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main([f"model={patchcore_run}", f"input={tmp_path / 'in'}", f"out={out}"])
+    assert exit_info.value.code == 1  # some inputs failed
+    rows = read_predictions(out)
+    errors = {Path(f).name: r["error"] for f, r in rows.items() if r["verdict"] == "error"}
+    assert set(errors) == {"truncated.png", "notes.jpg"}
+    assert all("truncated.png" in e or "notes.jpg" in e for e in errors.values())
+    threshold = json.loads((patchcore_run / "results.json").read_text())["thresholds"]["image"]
+    for path, label in labels.items():
+        row = rows[path]
+        assert float(row["threshold"]) == pytest.approx(threshold["value"])
+        assert row["verdict"] == (
+            "anomalous" if float(row["score"]) > threshold["value"] else "normal"
+        )
+        if label:  # the synthetic defects are obvious: every one is flagged
+            assert row["verdict"] == "anomalous" and float(row["anomalous_pixel_fraction"]) > 0
+        for kind in ("overlays", "masks"):
+            written = out / kind / Path(path).relative_to(tmp_path / "in")
+            assert written.with_suffix(".png").is_file()
+    # the same scores through the exported graph and onnxruntime
+    export_main([f"model={patchcore_run}", "format=onnx"])
+    with pytest.raises(SystemExit):
+        predict_main(
+            [
+                f"model={patchcore_run}",
+                f"input={tmp_path / 'in'}/*.png",
+                f"out={tmp_path / 'onnx'}",
+                "engine=onnx",
+            ]
+        )
+    onnx_rows = read_predictions(tmp_path / "onnx")
+    for path, row in onnx_rows.items():
+        if row["verdict"] != "error":
+            assert float(row["score"]) == pytest.approx(float(rows[path]["score"]), rel=1e-4)
+            assert row["verdict"] == rows[path]["verdict"]
+
+
+def test_predict_refuses_unknown_keys_and_missing_inputs(
+    patchcore_run: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit, match="unknown key"):
+        predict_main([f"model={patchcore_run}", "inputs=x", f"out={tmp_path}"])
+    with pytest.raises(SystemExit, match="no images found"):
+        predict_main([f"model={patchcore_run}", f"input={tmp_path}/*.png", f"out={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="holds no model.pt"):
+        load_bundle(tmp_path)
+
+
+def fitted_bundle(name: str, synthetic_root: Path, image_size: int = 64) -> tuple[Bundle, object]:
+    """A method of conf/model fitted for two batches on synthetic objects, as a Bundle."""
+    cfg = compose_cfg(Path("."), f"model={name}", f"data.image_size={image_size}")
+    model = hydra.utils.instantiate(cfg.model)
+    datamodule = synthetic_dm(
+        synthetic_root,
+        "object",
+        image_size,
+        normalize=cfg.data.normalize,
+        channels=cfg.data.channels,
+    )
+    quiet_trainer(1, limit_train_batches=2, limit_val_batches=1).fit(model, datamodule=datamodule)
+    model.eval()
+    pre = Preprocess((image_size, image_size), cfg.data.channels, cfg.data.normalize)
+    return Bundle(model, pre, None, {}, Path("unused.pt")), datamodule
+
+
+EXPORTABLE = [
+    "skip_dfr",
+    "dfr",
+    "patchcore",
+    "padim",
+    "ganomaly",
+    "skip_ganomaly",
+    "dpae",
+    "ae",
+    "variation",
+]
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_onnx_export_scores_like_pytorch(name: str, synthetic_root: Path, tmp_path: Path) -> None:
+    """The exported graph (normalisation, backbone, method, map, image score) against the
+    PyTorch model on real test images; the max absolute differences are printed."""
+    bundle, datamodule = fitted_bundle(name, synthetic_root)
+    figures = export_onnx(bundle, tmp_path / "model.onnx")
+    datamodule.setup("test")
+    paths = [str(s.path) for s in datamodule.test_samples[::4]]
+    images = torch.stack([bundle.preprocess.load(p) for p in paths])
+    with torch.no_grad():
+        expected = bundle.graph()(images)
+    scores, maps = onnx_engine(tmp_path / "model.onnx")(images, paths)
+    score_diff = float((torch.from_numpy(scores) - expected[0]).abs().max())
+    scale = float(expected[0].abs().max())
+    print(
+        f"{name}: max |onnx - torch| score {score_diff:.3g} (of {scale:.3g}), random-input check {figures}"
+    )
+    assert score_diff <= 1e-4 * scale + 1e-6
+    assert (maps is None) == (len(expected) == 1)
+    if maps is not None:
+        map_diff = float((torch.from_numpy(maps) - expected[1]).abs().max())
+        assert map_diff <= 1e-4 * float(expected[1].abs().max()) + 1e-6
+    # the parity survives a batch size other than the traced one
+    single = onnx_engine(tmp_path / "model.onnx")(images[:1], paths[:1])[0]
+    assert float(abs(single[0] - scores[0])) <= 1e-4 * scale + 1e-6
+
+
+@pytest.mark.parametrize("name", ["anogan", "deep_knn", "cpcae", "nn_image", "vae", "ae_ssim"])
+def test_methods_that_cannot_be_exported_say_why(name: str, tmp_path: Path) -> None:
+    cfg = compose_cfg(tmp_path, f"model={name}", "data.image_size=64")
+    model = hydra.utils.instantiate(cfg.model)
+    bundle = Bundle(
+        model, Preprocess((64, 64), cfg.data.channels, cfg.data.normalize), None, {}, tmp_path
+    )
+    with pytest.raises(NotExportable, match="cannot be exported to ONNX: its"):
+        export_onnx(bundle, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
