@@ -67,23 +67,33 @@ class BenchArgs:
     """Train each method briefly and time it (PyTorch and ONNX); print a table and write
     out/bench.csv. Each method runs in its own process, one after another."""
 
-    models: list[str] = field(default_factory=default_models)  # conf/model names; default: all but *_paper / *_original
+    models: list[str] = field(
+        default_factory=default_models
+    )  # conf/model names; default: all but *_paper / *_original
     image_size: int = 256  # input size of every method (data.image_size)
     backbone: str = "efficientnet_lite0"  # conf/backbone name, for the methods on a frozen backbone
     data: str = "synthetic"  # conf/data name: synthetic (embedded), folder, mvtec, ...
     root: str | None = None  # data.root (folder datasets)
     category: str | None = None  # data.category; default texture on synthetic data
     train_steps: int = 20  # gradient methods: training batches at least, rounded up to whole epochs
-    min_epochs: int = 3  # gradient methods: epochs at least (the median epoch leaves out the slower first)
+    min_epochs: int = (
+        3  # gradient methods: epochs at least (the median epoch leaves out the slower first)
+    )
     repeats: int = 10  # timed calls per figure; the median is reported
     warmup: int = 2  # untimed calls before them
     budget_s: float = 30.0  # per figure: stop timing (and warming up) after this many seconds, keeping at least one call
-    max_call_s: float = 60.0  # batch 32 is skipped when one call would take longer (estimated from batch 1)
+    max_call_s: float = (
+        60.0  # batch 32 is skipped when one call would take longer (estimated from batch 1)
+    )
     onnx: bool = True  # also export to ONNX and time it with onnxruntime (CPU)
-    overrides: list[str] = field(default_factory=list)  # extra Hydra overrides for every run, e.g. [model.latent_steps=50]
+    overrides: list[str] = field(
+        default_factory=list
+    )  # extra Hydra overrides for every run, e.g. [model.latent_steps=50]
     timeout_s: float = 7200.0  # a method still running after this is stopped and recorded as failed
     out: str = "outputs/bench"  # output folder: bench.csv, and <method>/ (run folder, row.json, bench.log), replaced per method
-    child: str | None = None  # internal: measure only this method in this process (set by the parent)
+    child: str | None = (
+        None  # internal: measure only this method in this process (set by the parent)
+    )
 
 
 # ---- the measured facts of this machine ----------------------------------------------------
@@ -313,7 +323,12 @@ def measure_method(method: str, args: BenchArgs, folder: Path) -> dict[str, Any]
                     export_backbone(backbone, (3, *pre.image_size), run_dir / "backbone.onnx")
                     engine = onnx_engine(run_dir / "backbone.onnx")
                     measure_batches(
-                        "backbone_onnx", lambda x: engine(x, []), (3, *pre.image_size), args, row, cpu()
+                        "backbone_onnx",
+                        lambda x: engine(x, []),
+                        (3, *pre.image_size),
+                        args,
+                        row,
+                        cpu(),
                     )
             except NotExportable as err:
                 row.setdefault("notes", []).append(f"no ONNX: {err}")
@@ -435,6 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(BenchArgs, argv, "ad_lightning.bench")
     out = Path(args.out).expanduser()
     if args.child:  # one method, in this process
+        (out / args.child).mkdir(parents=True, exist_ok=True)
         row = measure_method(args.child, args, out / args.child)
         (out / args.child / "row.json").write_text(json.dumps(row, indent=2, default=str))
         return

@@ -205,3 +205,46 @@ def test_checkpoints_leave_out_frozen_backbones_and_still_load_strictly() -> Non
     other.on_load_checkpoint(checkpoint)
     with pytest.raises(RuntimeError, match="Missing key.*feature_mean"):
         other.load_state_dict(checkpoint["state_dict"], strict=True)
+
+
+def with_threshold_split(root) -> None:
+    """widget/threshold: 4 normal (grey 128) and 3 defective (200) images, not the test set."""
+    from PIL import Image
+
+    for name, value, n in (("good", 128, 4), ("dent", 200, 3)):
+        folder = root / "widget" / "threshold" / name
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (32, 32), (value,) * 3).save(folder / f"{i}.png")
+
+
+def test_f1_optimal_threshold_from_a_labelled_split(tiny_folder) -> None:
+    from ad_lightning.data import AnomalyDataModule
+
+    with_threshold_split(tiny_folder)
+    dm = AnomalyDataModule(
+        str(tiny_folder), "widget", image_size=32, num_workers=0, threshold_split="threshold"
+    )
+    model = ChannelMean()
+    model.configure_evaluation(threshold="f1_optimal")
+    thresholds = trainer_test(model, dm)["thresholds"]["image"]
+    assert thresholds["rule"] == "f1_optimal" and thresholds["n_threshold_split"] == 7
+    assert thresholds["f1_on_threshold_split"] == pytest.approx(1.0)
+    assert thresholds["value"] == thresholds["f1_optimal"]
+    # both rules are stored; the false-alarm one comes from the validation normals alone
+    assert thresholds["at_false_alarm_rate"] == pytest.approx(max(model._val_scores["score"]))
+
+
+def test_f1_optimal_threshold_needs_the_split_and_the_split_must_exist(tiny_folder) -> None:
+    from ad_lightning.data import AnomalyDataModule
+    from ad_lightning.data.folder import DataLayoutError
+
+    model = ChannelMean()
+    model.configure_evaluation(threshold="f1_optimal")
+    with pytest.raises(ValueError, match="data.threshold_split"):
+        trainer_test(
+            model, AnomalyDataModule(str(tiny_folder), "widget", image_size=32, num_workers=0)
+        )
+    dm = AnomalyDataModule(str(tiny_folder), "widget", num_workers=0, threshold_split="labelled")
+    with pytest.raises(DataLayoutError, match="widget/labelled is missing"):
+        dm.setup("fit")
