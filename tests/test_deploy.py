@@ -211,3 +211,46 @@ def test_methods_that_cannot_be_exported_say_why(name: str, tmp_path: Path) -> N
     with pytest.raises(NotExportable, match="cannot be exported to ONNX: its"):
         export_onnx(bundle, tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
+
+
+FAMILIES = {  # one method of each family, with a budget of seconds
+    "skip_dfr": ["trainer.max_steps=10"],  # feature reconstruction
+    "padim": [],  # per-position statistics
+    "cpcae": ["trainer.max_epochs=1"],  # kNN on embeddings of its own maps
+    "deep_knn": [],  # kNN on backbone embeddings
+    "ganomaly": ["trainer.max_steps=4"],  # GAN, one forward pass
+    "anogan": ["trainer.max_epochs=1", "model.latent_steps=3"],  # GAN, latent search
+    "vae": ["trainer.max_epochs=1"],  # path-seeded sampling
+    "dpae": ["trainer.max_epochs=1"],  # AE
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_predict_from_a_run_of_each_family_scores_like_its_test(name: str, tmp_path: Path) -> None:
+    """A short run of each method family, then predict on its own test images (by their
+    paths, which seed AnoGAN's and the VAE's noise) plus a corrupt file: the same scores as
+    the run's test loop, the corrupt file named and the exit status 1."""
+    out = tmp_path / "run"
+    overrides = [
+        f"model={name}",
+        "data.category=object",
+        "data.image_size=64",
+        "data.num_workers=0",
+    ]
+    run(compose_cfg(out, *overrides, *FAMILIES[name]))
+    bundle = load_bundle(out)
+    expected = scores_csv(out, bundle.model.primary_score)
+    folder = Path(next(iter(expected))).parents[1]  # <category>/test
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main([f"model={out}", f"input={folder}/*/00[01].png", f"out={tmp_path / 'p'}"])
+    assert exit_info.value.code == 0
+    rows = read_predictions(tmp_path / "p")
+    assert len(rows) == 8  # good, cut, scratch, spot x 2
+    for path, row in rows.items():
+        assert float(row["score"]) == pytest.approx(expected[path], rel=1e-4, abs=1e-5)
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main([f"model={out}", f"input={tmp_path}/*.png", f"out={tmp_path / 'q'}"])
+    assert exit_info.value.code == 1
+    assert read_predictions(tmp_path / "q")[str(tmp_path / "broken.png")]["verdict"] == "error"
