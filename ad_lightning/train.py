@@ -324,7 +324,7 @@ def write_model_file(job: Job) -> None:
     path = save_bundle(
         job.out / FILE_NAME,
         job.model,
-        OmegaConf.to_container(job.cfg.model, resolve=True),
+        job.model.fitted_config(OmegaConf.to_container(job.cfg.model, resolve=True)),
         Preprocess.from_datamodule(job.datamodule),
         job.model.thresholds,
         info,

@@ -93,3 +93,20 @@ def test_random_weights_are_said_loudly(caplog) -> None:
 def test_unknown_block_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no block 7"):
         FeatureExtractor("resnet18", blocks=[7], pretrained=False)
+
+
+def test_blocks_past_the_deepest_chosen_one_are_not_run() -> None:
+    """Lite0 blocks 1-3 stop at timm's fourth block group: the same features as the whole
+    feature net, which also runs the stride-32 groups and throws their output away."""
+    import timm
+
+    extractor = FeatureExtractor("efficientnet_lite0", blocks=[1, 2, 3], pretrained=False)
+    whole = timm.create_model("efficientnet_lite0", features_only=True, out_indices=(1, 2, 3))
+    whole.load_state_dict(extractor.net.state_dict(), strict=False)
+    assert len(extractor.net.blocks) < len(whole.blocks)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = whole.eval()(x)
+        got = extractor.net(x.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)

@@ -215,6 +215,7 @@ def test_methods_that_cannot_be_exported_say_why(name: str, tmp_path: Path) -> N
 
 FAMILIES = {  # one method of each family, with a budget of seconds
     "skip_dfr": ["trainer.max_steps=10"],  # feature reconstruction
+    "dfr": ["trainer.max_steps=10"],  # its AE's size is chosen during fit (PCA)
     "padim": [],  # per-position statistics
     "cpcae": ["trainer.max_epochs=1"],  # kNN on embeddings of its own maps
     "deep_knn": [],  # kNN on backbone embeddings

@@ -95,6 +95,11 @@ class AnomalyModule(pl.LightningModule):
         """Method facts for results.json (backbone, weights used, ...)."""
         return {}
 
+    def fitted_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The run's model config with what fit decided (DFR's PCA latent size), so that a
+        model file rebuilds the fitted architecture."""
+        return config
+
     # ---- configuration from the run ------------------------------------------------
     def configure_evaluation(
         self,

@@ -78,3 +78,6 @@ class DFR(FeatureReconstructionModule):
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"latent_channels": self.hparams.latent_channels}
+
+    def fitted_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        return config | {"latent_channels": self.hparams.latent_channels}
