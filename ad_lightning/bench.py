@@ -28,7 +28,6 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -268,28 +267,11 @@ def train_figures(results: dict[str, Any], row: dict[str, Any]) -> None:
         row["train_img_s"] = n_train / epochs["median"]
 
 
-def export_backbone(backbone: torch.nn.Module, shape: tuple[int, int, int], out: Path) -> None:
-    """The frozen backbone alone as an ONNX graph (input `images`, dynamic batch)."""
-    example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            backbone.cpu().eval(),
-            (example,),
-            str(out),
-            dynamo=False,
-            opset_version=17,
-            input_names=["images"],
-            output_names=["features"],
-            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-        )
-
-
 def measure_method(method: str, args: BenchArgs, folder: Path) -> dict[str, Any]:
     """Train `method` briefly into folder/run, then time it; the row for the table."""
     from ad_lightning.backbones.features import FeatureExtractor
     from ad_lightning.deploy.bundle import load_bundle
-    from ad_lightning.export import NotExportable, export_onnx, onnx_engine
+    from ad_lightning.export import NotExportable, export_onnx, onnx_engine, trace_to_onnx
     from ad_lightning.train import run
 
     cuda = torch.cuda.is_available()
@@ -326,7 +308,8 @@ def measure_method(method: str, args: BenchArgs, folder: Path) -> dict[str, Any]
                 engine = onnx_engine(run_dir / "model.onnx")
                 measure_batches("onnx", lambda x: engine(x, []), shape, args, row, cpu())
                 if isinstance(backbone, FeatureExtractor):
-                    export_backbone(backbone, (3, *pre.image_size), run_dir / "backbone.onnx")
+                    example = torch.rand(2, 3, *pre.image_size)
+                    trace_to_onnx(backbone.cpu(), example, run_dir / "backbone.onnx", ["features"])
                     backbone_engine = onnx_engine(run_dir / "backbone.onnx")
                     measure_batches(
                         "backbone_onnx",

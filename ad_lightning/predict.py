@@ -3,7 +3,8 @@ input=FOLDER_OR_GLOB out=DIR`.
 
 Writes `out/predictions.csv` (file, score, verdict, threshold, error), and for methods with
 anomaly maps a heat-map overlay and a binary mask per image at the image's own size
-(`out/overlays/`, `out/masks/`, mirroring the input's sub-folders). An unreadable image is
+(`out/overlays/`, `out/masks/`, mirroring the input's sub-folders; for a model trained on
+registered images, in the frame of its reference image). An unreadable image is
 reported by name and the others are still scored; the failures are listed at the end and
 the exit status is 1 when any input failed. `engine=onnx` scores with onnxruntime from the
 run's exported `model.onnx` (python -m ad_lightning.export).
@@ -55,12 +56,18 @@ class PredictArgs:
     masks: bool = True  # binary masks at the pixel threshold (methods with maps)
 
 
-def find_inputs(pattern: str) -> tuple[list[Path], Path]:
+def find_inputs(pattern: str, out: Path) -> tuple[list[Path], Path]:
     """Image files of a folder (recursive), a glob or a file, and the folder names are
-    taken relative to; a clear error when nothing matches."""
+    taken relative to; never the files of an earlier predict's `out` inside that folder;
+    a clear error when nothing matches."""
     path = Path(pattern).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        skip = out.resolve()
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and skip not in p.resolve().parents
+        )
         root = path
     elif path.is_file():
         files, root = [path], path.parent
@@ -91,8 +98,8 @@ class InputImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
         try:
-            original = read_image(path, self.preprocess.channels)
-            return {"path": path, "image": self.preprocess.prepare(original), "original": original}
+            aligned = self.preprocess.align(read_image(path, self.preprocess.channels))
+            return {"path": path, "image": self.preprocess.to_input(aligned), "original": aligned}
         except (ImageReadError, cv2.error, ValueError) as err:
             return {"path": path, "error": str(err)}
 
@@ -118,6 +125,10 @@ def torch_engine(bundle: Bundle, device: str) -> Engine:
 
 
 def onnx_file(args: PredictArgs, bundle: Bundle) -> Path:
+    if bundle.model.export_blocker:
+        raise SystemExit(
+            f"engine=onnx: {type(bundle.model).__name__} has no ONNX graph: {bundle.model.export_blocker}. Use engine=torch."
+        )
     path = Path(args.onnx).expanduser() if args.onnx else bundle.path.with_suffix(".onnx")
     if not path.exists():
         raise SystemExit(
@@ -152,27 +163,31 @@ class Writer:
     def write(
         self, path: Path, original: np.ndarray, amap: np.ndarray, overlays: bool, masks: bool
     ) -> float:
-        """Write the image's outputs; return the fraction of its pixels above the threshold."""
+        """Write the image's outputs; return the fraction of its pixels above the pixel
+        threshold (NaN without one: then the overlay is scaled by the map's own range and no
+        mask is written)."""
         h, w = original.shape[:2]
         full = cv2.resize(amap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-        if self.pixel is None:
-            return float("nan")
-        above = full > self.pixel
-        if masks:
+        above = None if self.pixel is None else full > self.pixel
+        if masks and above is not None:
             cv2.imwrite(str(self.target("masks", path)), above.astype(np.uint8) * 255)
         if overlays:
-            low = self.median if self.median is not None else float(full.min())
-            colours = heat_colours(full, low, self.pixel)
+            if self.pixel is None:
+                low, high = float(full.min()), float(full.min() + full.max()) / 2
+            else:
+                low = self.median if self.median is not None else float(full.min())
+                high = self.pixel
             bgr = cv2.cvtColor(
                 original, cv2.COLOR_GRAY2BGR if original.shape[2] == 1 else cv2.COLOR_RGB2BGR
             )
-            blended = cv2.addWeighted(bgr, 0.55, colours, 0.45, 0)
-            contours, _ = cv2.findContours(
-                above.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-            )
-            cv2.drawContours(blended, contours, -1, (255, 255, 255), 1)
+            blended = cv2.addWeighted(bgr, 0.55, heat_colours(full, low, high), 0.45, 0)
+            if above is not None:
+                contours, _ = cv2.findContours(
+                    above.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+                )
+                cv2.drawContours(blended, contours, -1, (255, 255, 255), 1)
             cv2.imwrite(str(self.target("overlays", path)), blended)
-        return float(above.mean())
+        return float("nan") if above is None else float(above.mean())
 
 
 def predict(args: PredictArgs) -> int:
@@ -193,9 +208,13 @@ def predict(args: PredictArgs) -> int:
         engine = onnx_engine(onnx_file(args, bundle))
     else:
         raise SystemExit(f"engine={args.engine}: use torch or onnx")
-    files, root = find_inputs(args.input)
     out = Path(args.out).expanduser()
+    files, root = find_inputs(args.input, out)
     out.mkdir(parents=True, exist_ok=True)
+    if pixel is None and not bundle.thresholds and (args.masks or args.overlays):
+        log.warning(
+            "no pixel threshold (the run had no normal validation images): overlays are scaled by each map's own range and no masks are written; pass pixel_threshold=VALUE for masks"
+        )
     writer = Writer(out, root, pixel, median)
     loader = DataLoader(
         InputImages(files, bundle.preprocess),
@@ -224,6 +243,14 @@ def predict(args: PredictArgs) -> int:
         with torch.no_grad():
             scores, maps = engine(batch["images"], [str(p) for p in batch["paths"]])
         for i, path in enumerate(batch["paths"]):
+            if not np.isfinite(scores[i]):  # never a silent "normal" on the line
+                error = (
+                    f"score {name} of {path} is {scores[i]}: the model produced no number for it"
+                )
+                log.error(error)
+                failed.append((path, error))
+                rows.append({"file": str(path), "verdict": "error", "error": error})
+                continue
             row = {
                 "file": str(path),
                 "score": float(scores[i]),
@@ -231,7 +258,7 @@ def predict(args: PredictArgs) -> int:
                 "threshold": threshold,
                 "score_name": name,
             }
-            if maps is not None and (args.overlays or args.masks or pixel is not None):
+            if maps is not None:
                 row["anomalous_pixel_fraction"] = writer.write(
                     path, batch["originals"][i], maps[i], args.overlays, args.masks
                 )

@@ -181,6 +181,10 @@ def prepare(cfg: DictConfig, out: Path) -> Job:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
+    if cfg.eval.threshold == "f1_optimal" and not getattr(datamodule, "threshold_samples", None):
+        raise ValueError(
+            "eval.threshold=f1_optimal needs labelled images that are not the test set: set data.threshold_split=<folder under the category laid out like test/ (good/ and one folder per defect)>"
+        )
     model: AnomalyModule = hydra.utils.instantiate(cfg.model)
     model.configure_evaluation(
         cfg.protocol, cfg.eval.false_alarm_rate, cfg.eval.kept_map_size, cfg.eval.threshold
@@ -376,7 +380,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else:
             fit(job, str(out / "checkpoints" / "last.ckpt") if mode == "resume" else None)
         test(job, choose_checkpoint(job, fitted=mode != "test"))
-        write_model_file(job)
     except DivergenceError as err:
         job.results.update(
             status="diverged",
@@ -391,6 +394,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         write(job)
         finish_loggers(job.loggers, "failed")
         raise
+    try:  # the scores stand even if the model file cannot be written (disk full, ...)
+        write_model_file(job)
+    except Exception as err:  # noqa: BLE001 - recorded in results.json
+        log.exception("could not write the model file")
+        job.results["warnings"].append(f"model file not written: {type(err).__name__}: {err}")
     write(job)
     log.info("results: %s", {k: round(v, 4) for k, v in job.results["metrics"].items()})
     finish_loggers(job.loggers)

@@ -231,6 +231,11 @@ def test_f1_optimal_threshold_from_a_labelled_split(tiny_folder) -> None:
     assert thresholds["rule"] == "f1_optimal" and thresholds["n_threshold_split"] == 7
     assert thresholds["f1_on_threshold_split"] == pytest.approx(1.0)
     assert thresholds["value"] == thresholds["f1_optimal"]
+    # the stored threshold separates the labelled images (their scores are above 1 here)
+    scores, _ = model.score_loader(dm.threshold_dataloader())
+    labels = torch.tensor([s.label for s in dm.threshold_samples])
+    assert scores["score"].max() > 1
+    assert torch.equal((scores["score"] > thresholds["value"]).long(), labels)
     # both rules are stored; the false-alarm one comes from the validation normals alone
     assert thresholds["at_false_alarm_rate"] == pytest.approx(max(model._val_scores["score"]))
 
@@ -247,4 +252,7 @@ def test_f1_optimal_threshold_needs_the_split_and_the_split_must_exist(tiny_fold
         )
     dm = AnomalyDataModule(str(tiny_folder), "widget", num_workers=0, threshold_split="labelled")
     with pytest.raises(DataLayoutError, match="widget/labelled is missing"):
+        dm.setup("fit")
+    dm = AnomalyDataModule(str(tiny_folder), "widget", num_workers=0, threshold_split="test")
+    with pytest.raises(DataLayoutError, match="would leak them"):
         dm.setup("fit")

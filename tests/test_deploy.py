@@ -117,7 +117,7 @@ def test_predict_scores_a_mixed_folder_and_names_the_files_it_cannot_read(
             assert written.with_suffix(".png").is_file()
     # the same scores through the exported graph and onnxruntime
     export_main([f"model={patchcore_run}", "format=onnx"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         predict_main(
             [
                 f"model={patchcore_run}",
@@ -126,6 +126,8 @@ def test_predict_scores_a_mixed_folder_and_names_the_files_it_cannot_read(
                 "engine=onnx",
             ]
         )
+    assert exit_info.value.code == 1  # truncated.png
+    assert len(list((tmp_path / "onnx" / "overlays").glob("*.png"))) == 5  # the top folder's
     onnx_rows = read_predictions(tmp_path / "onnx")
     for path, row in onnx_rows.items():
         if row["verdict"] != "error":
@@ -144,9 +146,11 @@ def test_predict_refuses_unknown_keys_and_missing_inputs(
         load_bundle(tmp_path)
 
 
-def fitted_bundle(name: str, synthetic_root: Path, image_size: int = 64) -> tuple[Bundle, object]:
+def fitted_bundle(
+    name: str, synthetic_root: Path, image_size: int = 64, *overrides: str
+) -> tuple[Bundle, object]:
     """A method of conf/model fitted for two batches on synthetic objects, as a Bundle."""
-    cfg = compose_cfg(Path("."), f"model={name}", f"data.image_size={image_size}")
+    cfg = compose_cfg(Path("."), f"model={name}", f"data.image_size={image_size}", *overrides)
     model = hydra.utils.instantiate(cfg.model)
     datamodule = synthetic_dm(
         synthetic_root,
@@ -170,6 +174,7 @@ EXPORTABLE = [
     "skip_ganomaly",
     "dpae",
     "ae",
+    "ae_grayscale",  # one input channel
     "variation",
 ]
 
@@ -178,7 +183,11 @@ EXPORTABLE = [
 def test_onnx_export_scores_like_pytorch(name: str, synthetic_root: Path, tmp_path: Path) -> None:
     """The exported graph (normalisation, backbone, method, map, image score) against the
     PyTorch model on real test images; the max absolute differences are printed."""
-    bundle, datamodule = fitted_bundle(name, synthetic_root)
+    if name == "ae_grayscale":
+        bundle, datamodule = fitted_bundle("ae", synthetic_root, 64, "data.channels=1")
+        assert bundle.preprocess.channels == 1
+    else:
+        bundle, datamodule = fitted_bundle(name, synthetic_root)
     figures = export_onnx(bundle, tmp_path / "model.onnx")
     datamodule.setup("test")
     paths = [str(s.path) for s in datamodule.test_samples[::4]]
@@ -210,36 +219,34 @@ def test_methods_that_cannot_be_exported_say_why(name: str, tmp_path: Path) -> N
     )
     with pytest.raises(NotExportable, match="cannot be exported to ONNX: its"):
         export_onnx(bundle, tmp_path / "model.onnx")
-    assert not (tmp_path / "model.onnx").exists()
 
 
 FAMILIES = {  # one method of each family, with a budget of seconds
-    "skip_dfr": ["trainer.max_steps=10"],  # feature reconstruction
-    "dfr": ["trainer.max_steps=10"],  # its AE's size is chosen during fit (PCA)
-    "padim": [],  # per-position statistics
-    "cpcae": ["trainer.max_epochs=1"],  # kNN on embeddings of its own maps
-    "deep_knn": [],  # kNN on backbone embeddings
-    "ganomaly": ["trainer.max_steps=4"],  # GAN, one forward pass
-    "anogan": ["trainer.max_epochs=1", "model.latent_steps=3"],  # GAN, latent search
-    "vae": ["trainer.max_epochs=1"],  # path-seeded sampling
-    "dpae": ["trainer.max_epochs=1"],  # AE
+    "skip_dfr": ["model=skip_dfr", "trainer.max_steps=10"],  # feature reconstruction
+    "dfr": ["model=dfr", "trainer.max_steps=10"],  # its AE's size is chosen during fit (PCA)
+    "padim": ["model=padim"],  # per-position statistics
+    "cpcae": ["model=cpcae", "trainer.max_epochs=1"],  # kNN on embeddings of its own maps
+    "deep_knn": ["model=deep_knn"],  # kNN on backbone embeddings
+    "ganomaly": ["model=ganomaly", "trainer.max_steps=4"],  # GAN, one forward pass
+    "anogan": ["model=anogan", "trainer.max_epochs=1", "model.latent_steps=3"],  # latent search
+    "vae": ["model=vae", "trainer.max_epochs=1"],  # path-seeded sampling
+    "dpae": ["model=dpae", "trainer.max_epochs=1"],  # AE
+    # images registered to a reference: predict registers them the same way
+    "patchcore_registered": ["model=patchcore", "data.register=true"],
+    "ae_grayscale": ["model=ae", "data.channels=1", "trainer.max_epochs=1"],
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_predict_from_a_run_of_each_family_scores_like_its_test(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", sorted(FAMILIES))
+def test_predict_from_a_run_of_each_family_scores_like_its_test(case: str, tmp_path: Path) -> None:
     """A short run of each method family, then predict on its own test images (by their
     paths, which seed AnoGAN's and the VAE's noise) plus a corrupt file: the same scores as
-    the run's test loop, the corrupt file named and the exit status 1."""
+    the run's test loop, an overlay and a mask per image for methods with maps, the corrupt
+    file named and the exit status 1."""
     out = tmp_path / "run"
-    overrides = [
-        f"model={name}",
-        "data.category=object",
-        "data.image_size=64",
-        "data.num_workers=0",
-    ]
-    run(compose_cfg(out, *overrides, *FAMILIES[name]))
+    overrides = ["data.category=object", "data.image_size=64", "data.num_workers=0"]
+    run(compose_cfg(out, *overrides, *FAMILIES[case]))
     bundle = load_bundle(out)
     expected = scores_csv(out, bundle.model.primary_score)
     folder = Path(next(iter(expected))).parents[1]  # <category>/test
@@ -251,6 +258,15 @@ def test_predict_from_a_run_of_each_family_scores_like_its_test(name: str, tmp_p
     assert len(rows) == 8  # good, cut, scratch, spot x 2
     for path, row in rows.items():
         assert float(row["score"]) == pytest.approx(expected[path], rel=1e-4, abs=1e-5)
+    overlays = sorted((tmp_path / "p" / "overlays").rglob("*.png"))
+    masks = sorted((tmp_path / "p" / "masks").rglob("*.png"))
+    with_maps = bool(rows[path]["anomalous_pixel_fraction"])
+    assert len(overlays) == len(masks) == (8 if with_maps else 0)
+    if with_maps:  # at the size of the image the model saw (the reference's, when registered)
+        from PIL import Image
+
+        with Image.open(overlays[0]) as overlay, Image.open(path) as image:
+            assert overlay.size == image.size
     with pytest.raises(SystemExit) as exit_info:
         predict_main([f"model={out}", f"input={tmp_path}/*.png", f"out={tmp_path / 'q'}"])
     assert exit_info.value.code == 1

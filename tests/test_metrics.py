@@ -31,12 +31,23 @@ def test_false_alarm_threshold_on_held_out_normals_flags_about_the_rate() -> Non
     assert 0.005 < float((held_out > t).float().mean()) < 0.02
 
 
-def test_f1_optimal_threshold_separates_a_separable_split() -> None:
-    scores = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.8, 0.35])
+@pytest.mark.parametrize("scale", [1.0, 10.0, 1000.0])
+def test_f1_optimal_threshold_separates_a_separable_split_at_any_scale(scale: float) -> None:
+    """Scores far outside [0, 1] (PatchCore distances, PaDiM's Mahalanobis) as well."""
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.8, 0.35]) * scale + scale
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     t, f1 = f1_optimal_threshold(scores, labels)
     assert f1 == pytest.approx(1.0)
     assert torch.equal((scores > t).long(), labels)
+
+
+def test_f1_optimal_threshold_of_an_overlapping_split_by_hand() -> None:
+    # normal 0.1, 0.2, 0.6; defective 0.5, 0.9. Flagging > 0.2: TP 2, FP 1, FN 0, F1 0.8;
+    # > 0.1: 0.67; > 0.5: 0.5; > 0.6: 0.67
+    scores = torch.tensor([0.1, 0.2, 0.6, 0.5, 0.9])
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    t, f1 = f1_optimal_threshold(scores, labels)
+    assert t == pytest.approx(0.2) and f1 == pytest.approx(0.8)
     with pytest.raises(ValueError, match="both normal and defective"):
         f1_optimal_threshold(scores[:3], labels[:3])
 

@@ -94,7 +94,8 @@ class FeatureExtractor(nn.Module):
         stop at their last chosen stage."""
         stage_out = getattr(self.net, "_stage_out_idx", None)
         blocks = getattr(self.net, "blocks", None)
-        if stage_out and isinstance(blocks, nn.Sequential) and self.net.feature_hooks is None:
+        hooks = getattr(self.net, "feature_hooks", None)
+        if stage_out and isinstance(blocks, nn.Sequential) and hooks is None:
             self.net.blocks = blocks[: max(stage_out)]
 
     def train(self, mode: bool = True) -> FeatureExtractor:

@@ -26,6 +26,7 @@ from ad_lightning.data.folder import (
     DataLayoutError,
     Sample,
     bad_files_error,
+    check_threshold_split,
     drop_samples,
     scan_category,
     scan_labelled_split,
@@ -268,6 +269,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.skipped = bad
         dropped = {b.sample.path for b in bad}
         self.threshold_samples = [s for s in labelled if s.path not in dropped]
+        if labelled and bad:
+            check_threshold_split(self.threshold_samples, where / self.threshold_split)
         self.files = files
         rng = random.Random(self.seed)
         normals = list(self.files.train)

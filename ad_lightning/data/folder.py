@@ -163,6 +163,10 @@ def scan_labelled_split(root: str | Path, category: str, split: str) -> list[Sam
     per defect), without masks: the images an F1-optimal threshold is chosen on
     (`data.threshold_split`), kept apart from the test set."""
     folder = Path(root).expanduser() / category / split
+    if folder.resolve() in {(folder.parent / n).resolve() for n in ("test", "train")}:
+        raise DataLayoutError(
+            f"data.threshold_split={split}: choosing a threshold on the {split} images would leak them into the results; make a folder of other labelled images (good/ and one folder per defect) under {folder.parent}."
+        )
     if not folder.is_dir():
         raise DataLayoutError(
             f"data.threshold_split={split}: {folder} is missing; make it like test/ (good/ and one folder per defect) with images that are not in test/, or set data.threshold_split=null."
@@ -172,5 +176,14 @@ def scan_labelled_split(root: str | Path, category: str, split: str) -> list[Sam
         for sub in sorted(p for p in folder.iterdir() if p.is_dir())
         for image in list_images(sub)
     ]
-    _check_test_labels(samples, folder)
+    check_threshold_split(samples, folder)
     return samples
+
+
+def check_threshold_split(samples: list[Sample], folder: Path) -> None:
+    """An F1-optimal threshold needs both classes."""
+    n_defective = sum(s.label for s in samples)
+    if n_defective == 0 or n_defective == len(samples):
+        raise DataLayoutError(
+            f"data.threshold_split: {folder} needs normal images (good/) and defective ones (<defect>/) to choose an F1-optimal threshold on; found {len(samples) - n_defective} normal and {n_defective} defective."
+        )

@@ -57,16 +57,20 @@ class Preprocess:
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         return normalization(self.normalize, self.channels)
 
-    def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """A decoded H x W x C uint8 image -> [C, H, W] float in [0, 1] at the model's size
-        (registered first if the model was trained on registered images)."""
-        if self.reference is not None:
-            image = register_to_reference(image, self.reference.numpy(), self.register_method)
-        return build_transform(self.image_size, self.channels, "none")(image=image)["image"]
+    def align(self, image: np.ndarray) -> np.ndarray:
+        """A decoded H x W x C uint8 image in the frame the model saw in training: registered
+        to the reference image when the run registered its images, else unchanged."""
+        if self.reference is None:
+            return image
+        return register_to_reference(image, self.reference.numpy(), self.register_method)
+
+    def to_input(self, aligned: np.ndarray) -> torch.Tensor:
+        """An aligned image -> [C, H, W] float in [0, 1] at the model's size."""
+        return build_transform(self.image_size, self.channels, "none")(image=aligned)["image"]
 
     def load(self, path: str | Path) -> torch.Tensor:
         """An image file -> model input; raises ImageReadError naming the file."""
-        return self.prepare(read_image(Path(path), self.channels))
+        return self.to_input(self.align(read_image(Path(path), self.channels)))
 
 
 class ScoringGraph(nn.Module):
@@ -82,7 +86,6 @@ class ScoringGraph(nn.Module):
         mean, std = stats or ((0.0,) * preprocess.channels, (1.0,) * preprocess.channels)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-        self.has_map = True
 
     def forward(
         self, images: torch.Tensor, paths: list[str] | None = None
@@ -93,7 +96,6 @@ class ScoringGraph(nn.Module):
             batch["path"] = paths
         out = self.model._score(batch)
         score = out.image[self.model.primary_score]
-        self.has_map = out.map is not None
         return (score, out.map) if out.map is not None else (score,)
 
 

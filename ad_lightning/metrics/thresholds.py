@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.classification import binary_precision_recall_curve
 
 
 def false_alarm_threshold(normal_scores: torch.Tensor, rate: float) -> float:
@@ -33,20 +32,25 @@ def false_alarm_threshold(normal_scores: torch.Tensor, rate: float) -> float:
 
 
 def f1_optimal_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(threshold, F1) of best F1 for `score > threshold` on labelled images."""
-    labels = labels.long().cpu()
-    if labels.min() == labels.max():
+    """(threshold, F1) of best F1 for `score > threshold` on labelled images.
+
+    Every distinct score is a candidate (and one below all, which flags every image); F1 is
+    counted on the raw scores, so any score scale works (torchmetrics' curve would sigmoid
+    scores outside [0, 1] first). Among equal F1 the lowest threshold is kept."""
+    labels = labels.long().cpu().bool()
+    if labels.all() or not labels.any():
         raise ValueError(
             "an F1-optimal threshold needs both normal and defective images in data.threshold_split"
         )
-    values = scores.detach().double().cpu()
-    precision, recall, cuts = binary_precision_recall_curve(values, labels)
-    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
-    best = int(torch.argmax(f1[:-1]))  # the last point (recall 0) has no threshold
-    # torchmetrics flags score >= cut; the largest value below the cut gives the same verdicts
-    below = values[values < cuts[best]]
-    threshold = float(below.max()) if below.numel() else float(cuts[best]) - 1e-12
-    return threshold, float(f1[best])
+    values = scores.detach().double().cpu().flatten()
+    candidates = torch.cat([values.min()[None] - 1, torch.unique(values)])
+    flagged = values[None, :] > candidates[:, None]  # [candidates, images]
+    tp = (flagged & labels).sum(1)
+    fp = (flagged & ~labels).sum(1)
+    fn = (~flagged & labels).sum(1)
+    f1 = 2 * tp / (2 * tp + fp + fn).clamp_min(1)
+    best = int(torch.argmax(f1))
+    return float(candidates[best]), float(f1[best])
 
 
 def defect_ratio_threshold(scores: torch.Tensor, defect_ratio: float) -> float:

@@ -171,16 +171,32 @@ class AnomalyModule(pl.LightningModule):
         )
 
     def _kept_size(self, maps: torch.Tensor) -> torch.Tensor:
-        """Maps [B, H, W] at most `kept_map_size` on their longer side (for heat maps and the
-        pixel threshold; metrics use full-size maps)."""
-        if max(maps.shape[-2:]) <= self.eval_config.kept_map_size:
+        """Maps [B, H, W] at most `kept_map_size` on their longer side, aspect kept (for heat
+        maps; metrics and thresholds use full-size maps)."""
+        h, w = maps.shape[-2:]
+        scale = self.eval_config.kept_map_size / max(h, w)
+        if scale >= 1:
             return maps
-        return F.interpolate(
-            maps[:, None], size=self.eval_config.kept_map_size, mode="bilinear", align_corners=False
-        )[:, 0]
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+    #: map pixels per validation image the pixel threshold is computed from (a fixed random
+    #: choice of positions: the quantile of a random sample estimates the full maps')
+    threshold_pixels_per_map: int = 16384
+
+    def _pixel_sample(self, maps: torch.Tensor) -> torch.Tensor:
+        """Values of full-size maps [B, H, W] at up to `threshold_pixels_per_map` positions."""
+        flat = maps.flatten(1)
+        if flat.shape[1] > self.threshold_pixels_per_map:
+            generator = torch.Generator().manual_seed(0)
+            keep = torch.randperm(flat.shape[1], generator=generator)[
+                : self.threshold_pixels_per_map
+            ]
+            flat = flat[:, keep.to(flat.device)]
+        return flat.flatten().cpu()
 
     def score_loader(self, loader: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Scores of every image of a loader, and the values of their maps at the kept size
+        """Scores of every image of a loader, and a sample of their full-size map values
         (None for methods without maps)."""
         collected: dict[str, list[torch.Tensor]] = {}
         pixels: list[torch.Tensor] = []
@@ -190,7 +206,7 @@ class AnomalyModule(pl.LightningModule):
             for name, values in scores.image.items():
                 collected.setdefault(name, []).append(values.cpu())
             if scores.map is not None:
-                pixels.append(self._kept_size(scores.map).flatten().cpu())
+                pixels.append(self._pixel_sample(scores.map))
         return {k: torch.cat(v) for k, v in collected.items()}, (
             torch.cat(pixels) if pixels else None
         )
@@ -207,17 +223,18 @@ class AnomalyModule(pl.LightningModule):
         threshold at the same false-alarm rate of their map pixels."""
         rate = self.eval_config.false_alarm_rate
         normal = val_scores.get(self.primary_score)
-        if normal is None or normal.numel() == 0:
-            log.warning("no normal validation images (data.val_split=0): no thresholds are stored")
-            return None
         image: dict[str, Any] = {
             "score": self.primary_score,
             "rule": self.eval_config.threshold,
             "false_alarm_rate": rate,
-            "at_false_alarm_rate": false_alarm_threshold(normal, rate),
-            "n_normal_images": int(normal.numel()),
         }
-        image["value"] = image["at_false_alarm_rate"]
+        if normal is not None and normal.numel():
+            image["at_false_alarm_rate"] = false_alarm_threshold(normal, rate)
+            image["n_normal_images"] = int(normal.numel())
+            image["value"] = image["at_false_alarm_rate"]
+        elif self.eval_config.threshold == "false_alarm_rate":
+            log.warning("no normal validation images (data.val_split=0): no thresholds are stored")
+            return None
         if labelled is not None:
             t, f1 = f1_optimal_threshold(*labelled)
             image |= {
@@ -238,7 +255,6 @@ class AnomalyModule(pl.LightningModule):
                 "normal_median": float(val_pixels.float().median()),  # heat-map colour scale
                 "false_alarm_rate": rate,
                 "n_normal_pixels": int(val_pixels.numel()),
-                "map_size": self.eval_config.kept_map_size,
             }
         return {"image": image, "pixel": pixel}
 
