@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from ad_lightning.nn.smoothing import capped_kernel_size, gaussian_smooth, upsample_and_smooth
+from ad_lightning.nn.smoothing import capped_kernel_size, upsample_and_smooth
 
 
 def reference(grid: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
@@ -36,7 +36,7 @@ def test_matrix_smoothing_matches_interpolate_and_2d_blur(grid_hw, size, sigma) 
 def test_smoothing_spreads_a_single_hot_cell() -> None:
     maps = torch.zeros(1, 64, 64)
     maps[0, 32, 32] = 1.0
-    smooth = gaussian_smooth(maps, 4.0)
+    smooth = upsample_and_smooth(maps, (64, 64), 4.0)
     assert smooth.max() < 0.05 and smooth.argmax() == maps.argmax()
     assert torch.isclose(smooth.sum(), torch.tensor(1.0), atol=1e-3)
-    assert gaussian_smooth(maps, 0) is maps
+    torch.testing.assert_close(upsample_and_smooth(maps, (64, 64), 0.0), maps)

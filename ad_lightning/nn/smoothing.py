@@ -76,10 +76,3 @@ def upsample_and_smooth(grid: torch.Tensor, size: tuple[int, int], sigma: float)
     rows = axis_matrix(int(grid.shape[-2]), int(size[0]), sigma, grid.device)
     cols = axis_matrix(int(grid.shape[-1]), int(size[1]), sigma, grid.device)
     return rows @ grid.float() @ cols.T
-
-
-def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Maps [B, H, W] smoothed with a Gaussian of `sigma` px; sigma <= 0 returns them unchanged."""
-    if sigma <= 0:
-        return maps
-    return upsample_and_smooth(maps, tuple(maps.shape[-2:]), sigma)
