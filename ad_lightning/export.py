@@ -45,14 +45,11 @@ class ExportArgs:
     tolerance: float = 1e-3  # largest allowed |onnx - torch| relative to the score range
 
 
-def onnx_engine(path: Path, threads: int = 0) -> Any:
+def onnx_engine(path: Path) -> Any:
     """An onnxruntime session as predict's engine: (images, paths) -> (scores, maps or None)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
 
     def run(images: torch.Tensor, paths: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
