@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import pytest
 from PIL import Image
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+# The seed of the learning tests (model init, validation split, batch order): 0 in the suite;
+# experiments/learning_margins/measure.py reruns them under other seeds to measure the range
+# each assertion sits in.
+TEST_SEED = int(os.environ.get("AD_LIGHTNING_TEST_SEED", "0"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,6 +31,24 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture
+def figure(request: pytest.FixtureRequest):
+    """Record a figure a learning test asserts on (printed; appended as a JSON line to
+    $AD_LIGHTNING_FIGURES when set), so its margin can be measured over seeds."""
+    out = os.environ.get("AD_LIGHTNING_FIGURES")
+
+    def record(name: str, value: float) -> float:
+        value = float(value)
+        print(f"figure {request.node.name} {name} = {value:.4f}")
+        if out:
+            row = {"test": request.node.nodeid, "figure": name, "value": value, "seed": TEST_SEED}
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return value
+
+    return record
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +87,7 @@ def synthetic_dm(root: Path, category: str = "object", image_size: int = 64, **k
     """The synthetic set as the model tests load it: in-process loading, batches of 8."""
     from ad_lightning.data import SyntheticDataModule
 
-    kw = {"num_workers": 0, "batch_size": 8, **kw}
+    kw = {"num_workers": 0, "batch_size": 8, "seed": TEST_SEED, **kw}
     return SyntheticDataModule(root=str(root), category=category, image_size=image_size, **kw)
 
 
@@ -93,7 +117,7 @@ def fit_and_test(model, datamodule, epochs: int, **trainer_kwargs) -> dict:
     """Train on CPU without loggers or checkpoints, test once; return model.test_results."""
     import pytorch_lightning as pl
 
-    pl.seed_everything(0, workers=True)
+    pl.seed_everything(TEST_SEED, workers=True)
     trainer = quiet_trainer(epochs, inference_mode=False, **trainer_kwargs)
     trainer.fit(model, datamodule=datamodule)
     trainer.test(model, datamodule=datamodule, verbose=False)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ad_lightning.backbones import FeatureExtractor
@@ -26,10 +27,11 @@ def test_pointwise_autoencoder_has_no_spatial_mixing() -> None:
     assert changed[0, 0] and changed.sum() == 1  # only the edited position changes
 
 
-def test_dfr_learns_with_pca_latent_channels(synthetic_root) -> None:
+@pytest.mark.learning
+def test_dfr_learns_with_pca_latent_channels(synthetic_root, figure) -> None:
     dm = synthetic_dm(synthetic_root, "object", 128)
     model = DFR(FeatureExtractor("efficientnet_lite0", feature_size=16), lr=3e-3)
     results = fit_and_test(model, dm, epochs=25)
     latent = model.describe()["latent_channels"]
     assert 1 <= latent < model.backbone.out_channels
-    assert results["metrics"]["image_auroc"] > 0.85, results["metrics"]
+    assert figure("image_auroc", results["metrics"]["image_auroc"]) > 0.85, results["metrics"]

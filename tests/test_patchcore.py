@@ -92,12 +92,14 @@ def fitted(synthetic_root):
     return model, dm, fit_and_test(model, dm, epochs=1)
 
 
-def test_patchcore_learns_on_synthetic(fitted, synthetic_root) -> None:
+@pytest.mark.learning
+def test_patchcore_learns_on_synthetic(fitted, synthetic_root, figure) -> None:
     model, dm, results = fitted
     metrics = results["metrics"]
     print("pretrained", metrics, {n: s["auroc"] for n, s in results["scores"].items()})
-    assert metrics["image_auroc"] > 0.9 and metrics["pixel_auroc"] > 0.8, metrics
-    assert results["scores"]["map_max"]["auroc"] > 0.9
+    image, pixel = figure("image_auroc", metrics["image_auroc"]), figure("pixel_auroc", metrics["pixel_auroc"])
+    assert image > 0.9 and pixel > 0.8, metrics
+    assert figure("map_max_auroc", results["scores"]["map_max"]["auroc"]) > 0.9
     n_patches = len(dm.train_samples) * 8 * 8  # stride-8 grid of a 64 px image
     assert len(model.memory_bank) == math.ceil(0.1 * n_patches)
     # Control 1, random backbone weights (measured: image 0.85, pixel 0.81 against 1.00 / 0.92):
@@ -107,8 +109,8 @@ def test_patchcore_learns_on_synthetic(fitted, synthetic_root) -> None:
         patchcore(pretrained=False), synthetic_dm(synthetic_root, "object", 64), epochs=1
     )
     print("random backbone", random["metrics"])
-    assert random["metrics"]["image_auroc"] < metrics["image_auroc"] - 0.08
-    assert random["metrics"]["pixel_auroc"] < metrics["pixel_auroc"] - 0.05
+    assert figure("image_over_random_backbone", image - random["metrics"]["image_auroc"]) > 0.08
+    assert figure("pixel_over_random_backbone", pixel - random["metrics"]["pixel_auroc"]) > 0.05
     # Control 2, a bank that can fail: fitted on the defective test images themselves, so the
     # defects are "normal" (measured: image 0.72, pixel 0.42; a 10 % coreset of them keeps some
     # defect patches out of the bank, hence image AUROC above chance).
@@ -117,7 +119,8 @@ def test_patchcore_learns_on_synthetic(fitted, synthetic_root) -> None:
     control.finalise(torch.cat([control.collect(b)[b["label"] == 1] for b in dm.test_dataloader()]))
     wrong_bank = untrained_results(control, dm)["metrics"]
     print("bank of defective images", wrong_bank)
-    assert wrong_bank["image_auroc"] < 0.8 and wrong_bank["pixel_auroc"] < 0.6, wrong_bank
+    assert figure("wrong_bank_image_auroc", wrong_bank["image_auroc"]) < 0.8, wrong_bank
+    assert figure("wrong_bank_pixel_auroc", wrong_bank["pixel_auroc"]) < 0.6, wrong_bank
 
 
 def test_reweighting_weights_lie_in_the_range_eq7_allows(fitted) -> None:
