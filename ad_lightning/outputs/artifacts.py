@@ -11,9 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+from PIL import Image
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from ad_lightning.data.datamodule import read_image, read_mask
+from ad_lightning.data.registration import RegistrationError, apply_alignment, estimate_alignment
 from ad_lightning.outputs.plots import overlay, plot_curves
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,59 @@ def pick_heatmaps(records: list[dict[str, Any]], score: str, n: int) -> list[dic
     return out
 
 
+def heatmap_title(
+    record: dict[str, Any], primary: str, image_threshold: dict[str, Any] | None
+) -> str:
+    """File, true label (good or the defect type), score and, with a threshold, the verdict."""
+    label = "good" if record["label"] == 0 else record["defect_type"]
+    score = record[primary]
+    text = f"{Path(record['path']).name}   {label}   {primary}={score:.4g}"
+    if (
+        image_threshold
+        and image_threshold.get("value") is not None
+        and image_threshold.get("score", primary) == primary
+    ):
+        t = image_threshold["value"]
+        verdict = "flagged" if score > t else "passed"
+        text += f" {'>' if score > t else '<='} threshold {t:.4g}: {verdict}"
+    return text
+
+
+def _sample_of(datamodule: Any, path: str) -> Any:
+    """The test Sample of `path` (its mask file), or None without a datamodule."""
+    for sample in getattr(datamodule, "test_samples", None) or ():
+        if str(sample.path) == path:
+            return sample
+    return None
+
+
+def heatmap_frame(path: str, datamodule: Any = None) -> tuple[str | np.ndarray, np.ndarray | None]:
+    """The image to draw a map on and its ground-truth mask (None if it has none), in the frame
+    the map was computed in: the original image, or, with `data.register`, the image warped onto
+    the reference as the test loader did (the map is then in the reference's frame)."""
+    sample = _sample_of(datamodule, path)
+    mask_path = getattr(sample, "mask_path", None)
+    reference = getattr(datamodule, "reference", None)
+    if reference is None:
+        mask = None
+        if mask_path is not None:
+            with Image.open(mask_path) as img:
+                mask = np.asarray(img.convert("L")) > 0
+        return path, mask
+    image = read_image(Path(path), datamodule.channels)
+    h, w = reference.shape[:2]
+    try:
+        matrix = estimate_alignment(image, reference, datamodule.register_method)
+    except RegistrationError:  # as the dataset does: resized only
+        matrix = np.float32([[w / image.shape[1], 0, 0], [0, h / image.shape[0], 0]])
+    warped = apply_alignment(image, matrix, (w, h))
+    mask = None
+    if mask_path is not None:
+        mask = read_mask(Path(mask_path), Path(path), image.shape[:2])
+        mask = apply_alignment(mask, matrix, (w, h), is_mask=True) > 0
+    return warped, mask
+
+
 class TestArtifacts(pl.Callback):
     """scores.csv, roc.png, pr.png and heat-map overlays in the run folder, and to W&B."""
 
@@ -92,20 +148,25 @@ class TestArtifacts(pl.Callback):
         if maps and self.n_heatmaps > 0:
             folder = self.output_dir / "heatmaps"
             folder.mkdir(exist_ok=True)
-            stacked = np.stack([m.float().numpy() for m in maps.values()])
+            stacked = np.concatenate([m.float().numpy().ravel() for m in maps.values()])
             vmin, vmax = np.percentile(stacked, 1), np.percentile(stacked, 99.9)
             primary = results["primary_score"]
+            thresholds = results.get("thresholds") or {}
+            pixel_threshold = (thresholds.get("pixel") or {}).get("value")
+            datamodule = getattr(trainer, "datamodule", None)
             for i, r in enumerate(pick_heatmaps(records, primary, self.n_heatmaps)):
                 if r["path"] in maps:
-                    title = f"{Path(r['path']).parent.name}/{Path(r['path']).name}  label={r['label']}  {primary}={r[primary]:.4g}"
+                    image, mask = heatmap_frame(r["path"], datamodule)
                     heat.append(
                         overlay(
-                            r["path"],
+                            image,
                             maps[r["path"]].float().numpy(),
                             vmin,
                             vmax,
                             folder / f"{i:02d}_{r['defect_type']}_{Path(r['path']).stem}.png",
-                            title,
+                            heatmap_title(r, primary, thresholds.get("image")),
+                            mask=mask,
+                            pixel_threshold=pixel_threshold,
                         )
                     )
         for logger in trainer.loggers:
