@@ -69,6 +69,11 @@ def check_regular_file(path: Path) -> None:
             f"cannot read image {path}: not a regular file (a broken symlink, a symlink loop or a "
             "special file); replace it or remove it from the dataset folder."
         )
+    if path.stat().st_size == 0:
+        raise ImageReadError(
+            f"cannot read image {path}: the file is empty (0 bytes; an interrupted copy?); "
+            "replace it or remove it from the dataset folder."
+        )
 
 
 def high_bit_to_uint8(img: Image.Image, path: Path, bit_depth: int | None) -> Image.Image:
