@@ -32,7 +32,6 @@ from ad_lightning.data.folder import (
     scan_labelled_split,
 )
 from ad_lightning.data.io import (
-    IMAGE_BANDS,
     ImageInfo,
     ImageReadError,
     inspect_image,
@@ -50,9 +49,16 @@ from ad_lightning.data.transforms import build_transform
 
 log = logging.getLogger(__name__)
 
-# read_image & co. lived here; predict and deploy import them from this module
-__all__ = ["IMAGE_BANDS", "AnomalyDataModule", "AnomalyDataset", "ImageReadError", "read_image"]
-__all__ += ["read_mask", "find_bad_files"]
+# read_image, read_mask and ImageReadError live in data/io.py; predict and deploy import them
+# from here, as before
+__all__ = [
+    "AnomalyDataModule",
+    "AnomalyDataset",
+    "ImageReadError",
+    "find_bad_files",
+    "read_image",
+    "read_mask",
+]
 
 
 def find_bad_files(
