@@ -254,3 +254,75 @@ def test_unknown_register_method_fails_when_the_datamodule_is_built(tmp_path: Pa
     (the folder does not even exist), naming the key and the allowed methods."""
     with pytest.raises(ValueError, match=r"data.register_method='sift'.*ecc.*orb"):
         AnomalyDataModule(root=str(tmp_path / "nowhere"), category="x", register_method="sift")
+
+
+def _png16(path: Path, values: np.ndarray) -> Path:
+    Image.fromarray(values.astype(np.uint16)).save(path)
+    assert Image.open(path).mode == "I;16"
+    return path
+
+
+def test_16_bit_images_share_one_fixed_intensity_scale(tmp_path: Path) -> None:
+    """A dark and a bright 16-bit image keep their brightness: both are divided by 65535, not
+    stretched to their own min..max (which made them look alike)."""
+    from ad_lightning.data.datamodule import read_image
+
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    dark = read_image(_png16(tmp_path / "dark.png", 1000 + 1000 * ramp), 1)
+    bright = read_image(_png16(tmp_path / "bright.png", 50000 + 10000 * ramp), 1)
+    assert (dark.min(), dark.max()) == (round(1000 * 255 / 65535), round(2000 * 255 / 65535))
+    assert (bright.min(), bright.max()) == (round(50000 * 255 / 65535), round(60000 * 255 / 65535))
+
+
+def test_bit_depth_sets_the_range_and_rejects_pixels_beyond_it(tmp_path: Path) -> None:
+    """data.bit_depth=12: 0..4095 maps to 0..255 in every loader; a pixel above 4095 means the
+    setting is wrong, and the file is named at setup."""
+    cat = tmp_path / "data" / "widget"
+    for folder, value in (("train/good", 2000), ("test/good", 2000), ("test/dent", 4095)):
+        (cat / folder).mkdir(parents=True)
+        for i in range(2):
+            _png16(cat / folder / f"{i}.png", np.full((8, 8), value))
+    dm = make_dm(tmp_path / "data", image_size=8, normalize="none", bit_depth=12, val_split=0.0)
+    assert dm.summary()["bit_depth"] == 12 and dm.summary()["odd_images"] == []
+    item = dm.train_dataloader().dataset[0]
+    assert torch.allclose(item["image"], torch.full((3, 8, 8), round(2000 * 255 / 4095) / 255))
+    test = {b["label"]: b["image"] for b in dm.test_dataloader().dataset}
+    assert torch.allclose(test[1], torch.ones(3, 8, 8))
+    over = _png16(cat / "train" / "good" / "1.png", np.full((8, 8), 5000))
+    with pytest.raises(DataLayoutError, match=f"(?s){over}.*data.bit_depth=12"):
+        make_dm(tmp_path / "data", image_size=8, bit_depth=12)
+
+
+def test_a_small_image_is_named_in_the_summary_and_stops_a_strict_run(
+    tiny_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 10x10 image among 32x32 ones used to be upscaled without a word."""
+    small = tiny_folder / "widget" / "train" / "good" / "007.png"
+    Image.fromarray(np.full((10, 10, 3), 128, np.uint8)).save(small)
+    with caplog.at_level("WARNING"):
+        dm = make_dm(tiny_folder)
+    assert dm.summary()["odd_images"] == [
+        {"path": str(small), "why": "10x10 px, majority 32x32 (31 of 32 images)"}
+    ]
+    assert str(small) in caplog.text and str(small.name) in dm.summary()["notes"][0]
+    assert len(dm.train_samples) + len(dm.val_samples) == 20  # warned, still used
+    with pytest.raises(DataLayoutError, match=f"data.strict=true.*\\n.*{small}: 10x10 px"):
+        make_dm(tiny_folder, strict=True)
+
+
+def test_clean_folder_has_no_odd_images_or_notes(tiny_folder: Path) -> None:
+    summary = make_dm(tiny_folder).summary()
+    assert summary["odd_images"] == [] and summary["notes"] == [] and summary["size_note"] == ""
+
+
+def test_when_sizes_vary_only_far_off_sizes_are_named(tmp_path: Path) -> None:
+    """A set whose sizes all differ (the magnetic tile set) is not a list of odd images; an image
+    far smaller than the median still is."""
+    from ad_lightning.data.audit import find_odd_images
+    from ad_lightning.data.io import ImageInfo
+
+    infos = {Path(f"{i}.png"): ImageInfo(180 + i, 256, "L", 8) for i in range(20)}
+    infos[Path("thumb.png")] = ImageInfo(10, 10, "L", 8)
+    odd, note = find_odd_images(infos)
+    assert [o.path for o in odd] == [Path("thumb.png")] and "median" in odd[0].why
+    assert "21 sizes among 21 images" in note

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from ad_lightning.checks import choice
+from ad_lightning.data.audit import OddImage, find_odd_images, odd_images_note, strict_error
 from ad_lightning.data.folder import (
     BadFile,
     CategoryFiles,
@@ -30,6 +30,13 @@ from ad_lightning.data.folder import (
     drop_samples,
     scan_category,
     scan_labelled_split,
+)
+from ad_lightning.data.io import (
+    ImageInfo,
+    ImageReadError,
+    inspect_image,
+    read_image,
+    read_mask,
 )
 from ad_lightning.data.registration import (
     METHODS,
@@ -42,70 +49,39 @@ from ad_lightning.data.transforms import build_transform
 
 log = logging.getLogger(__name__)
 
-
-class ImageReadError(ValueError):
-    """An image or mask could not be decoded; the message names the file."""
-
-
-#: grayscale (or 16-bit / float grayscale, or palette), RGB, RGBA / CMYK: what read_image converts
-IMAGE_BANDS = (1, 3, 4)
-
-
-def read_image(path: Path, channels: int) -> np.ndarray:
-    """Decode to HxWxC uint8; grayscale is expanded to 3 channels for ImageNet backbones."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            bands = len(img.getbands())
-            if bands not in IMAGE_BANDS:
-                raise ImageReadError(
-                    f"image {path} has {bands} channels (mode {img.mode}); only 1 (grayscale), 3 (RGB) or 4 (RGBA) can be read as {channels}-channel input: save it as grayscale or RGB."
-                )
-            if img.mode in ("I;16", "I;16B", "I", "F"):
-                arr = np.asarray(img, dtype=np.float32)
-                arr = 255 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6)
-                img = Image.fromarray(arr.astype(np.uint8))
-            img = img.convert("RGB" if channels == 3 else "L")
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise ImageReadError(
-            f"cannot read image {path}: {err}. The file is corrupt or truncated: replace it or remove it from the dataset folder."
-        ) from err
-    arr = np.asarray(img)
-    return arr[..., None] if arr.ndim == 2 else arr
+# read_image, read_mask and ImageReadError live in data/io.py; predict and deploy import them
+# from here, as before
+__all__ = [
+    "AnomalyDataModule",
+    "AnomalyDataset",
+    "ImageReadError",
+    "find_bad_files",
+    "read_image",
+    "read_mask",
+]
 
 
-def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.ndarray:
-    """Decode a mask to HxW {0, 1} float32; it must have its image's size."""
-    try:
-        with Image.open(path) as img:
-            mask = np.asarray(img.convert("L"))
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise ImageReadError(
-            f"cannot read mask {path}: {err}. Replace the file or remove the ground_truth folder to skip pixel metrics."
-        ) from err
-    if mask.shape != image_hw:
-        raise ImageReadError(
-            f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is {image_hw[1]}x{image_hw[0]}; masks must match their image's size."
-        )
-    return (mask > 0).astype(np.float32)
-
-
-def find_bad_files(samples: Sequence[Sample], channels: int) -> list[BadFile]:
+def find_bad_files(
+    samples: Sequence[Sample], channels: int, bit_depth: int | None = None
+) -> tuple[list[BadFile], dict[Path, ImageInfo]]:
     """Decode every image and mask exactly as training and testing will (read_image, read_mask),
-    so a corrupt or mis-sized file stops the run at setup, not after training."""
+    so a corrupt or mis-sized file stops the run at setup, not after training; also return what
+    each readable image is (size, mode, bit depth) for the odd-image check."""
     bad: list[BadFile] = []
+    infos: dict[Path, ImageInfo] = {}
     for sample in samples:
         try:
-            hw = read_image(sample.path, channels).shape[:2]
+            image, info = inspect_image(sample.path, channels, bit_depth)
         except ImageReadError as err:
             bad.append(BadFile(sample.path, str(err), sample))
             continue
+        infos[sample.path] = info
         if sample.mask_path is not None:
             try:
-                read_mask(sample.mask_path, sample.path, hw)
+                read_mask(sample.mask_path, sample.path, image.shape[:2])
             except ImageReadError as err:
                 bad.append(BadFile(sample.mask_path, str(err), sample))
-    return bad
+    return bad, infos
 
 
 class AnomalyDataset(Dataset):
@@ -116,8 +92,10 @@ class AnomalyDataset(Dataset):
         channels: int = 3,
         reference: np.ndarray | None = None,
         register_method: str = "ecc",
+        bit_depth: int | None = None,
     ) -> None:
         self.samples = list(samples)
+        self.bit_depth = bit_depth
         self.transform = transform
         self.channels = channels
         self.reference = reference
@@ -151,7 +129,7 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        image = read_image(sample.path, self.channels)
+        image = read_image(sample.path, self.channels, self.bit_depth)
         hw = image.shape[:2]
         mask = (
             read_mask(sample.mask_path, sample.path, hw)
@@ -194,6 +172,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         register_method: str = "ecc",
         skip_bad: bool = False,
         threshold_split: str | None = None,
+        strict: bool = False,
+        bit_depth: int | None = None,
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
@@ -202,6 +182,11 @@ class AnomalyDataModule(pl.LightningDataModule):
             )
         if not 0.0 <= val_split < 1.0:
             raise ValueError(f"data.val_split={val_split} must be in [0, 1)")
+        if bit_depth is not None and not 1 <= int(bit_depth) <= 32:
+            raise ValueError(
+                f"data.bit_depth={bit_depth}: the significant bits of high-bit images, 1..32 "
+                "(e.g. 12 for a 12-bit camera), or null for the file type's range"
+            )
         if contamination < 0:
             raise ValueError(f"data.contamination={contamination} must be >= 0")
         self.root = root
@@ -223,7 +208,11 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.skip_bad = skip_bad
         self.threshold_split = threshold_split
         self.threshold_samples: list[Sample] = []
+        self.strict = strict
+        self.bit_depth = None if bit_depth is None else int(bit_depth)
         self.skipped: list[BadFile] = []
+        self.odd_images: list[OddImage] = []
+        self.size_note = ""
         self.reference: np.ndarray | None = None
         self.files: CategoryFiles | None = None
         self.train_samples: list[Sample] = []
@@ -255,22 +244,7 @@ class AnomalyDataModule(pl.LightningDataModule):
             if self.threshold_split
             else []
         )
-        bad = find_bad_files(files.train + files.test + labelled, self.channels)
-        if bad and not self.skip_bad:
-            raise bad_files_error(bad, where)
-        if bad:
-            log.warning(
-                "data.skip_bad=true: %d bad files of %s left out with their images:\n%s",
-                len(bad),
-                where,
-                "\n".join(f"  - {b.problem}" for b in bad),
-            )
-            files = drop_samples(files, bad, where)
-        self.skipped = bad
-        dropped = {b.sample.path for b in bad}
-        self.threshold_samples = [s for s in labelled if s.path not in dropped]
-        if labelled and bad:
-            check_threshold_split(self.threshold_samples, where / self.threshold_split)
+        files, self.threshold_samples = self._check_files(files, labelled, where)
         self.files = files
         rng = random.Random(self.seed)
         normals = list(self.files.train)
@@ -298,7 +272,45 @@ class AnomalyDataModule(pl.LightningDataModule):
         if (
             self.register
         ):  # the first clean training image is the reference every image is aligned to
-            self.reference = read_image(train[0].path, self.channels)
+            self.reference = read_image(train[0].path, self.channels, self.bit_depth)
+
+    def _check_files(
+        self, files: CategoryFiles, labelled: list[Sample], where: Path
+    ) -> tuple[CategoryFiles, list[Sample]]:
+        """Decode every file once; name bad files (an error, or left out with data.skip_bad) and
+        odd ones (a warning, recorded in the summary); data.strict makes either an error."""
+        bad, infos = find_bad_files(
+            files.train + files.test + labelled, self.channels, self.bit_depth
+        )
+        dropped = {b.sample.path for b in bad}
+        odd, self.size_note = find_odd_images({p: i for p, i in infos.items() if p not in dropped})
+        if self.size_note:
+            log.info("%s: %s", where, self.size_note)
+        if self.strict and (bad or odd):
+            raise strict_error(bad, odd, where)
+        if odd:
+            log.warning(
+                "%d images of %s differ from the majority (set data.strict=true to stop on them):\n%s",
+                len(odd),
+                where,
+                "\n".join(f"  - {o.path}: {o.why}" for o in odd),
+            )
+        self.odd_images = odd
+        if bad and not self.skip_bad:
+            raise bad_files_error(bad, where)
+        if bad:
+            log.warning(
+                "data.skip_bad=true: %d bad files of %s left out with their images:\n%s",
+                len(bad),
+                where,
+                "\n".join(f"  - {b.problem}" for b in bad),
+            )
+            files = drop_samples(files, bad, where)
+        self.skipped = bad
+        kept = [s for s in labelled if s.path not in dropped]
+        if labelled and bad:
+            check_threshold_split(kept, where / self.threshold_split)
+        return files, kept
 
     def summary(self) -> dict[str, Any]:
         """Counts and provenance recorded in results.json."""
@@ -319,10 +331,27 @@ class AnomalyDataModule(pl.LightningDataModule):
             "mask_note": self.files.mask_note if self.files else "",
             "contamination": {"ratio": self.contamination, "n_moved": len(self.contaminated)},
             "skipped_files": [b.record() for b in self.skipped],
+            "odd_images": [o.record() for o in self.odd_images],
+            "size_note": self.size_note,
+            "notes": self.notes(),
+            "strict": self.strict,
+            "bit_depth": self.bit_depth,
             "registered": f"{self.register_method} to {self.train_samples[0].path}"
             if self.register
             else False,
         }
+
+    def notes(self) -> list[str]:
+        """Human lines for results.json's warnings: files left out, odd images."""
+        where = Path(str(self.root)).expanduser() / self.category
+        notes = [odd_images_note(self.odd_images, where)]
+        if self.skipped:
+            first = self.skipped[0].problem
+            notes.append(
+                f"data.skip_bad=true left out {len(self.skipped)} bad files of {where} with their "
+                f"images (first: {first}); see data.skipped_files"
+            )
+        return [n for n in notes if n]
 
     def _loader(self, samples: list[Sample], train: bool) -> DataLoader:
         if not samples:
@@ -334,7 +363,12 @@ class AnomalyDataModule(pl.LightningDataModule):
             self.image_size, self.channels, self.normalize, augment, seed=self.seed
         )
         dataset = AnomalyDataset(
-            samples, transform, self.channels, self.reference, self.register_method
+            samples,
+            transform,
+            self.channels,
+            self.reference,
+            self.register_method,
+            self.bit_depth,
         )
         batch_size = self.batch_size if train else self.eval_batch_size
         # training: reshuffled per (seed, epoch), never a BatchNorm batch of one image

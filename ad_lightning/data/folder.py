@@ -81,8 +81,11 @@ def _check_test_labels(test: list[Sample], test_dir: Path) -> None:
 
 
 def list_images(folder: Path) -> list[Path]:
+    """Every entry with an image extension that is not a folder: a broken symlink or a symlink
+    loop is listed too (is_file() is False for both), so reading it names it instead of the
+    image silently going missing."""
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
     )
 
 

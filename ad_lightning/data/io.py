@@ -1,0 +1,141 @@
+"""Decode image and mask files into the arrays the pipeline uses, naming the file on failure.
+
+High-bit images (16-bit PNG/TIFF, 32-bit integer or float TIFF) are scaled by one fixed range
+for the whole dataset: the type's own (65535 for 16 bits) or `data.bit_depth`. Industrial
+cameras carry absolute intensity in those bits; stretching each image to its own min/max would
+make a dark defect and a bright normal part look alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+#: grayscale (or 16-bit / float grayscale, or palette), RGB, RGBA / CMYK: what read_image converts
+IMAGE_BANDS = (1, 3, 4)
+#: single-band modes wider than 8 bits, and the bit depth each holds when data.bit_depth is null
+HIGH_BIT_MODES = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 16, "F": None}
+
+
+class ImageReadError(ValueError):
+    """An image or mask could not be decoded; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image file is before conversion: compared across a dataset to find odd ones."""
+
+    width: int
+    height: int
+    mode: str  # PIL mode as stored (L, RGB, CMYK, I;16, ...)
+    bits: int  # bits per sample as stored
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+def stored_bits(img: Image.Image) -> int:
+    """Bits per sample of the file, from its header (PNG's 16-bit RGB decodes to 8-bit RGB)."""
+    if img.mode == "1":
+        return 1
+    if img.mode in ("I", "F"):
+        return 32
+    if img.mode.startswith("I;16"):
+        return 16
+    rawmodes = [t.args for t in img.tile if isinstance(getattr(t, "args", None), str)]
+    return 16 if any(";16" in r for r in rawmodes) else 8
+
+
+def _open_error(path: Path, err: Exception) -> ImageReadError:
+    if isinstance(err, UnidentifiedImageError):
+        why = "it is not an image format PIL can read (wrong extension, or not an image)"
+    elif isinstance(err, (SyntaxError, OSError)) and not isinstance(err, FileNotFoundError):
+        why = "the file is corrupt, truncated or cannot be opened"
+    else:
+        why = "the file cannot be opened"
+    return ImageReadError(
+        f"cannot read image {path}: {err} ({why}); replace it or remove it from the dataset folder."
+    )
+
+
+def check_regular_file(path: Path) -> None:
+    """A broken symlink, a symlink loop or a special file (FIFO: open would block) is named."""
+    if not path.is_file():
+        raise ImageReadError(
+            f"cannot read image {path}: not a regular file (a broken symlink, a symlink loop or a "
+            "special file); replace it or remove it from the dataset folder."
+        )
+    if path.stat().st_size == 0:
+        raise ImageReadError(
+            f"cannot read image {path}: the file is empty (0 bytes; an interrupted copy?); "
+            "replace it or remove it from the dataset folder."
+        )
+
+
+def high_bit_to_uint8(img: Image.Image, path: Path, bit_depth: int | None) -> Image.Image:
+    """A 16/32-bit or float single-band image -> 8-bit, scaled by the fixed range
+    2**bit_depth - 1 (the same for every image); a pixel outside that range is an error."""
+    bits = bit_depth or HIGH_BIT_MODES[img.mode]
+    arr = np.asarray(img, dtype=np.float64)
+    top = 1.0 if bits is None else float(2**bits - 1)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0 or hi > top:
+        where = f"data.bit_depth={bit_depth}" if bit_depth else f"mode {img.mode}'s default"
+        raise ImageReadError(
+            f"image {path} (mode {img.mode}) has pixel values {lo:g}..{hi:g} outside the fixed "
+            f"range 0..{top:g} of {where}; set data.bit_depth to the camera's bit depth (e.g. 12 "
+            "for 0..4095) so every image is scaled alike."
+        )
+    return Image.fromarray(np.round(arr * (255.0 / top)).astype(np.uint8), "L")
+
+
+def decode(img: Image.Image, path: Path, channels: int, bit_depth: int | None) -> np.ndarray:
+    """An opened image -> HxWxC uint8; grayscale is expanded to 3 channels for ImageNet backbones."""
+    bands = len(img.getbands())
+    if bands not in IMAGE_BANDS:
+        raise ImageReadError(
+            f"image {path} has {bands} channels (mode {img.mode}); only 1 (grayscale), 3 (RGB) or 4 (RGBA) can be read as {channels}-channel input: save it as grayscale or RGB."
+        )
+    img.load()
+    if img.mode in HIGH_BIT_MODES:
+        img = high_bit_to_uint8(img, path, bit_depth)
+    arr = np.asarray(img.convert("RGB" if channels == 3 else "L"))
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def inspect_image(
+    path: Path, channels: int, bit_depth: int | None = None
+) -> tuple[np.ndarray, ImageInfo]:
+    """Decode as read_image does and return the header facts the odd-image check compares."""
+    check_regular_file(path)
+    try:
+        with Image.open(path) as img:
+            info = ImageInfo(img.width, img.height, img.mode, stored_bits(img))
+            return decode(img, path, channels, bit_depth), info
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise _open_error(path, err) from err
+
+
+def read_image(path: Path, channels: int, bit_depth: int | None = None) -> np.ndarray:
+    """Decode to HxWxC uint8 (see decode); errors name the file."""
+    return inspect_image(path, channels, bit_depth)[0]
+
+
+def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.ndarray:
+    """Decode a mask to HxW {0, 1} float32; it must have its image's size."""
+    try:
+        with Image.open(path) as img:
+            mask = np.asarray(img.convert("L"))
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise ImageReadError(
+            f"cannot read mask {path}: {err}. Replace the file or remove the ground_truth folder to skip pixel metrics."
+        ) from err
+    if mask.shape != image_hw:
+        raise ImageReadError(
+            f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is {image_hw[1]}x{image_hw[0]}; masks must match their image's size."
+        )
+    return (mask > 0).astype(np.float32)

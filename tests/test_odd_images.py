@@ -1,0 +1,192 @@
+"""Fuzz-style: an MVTec-layout folder of normal 32x32 RGB PNGs plus one file of each odd kind.
+
+Every odd file must be NAMED (in the error, the log or the summary that lands in results.json)
+and nothing readable may be lost (every readable image is trained or tested on; two files that
+share a stem are both used). Predict is not covered here (another part of issue 17).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ad_lightning.data import AnomalyDataModule, DataLayoutError
+from tests.conftest import quiet_trainer
+
+SIZE = 32
+UNICODE = "naïve part №1.png"  # non-ASCII and spaces
+
+
+def _rgb(path: Path, seed: int, value: int = 120, fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(seed).integers(-20, 20, (SIZE, SIZE, 3))
+    Image.fromarray(np.clip(value + noise, 0, 255).astype(np.uint8)).save(path, fmt)
+
+
+def _mask(cat: Path, defect: str, stem: str, size: int = SIZE) -> None:
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4 : size // 2, size // 4 : size // 2] = 255
+    (cat / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask).save(cat / "ground_truth" / defect / f"{stem}_mask.png")
+
+
+def build_odd_folder(root: Path) -> dict[str, dict[str, Path]]:
+    """Return {"bad": unreadable files, "odd": readable but odd, "readable": every readable image}."""
+    cat = root / "widget"
+    train, good, scratch = cat / "train" / "good", cat / "test" / "good", cat / "test" / "scratch"
+    readable: dict[str, Path] = {}
+    for i in range(14):
+        readable[f"train{i}"] = train / f"{i:03d}.png"
+        _rgb(readable[f"train{i}"], seed=i)
+    for i in range(4):
+        readable[f"good{i}"] = good / f"{i:03d}.png"
+        _rgb(readable[f"good{i}"], seed=100 + i)
+    for i in range(4):
+        readable[f"scratch{i}"] = scratch / f"{i:03d}.png"
+        _rgb(readable[f"scratch{i}"], seed=200 + i, value=200)
+        _mask(cat, "scratch", f"{i:03d}")
+    # readable, not odd: unicode and spaces; same stem with two extensions (train and test)
+    readable["unicode"] = train / UNICODE
+    _rgb(readable["unicode"], seed=300)
+    for split, folder in (("train", train), ("scratch", scratch)):
+        readable[f"{split}_a_png"] = folder / "a.png"
+        readable[f"{split}_a_jpg"] = folder / "a.jpg"
+        _rgb(folder / "a.png", seed=301, value=200 if split == "scratch" else 120)
+        _rgb(folder / "a.jpg", seed=302, value=200 if split == "scratch" else 120, fmt="JPEG")
+    _mask(cat, "scratch", "a")  # one mask for both a.png and a.jpg
+
+    odd = {
+        "deep16": train / "deep16.png",
+        "gray": train / "gray.png",
+        "cmyk": good / "cmyk.jpg",
+        "tiny": scratch / "tiny.png",
+    }
+    Image.fromarray(np.full((SIZE, SIZE), 30000, np.uint16)).save(odd["deep16"])
+    Image.fromarray(np.full((SIZE, SIZE), 110, np.uint8), "L").save(odd["gray"])
+    Image.new("CMYK", (SIZE, SIZE), (40, 30, 20, 10)).save(odd["cmyk"], "JPEG")
+    Image.fromarray(np.full((10, 10, 3), 200, np.uint8)).save(odd["tiny"])
+    _mask(cat, "scratch", "tiny", size=10)
+    readable |= odd
+
+    bad = {
+        "zero": train / "zero.png",
+        "text": train / "notes.png",
+        "loop": train / "loop.png",
+        "truncated": good / "truncated.png",
+    }
+    bad["zero"].write_bytes(b"")
+    bad["text"].write_text("this is not an image\n")
+    os.symlink(bad["loop"].name, bad["loop"])  # loop.png -> loop.png
+    _rgb(bad["truncated"], seed=400)
+    bad["truncated"].write_bytes(bad["truncated"].read_bytes()[:300])
+    return {"bad": bad, "odd": odd, "readable": readable}
+
+
+@pytest.fixture
+def odd_folder(tmp_path: Path) -> tuple[Path, dict[str, dict[str, Path]]]:
+    root = tmp_path / "data"
+    return root, build_odd_folder(root)
+
+
+def make(root: Path, **kw) -> AnomalyDataModule:
+    kw = {"image_size": SIZE, "num_workers": 0, "val_split": 0.2, "seed": 0} | kw
+    return AnomalyDataModule(root=str(root), category="widget", **kw)
+
+
+def test_default_setup_names_every_unreadable_file_and_logs_every_odd_one(
+    odd_folder, caplog: pytest.LogCaptureFixture
+) -> None:
+    root, files = odd_folder
+    with caplog.at_level("WARNING"), pytest.raises(DataLayoutError) as err:
+        make(root).setup()
+    for name, path in files["bad"].items():
+        assert str(path) in str(err.value), name
+    assert f"{len(files['bad'])} bad files" in str(err.value)
+    for name, path in files["odd"].items():
+        assert str(path) in caplog.text, name
+
+
+def test_strict_stops_at_setup_naming_each_bad_and_odd_file_and_why(odd_folder) -> None:
+    root, files = odd_folder
+    with pytest.raises(DataLayoutError) as err:
+        make(root, strict=True, skip_bad=True).setup()  # strict wins over skip_bad
+    lines = str(err.value).splitlines()
+    for name, path in (files["bad"] | files["odd"]).items():
+        assert any(str(path) in line for line in lines), name
+    why = {n: next(line for line in lines if str(p) in line) for n, p in files["odd"].items()}
+    assert "10x10 px, majority 32x32" in why["tiny"]
+    assert "mode L, majority RGB" in why["gray"]
+    assert "mode CMYK" in why["cmyk"]
+    assert "16-bit, majority 8-bit" in why["deep16"]
+    assert "data.strict=true: 4 bad and 4 odd files" in str(err.value)
+
+
+def test_skip_bad_trains_on_every_readable_image_and_records_every_odd_file(odd_folder) -> None:
+    root, files = odd_folder
+    dm = make(root, skip_bad=True)
+    dm.setup()
+    summary = dm.summary()
+    assert {s["path"] for s in summary["skipped_files"]} == {str(p) for p in files["bad"].values()}
+    odd = {o["path"]: o["why"] for o in summary["odd_images"]}
+    assert set(odd) == {str(p) for p in files["odd"].values()}
+    assert all(odd.values())
+    notes = "\n".join(summary["notes"])
+    assert "4 images" in notes and "4 bad files" in notes
+    json.dumps(summary)  # lands in results.json as it is
+
+    used = dm.train_samples + dm.val_samples + dm.test_samples
+    assert sorted(s.path for s in used) == sorted(files["readable"].values())
+    assert len(used) == len({s.path for s in used})
+    seen = [
+        Path(p)
+        for loader in (dm.train_eval_dataloader(), dm.val_dataloader(), dm.test_dataloader())
+        for batch in loader
+        for p in batch["path"]
+    ]
+    assert sorted(seen) == sorted(files["readable"].values())
+
+    # a short fit and test of a tiny model: every test image is scored, same stems apart
+    from ad_lightning.models.classic import VariationModel
+
+    model = VariationModel()
+    trainer = quiet_trainer(1)
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    scored = sorted(Path(r["path"]) for r in model.test_results["records"])
+    assert scored == sorted(s.path for s in dm.test_samples)
+    for stem_pair in (("scratch_a_png", "scratch_a_jpg"),):
+        assert {files["readable"][k] for k in stem_pair} <= set(scored)
+    assert np.isfinite(model.test_results["metrics"]["image_auroc"])
+
+
+def test_train_run_records_odd_and_skipped_files_in_results_json(odd_folder, tmp_path) -> None:
+    """The data config keys reach the datamodule and results.json names every odd file."""
+    from ad_lightning.train import run
+    from tests.test_run import compose_cfg
+
+    root, files = odd_folder
+    cfg = compose_cfg(
+        tmp_path / "run",
+        "model=variation",
+        "data=folder",
+        f"data.root={root}",
+        "data.category=widget",
+        f"data.image_size={SIZE}",
+        "data.num_workers=0",
+        "data.skip_bad=true",
+        "data.bit_depth=16",
+    )
+    run(cfg)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "finished"
+    data = saved["data"]
+    assert {o["path"] for o in data["odd_images"]} == {str(p) for p in files["odd"].values()}
+    assert {s["path"] for s in data["skipped_files"]} == {str(p) for p in files["bad"].values()}
+    assert data["strict"] is False and data["bit_depth"] == 16
+    n_used = data["n_train"] + data["n_val"] + data["n_test"]
+    assert n_used == len(files["readable"])
