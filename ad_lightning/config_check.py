@@ -192,7 +192,10 @@ def describe_missing(cfg: DictConfig, key: str) -> str:
         )
         return f"data.category is not set: pass data.category=<a sub-folder of data.root> ({where})"
     if key == "data.root":
-        return "data.root is not set: pass data.root=/path/to/dataset (the folder holding one folder per category)"
+        return (
+            "data.root is not set: pass data.root=/path/to/dataset "
+            "(the folder holding one folder per category)"
+        )
     return f"{key} is not set (???): pass {key}=<value>"
 
 
@@ -224,7 +227,7 @@ def check_annotations(cfg: DictConfig, section: str) -> list[str]:
     target = OmegaConf.select(cfg, f"{section}._target_", default=None)
     if not isinstance(target, str):
         return []
-    problems = []
+    bad = []
     for name, kind in annotated_types(target).items():
         found, value = _value(cfg, f"{section}.{name}")
         if not found or value is None:
@@ -232,8 +235,8 @@ def check_annotations(cfg: DictConfig, section: str) -> list[str]:
         ok = isinstance(value, bool) if kind is bool else _is_number(value, kind)
         if not ok:
             word = {int: "an integer", float: "a number", bool: "true or false"}[kind]
-            problems.append(f"{section}.{name}={value!r}: must be {word}")
-    return problems
+            bad.append(f"{section}.{name}={value!r}: must be {word}")
+    return bad
 
 
 def problems(cfg: DictConfig) -> list[str]:
