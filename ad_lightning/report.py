@@ -5,6 +5,12 @@ once), puts `--metric` in a grid of rows x columns taken from the runs' resolved
 averages repeated cells (e.g. seeds, shown as mean ± std), adds a mean row, prints Markdown,
 writes CSV, and logs the table to W&B when the runs themselves logged there.
 
+Only repeats are averaged: runs of one cell whose resolved configs differ in more than the
+seed and run-specific keys (`RUN_SPECIFIC`: run folders, loggers, run modes) are split into
+columns named after the differing keys (`SkipDFR [trainer.max_steps=30]`). A cell that also
+holds runs that did not finish says so (`0.900 (+1 failed)`), and those runs are listed with
+their error under the table.
+
 `--benchmark` instead compares methods (config group `model`) across `data.category`: a
 summary, one table per metric (image / pixel AUROC, fit seconds, ms per image), the runs that
 did not finish with their error, and CSVs of all of it.
@@ -18,6 +24,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +133,83 @@ def label(value: Any) -> str:
     return str(value)
 
 
+#: config keys in which repeats of one setting differ: seeds, run folders, loggers, run modes
+RUN_SPECIFIC = (
+    "seed",
+    "*.seed",
+    "*_seed",
+    "paths.*",
+    "logger",
+    "logger.*",
+    "resume",
+    "test_only",
+    "skip_done",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.default_root_dir",
+)
+
+
+def settings(run: dict[str, Any]) -> dict[str, str]:
+    """The run's resolved config as dotted key -> value label, less the RUN_SPECIFIC keys."""
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        elif not any(fnmatchcase(prefix, pattern) for pattern in RUN_SPECIFIC):
+            flat[prefix] = label(node)
+
+    walk(run.get("config") or {}, "")
+    return flat
+
+
+def is_resolved(flat: dict[str, str]) -> bool:
+    """A run that failed before its config was resolved (`${...}` left) cannot be compared."""
+    return not any("${" in value for value in flat.values())
+
+
+def differing(group: list[dict[str, str]]) -> list[str]:
+    """Keys whose value (or presence) is not the same in every config of the group."""
+    keys = list(dict.fromkeys(k for flat in group for k in flat))
+    return [k for k in keys if len({flat.get(k, MISSING) for flat in group}) > 1]
+
+
+def split_labels(
+    frame: pd.DataFrame, flats: list[dict[str, str]], axis: str
+) -> tuple[pd.Series, list[str]]:
+    """`axis` labels extended by the config keys that differ between runs of one cell, so only
+    repeats of one setting share a cell; the keys are chosen per label (column), the same for
+    all its cells. Returns the new labels and every key used."""
+    other = ROW if axis == COL else COL
+    keys_of: dict[str, list[str]] = {}
+    for (_, name), index in frame.groupby([other, axis], sort=False).groups.items():
+        group = [flats[i] for i in index if is_resolved(flats[i])]
+        keys_of.setdefault(name, [])
+        keys_of[name] += [k for k in differing(group) if k not in keys_of[name]]
+    labels = [
+        f"{name} [" + ", ".join(f"{k}={flats[i].get(k, MISSING)}" for k in keys_of[name]) + "]"
+        if keys_of[name]
+        else name
+        for i, name in enumerate(frame[axis])
+    ]
+    used = list(dict.fromkeys(k for keys in keys_of.values() for k in keys))
+    return pd.Series(labels, index=frame.index), used
+
+
 def runs_frame(
-    runs: list[dict[str, Any]], rows: str, cols: str, metrics: dict[str, str]
+    runs: list[dict[str, Any]],
+    rows: str,
+    cols: str,
+    metrics: dict[str, str],
+    split: str = COL,
 ) -> pd.DataFrame:
-    """One row per run: its row and column labels, each metric (name -> dotted key), status."""
+    """One row per run: its row and column labels, each metric (name -> dotted key), status.
+
+    Runs of one (row, column) whose settings differ get `split` (COL or ROW) labels naming the
+    differing keys; `frame.attrs["split_keys"]` lists those keys.
+    """
     records = [
         {
             ROW: label(lookup(run, rows)),
@@ -141,8 +221,20 @@ def runs_frame(
         }
         for run in runs
     ]
-    return pd.DataFrame.from_records(
+    frame = pd.DataFrame.from_records(
         records, columns=[ROW, COL, *metrics, STATUS, "error", "run_dir"]
+    )
+    frame[split], keys = split_labels(frame, [settings(run) for run in runs], split)
+    frame.attrs["split_keys"] = keys
+    return frame
+
+
+def split_note(frame: pd.DataFrame) -> str:
+    keys = frame.attrs.get("split_keys") or []
+    if not keys:
+        return ""
+    return "Runs of one cell differ in more than the seed, so cells are split by: " + ", ".join(
+        keys
     )
 
 
@@ -158,7 +250,8 @@ def pivot(frame: pd.DataFrame, value: str, spec: str = ".3f") -> Grid:
     """Cells of `value` by (row, column) in order of appearance; several runs -> mean ± std.
 
     A cell without a number shows the status of a run that did not finish (`diverged`,
-    `failed`), else MISSING, so a hole in the table says why it is there.
+    `failed`), else MISSING, so a hole in the table says why it is there; a cell with a number
+    counts the runs beside it that did not finish (`0.900 (+1 failed)`).
     """
     rows, cols = list(pd.unique(frame[ROW])), list(pd.unique(frame[COL]))
     stats = frame.dropna(subset=[value]).pivot_table(
@@ -169,14 +262,23 @@ def pivot(frame: pd.DataFrame, value: str, spec: str = ".3f") -> Grid:
         return stats.get(name, pd.DataFrame()).reindex(index=rows, columns=cols)
 
     mean, std, count = part("mean"), part("std"), part("count").fillna(0)
-    unfinished = frame[frame[STATUS] != FINISHED].groupby([ROW, COL])[STATUS].first()
+    bad = frame[frame[STATUS] != FINISHED]
+    unfinished = bad.groupby([ROW, COL])[STATUS].first()
+    bad_counts = bad.groupby([ROW, COL, STATUS]).size()
+
+    def beside(r: str, c: str) -> str:
+        """` (+1 failed, +2 running)`: the runs of the cell that left no number."""
+        if (r, c) not in unfinished.index:
+            return ""
+        counts = bad_counts.loc[(r, c)]
+        return " (" + ", ".join(f"+{n} {status}" for status, n in counts.items()) + ")"
 
     def cell(r: str, c: str) -> str:
         n = count.at[r, c]
         if n > 1:
-            return f"{mean.at[r, c]:{spec}} ± {std.at[r, c]:{spec}}"
+            return f"{mean.at[r, c]:{spec}} ± {std.at[r, c]:{spec}}" + beside(r, c)
         if n == 1:
-            return f"{mean.at[r, c]:{spec}}"
+            return f"{mean.at[r, c]:{spec}}" + beside(r, c)
         return unfinished.get((r, c), MISSING)
 
     text = pd.DataFrame([[cell(r, c) for c in cols] for r in rows], index=rows, columns=cols)
@@ -277,6 +379,7 @@ def benchmark(
         "model",
         "data.category",
         {name: key for name, (_, key, _) in BENCHMARK_METRICS.items()},
+        split=ROW,  # a method run with other settings is another method row
     )
     methods = list(pd.unique(frame[ROW]))
     done = frame[STATUS].eq(FINISHED).groupby(frame[ROW]).agg(["sum", "size"]).reindex(methods)
@@ -297,9 +400,9 @@ def benchmark(
         f"{BENCHMARK_METRICS[name][0]}\n\n" + to_markdown(table, "method")
         for name, table in tables.items()
     ]
-    failed = failed_runs(frame, find_unreported(folders))
-    if failed:
-        sections.append(failed)
+    sections += [
+        text for text in (split_note(frame), failed_runs(frame, find_unreported(folders))) if text
+    ]
     csv_dir.mkdir(parents=True, exist_ok=True)
     write_csv(summary, "method", csv_dir / "benchmark_summary.csv")
     for name, table in tables.items():
@@ -365,7 +468,8 @@ def main(argv: list[str] | None = None) -> str:
     else:
         frame = runs_frame(runs, args.rows, args.cols, {args.metric: metric_key(args.metric)})
         table = with_mean_row(pivot(frame, args.metric))
-        markdown = to_markdown(table, args.rows)
+        notes = (split_note(frame), failed_runs(frame, find_unreported(args.folders)))
+        markdown = "\n\n".join([to_markdown(table, args.rows), *filter(None, notes)])
         print(f"\n{args.metric} ({len(runs)} runs)\n\n{markdown}\n")
         csv_path = (
             Path(args.csv)

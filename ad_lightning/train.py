@@ -28,6 +28,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 import ad_lightning
 from ad_lightning.backbones.feature_store import FeatureDataModule
+from ad_lightning.config_check import validate
 from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
 from ad_lightning.models.base import AnomalyModule, DivergenceError
 from ad_lightning.outputs.artifacts import TestArtifacts, write_json
@@ -348,6 +349,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from its last.ckpt, then tests; `test_only=RUN_DIR` tests a finished fit's checkpoint.
     With `skip_done=true` a run folder whose results.json says finished is left as it is.
     """
+    validate(cfg)  # missing or out-of-range keys, named, before anything is built
     out, mode = resolve_out(cfg)
     out.mkdir(parents=True, exist_ok=True)
     previous = read_results(out)

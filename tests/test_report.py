@@ -216,3 +216,81 @@ def test_report_reads_test_label_metrics_of_new_and_older_runs(tmp_path: Path) -
         ["wood", "0.700"],
         ["mean", "0.550"],
     ]
+
+
+def set_config(folder: Path, **keys: Any) -> None:
+    """Set config keys of a fake run (`trainer__max_steps=30` -> config.trainer.max_steps)."""
+    path = folder / "results.json"
+    data = json.loads(path.read_text())
+    for dotted, value in keys.items():
+        *parents, last = dotted.split("__")
+        node = data["config"]
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path.write_text(json.dumps(data))
+
+
+def test_runs_with_other_settings_are_split_not_averaged(tmp_path: Path) -> None:
+    """Only repeats (seed, run folder, logger ids) share a cell; 30, 300 and 2000 steps do not."""
+    s = tmp_path / "s"
+    for name, category, auroc, steps, seed in [
+        ("0", "bottle", 0.60, 30, 0),
+        ("1", "bottle", 0.70, 300, 0),
+        ("2", "bottle", 0.64, 2000, 0),
+        ("3", "bottle", 0.72, 300, 1),
+        ("4", "wood", 0.80, 300, 0),
+    ]:
+        fake_run(s / name, category, "r", auroc, seed=seed)
+        set_config(
+            s / name,
+            trainer__max_steps=steps,
+            paths__output_dir=str(s / name),
+            logger__wandb__name=f"run-{name}",
+        )
+    md = main([str(s), "--cols", "model", "--no-wandb"])
+    assert cells(md) == [
+        [
+            "data.category",
+            "SkipDFR [trainer.max_steps=30]",
+            "SkipDFR [trainer.max_steps=300]",
+            "SkipDFR [trainer.max_steps=2000]",
+        ],
+        ["bottle", "0.600", "0.710 ± 0.014", "0.640"],
+        ["wood", "—", "0.800", "—"],
+        ["mean", "0.600 (1/2)", "0.755", "0.640 (1/2)"],
+    ]
+    assert "cells are split by: trainer.max_steps" in md
+
+
+def test_failed_and_interrupted_runs_are_listed_not_hidden_in_a_cell(tmp_path: Path) -> None:
+    s = tmp_path / "s"
+    fake_run(s / "0", "bottle", "r", 0.9)
+    fake_run(s / "1", "bottle", "r", 0.5, seed=1, status="failed", error="RuntimeError: boom\n..")
+    fake_run(s / "2", "bottle", "r", 0.5, seed=2, status="running")  # killed: never finished
+    fake_run(s / "3", "bottle", "r", 0.5, seed=3, status="failed", error="DataLayoutError: x")
+    set_config(s / "3", data__image_size="${oc.env:SIZE}")  # failed before it was resolved
+    md = main([str(s), "--cols", "model", "--no-wandb"])
+    assert cells(md) == [["data.category", "SkipDFR"], ["bottle", "0.900 (+2 failed, +1 running)"]]
+    listed = md.split("Runs that did not finish")[1]
+    assert "(3 of 4)" in listed
+    assert f"`{s / '1'}` (bottle, SkipDFR): failed: RuntimeError: boom\n" in listed
+    assert f"`{s / '2'}` (bottle, SkipDFR): running: no message" in listed
+    assert f"`{s / '3'}` (bottle, SkipDFR): failed: DataLayoutError: x" in listed
+
+
+def test_benchmark_splits_a_method_run_with_other_settings_into_its_own_row(
+    tmp_path: Path,
+) -> None:
+    sweep = tmp_path / "multirun"
+    bench_run(sweep / "0", "skip_dfr", "bottle", 0.90, 0.95, 120.0)
+    bench_run(sweep / "1", "skip_dfr", "bottle", 0.70, 0.75, 120.0)
+    set_config(sweep / "0", model__sigma=4.0)
+    set_config(sweep / "1", model__sigma=0.0)
+    md = main([str(sweep), "--benchmark", "--no-wandb"])
+    image = cells(md.split("image AUROC\n\n")[1].split("\n\n")[0])
+    assert image == [
+        ["method", "bottle"],
+        ["skip_dfr [model.sigma=4.0]", "0.900"],
+        ["skip_dfr [model.sigma=0.0]", "0.700"],
+    ]
