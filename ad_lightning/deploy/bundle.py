@@ -7,7 +7,8 @@ input preprocessing (size, channels, normalisation, the registration reference i
 thresholds learned from normal images, and the facts of the run. It holds only tensors and
 plain Python values, so it loads with `torch.load(weights_only=True)`: no pickled code.
 Loading needs no dataset and no Hydra config (only `hydra.utils.instantiate` on the
-stored config).
+stored config, after deploy/trusted.py has checked that it builds only our own methods
+and backbones: a model file from elsewhere cannot call anything else).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from ad_lightning.data.datamodule import read_image
 from ad_lightning.data.registration import register_to_reference
 from ad_lightning.data.transforms import build_transform, normalization
+from ad_lightning.deploy.trusted import trusted_model_config
 from ad_lightning.models.base import AnomalyModule
 
 FORMAT = "ad_lightning.model/1"
@@ -183,7 +185,8 @@ def load_bundle(model: str | Path, device: str | torch.device = "cpu") -> Bundle
         raise ValueError(
             f"{path} is not an ad_lightning model file (format {FORMAT}); Lightning checkpoints (checkpoints/*.ckpt) are not model files: pass the run folder"
         )
-    built = hydra.utils.instantiate(_mark_backbones_bundled(payload["model_config"]))
+    config = trusted_model_config(payload.get("model_config"), path)  # before anything is built
+    built = hydra.utils.instantiate(_mark_backbones_bundled(config))
     built.load_state_dict(payload["state_dict"], strict=True)
     pre = payload["preprocess"]
     preprocess = Preprocess(
