@@ -9,10 +9,15 @@ import hydra
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_run import compose_cfg
+from test_run import CONF, compose_cfg
 
 from ad_lightning.deploy.bundle import Preprocess, load_bundle, save_bundle
-from ad_lightning.deploy.trusted import UntrustedModelFile
+from ad_lightning.deploy.trusted import (
+    UntrustedModelFile,
+    is_method,
+    locate_own,
+    trusted_model_config,
+)
 from ad_lightning.export import main as export_main
 from ad_lightning.predict import main as predict_main
 
@@ -190,3 +195,27 @@ def test_predict_and_export_refuse_a_crafted_model_file(legit: Path, tmp_path: P
         export_main([f"model={folder}"])
     assert not dest.exists() and not (tmp_path / "out").exists()
     assert not (folder / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(CONF) / "model").glob("*.yaml")))
+def test_every_method_config_passes_the_check(name: str) -> None:
+    """What a run of any method stores (its resolved model config) is let through unchanged:
+    the check follows the code and the configs, with no list to keep up to date."""
+    cfg = compose_cfg(Path("."), f"model={name}", "backbone=resnet18")
+    config = OmegaConf.to_container(cfg.model, resolve=True)
+    checked = trusted_model_config(config, Path("model.pt"))
+    assert is_method(locate_own(checked["_target_"]))
+    assert checked == canonical(config)
+
+
+def canonical(node: Any) -> Any:
+    """`node` with each `_target_` spelled as its class's module and name."""
+    if isinstance(node, list):
+        return [canonical(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: canonical(v) for k, v in node.items()}
+    if "_target_" in out:
+        cls = locate_own(out["_target_"])
+        out["_target_"] = f"{cls.__module__}.{cls.__qualname__}"
+    return out
