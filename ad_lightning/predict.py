@@ -3,11 +3,14 @@ input=FOLDER_OR_GLOB out=DIR`.
 
 Writes `out/predictions.csv` (file, score, verdict, threshold, error), and for methods with
 anomaly maps a heat-map overlay and a binary mask per image at the image's own size
-(`out/overlays/`, `out/masks/`, mirroring the input's sub-folders; for a model trained on
-registered images, in the frame of its reference image). An unreadable image is
-reported by name and the others are still scored; the failures are listed at the end and
-the exit status is 1 when any input failed. `engine=onnx` scores with onnxruntime from the
-run's exported `model.onnx` (python -m ad_lightning.export).
+(`out/overlays/`, `out/masks/`, mirroring the input's sub-folders, named after the input
+with its extension, `a.jpg` -> `a.jpg.png`, so that `a.jpg` and `a.png` keep one each; for
+a model trained on registered images, in the frame of its reference image). An
+unreadable image (corrupt, a symlink that loops or dangles) or sub-folder is reported by
+name in the log and in predictions.csv's error column, and the others are still scored;
+the failures are listed at the end and the exit status is 1 when any input failed.
+`engine=onnx` scores with onnxruntime from the run's exported `model.onnx`
+(python -m ad_lightning.export).
 """
 
 from __future__ import annotations
@@ -56,33 +59,54 @@ class PredictArgs:
     masks: bool = True  # binary masks at the pixel threshold (methods with maps)
 
 
-def find_inputs(pattern: str, out: Path) -> tuple[list[Path], Path]:
-    """Image files of a folder (recursive), a glob or a file, and the folder names are
-    taken relative to; never the files of an earlier predict's `out` inside that folder;
-    a clear error when nothing matches."""
+def _resolved(path: Path) -> Path | None:
+    """The real path, or None when it cannot be resolved (a symlink loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: "Symlink loop" (Python < 3.13)
+        return None
+
+
+def _walk_images(folder: Path, skip: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Image files under `folder` (symlinked folders not followed, as rglob) without the
+    `skip` folder; and each sub-folder that could not be listed, with why."""
+    files: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
+
+    def record(err: OSError) -> None:
+        unreadable.append((Path(err.filename), f"cannot list folder {err.filename}: {err}"))
+
+    for parent, dirs, names in os.walk(folder, onerror=record):
+        dirs[:] = sorted(d for d in dirs if _resolved(Path(parent) / d) != skip)
+        files.extend(Path(parent) / n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(files), unreadable
+
+
+def find_inputs(pattern: str, out: Path) -> tuple[list[Path], Path, list[tuple[Path, str]]]:
+    """Image files of a folder (recursive), a glob or a file, the folder names are taken
+    relative to, and the sub-folders that could not be listed; never the files of an earlier
+    predict's `out` inside that folder; a clear error when nothing matches. Files are
+    listed by name, never opened or resolved here: a looping symlink or an unreadable file
+    is listed, and fails by name when it is read."""
     path = Path(pattern).expanduser()
+    unreadable: list[tuple[Path, str]] = []
     if path.is_dir():
-        skip = out.resolve()
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS and skip not in p.resolve().parents
-        )
+        files, unreadable = _walk_images(path, _resolved(out) or out.absolute())
         root = path
     elif path.is_file():
         files, root = [path], path.parent
-    else:
+    else:  # a glob; a link that loops or dangles is listed: it is not a folder
         files = sorted(
             Path(p)
             for p in glob.glob(str(path), recursive=True)
-            if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS
+            if not Path(p).is_dir() and Path(p).suffix.lower() in IMAGE_EXTENSIONS
         )
         root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else path
-    if not files:
+    if not files and not unreadable:
         raise SystemExit(
             f"input={pattern}: no images found (extensions {sorted(IMAGE_EXTENSIONS)}); give a folder, a glob such as 'line3/*.png', or one image file"
         )
-    return files, root
+    return files, root, unreadable
 
 
 class InputImages(Dataset):
@@ -100,7 +124,7 @@ class InputImages(Dataset):
         try:
             aligned = self.preprocess.align(read_image(path, self.preprocess.channels))
             return {"path": path, "image": self.preprocess.to_input(aligned), "original": aligned}
-        except (ImageReadError, cv2.error, ValueError) as err:
+        except (ImageReadError, OSError, cv2.error, ValueError) as err:
             return {"path": path, "error": str(err)}
 
 
@@ -156,9 +180,15 @@ class Writer:
             relative = path.relative_to(self.root)
         except ValueError:
             relative = Path(path.name)
-        target = (self.out / kind / relative).with_suffix(".png")
+        # the input's name and extension + .png: a.jpg and a.png get a.jpg.png and a.png.png
+        target = self.out / kind / relative.parent / f"{relative.name}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
+
+    @staticmethod
+    def save(target: Path, image: np.ndarray) -> None:
+        if not cv2.imwrite(str(target), image):  # OpenCV says False rather than raising
+            raise OSError(f"OpenCV could not write {target}")
 
     def write(
         self, path: Path, original: np.ndarray, amap: np.ndarray, overlays: bool, masks: bool
@@ -170,7 +200,7 @@ class Writer:
         full = cv2.resize(amap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
         above = None if self.pixel is None else full > self.pixel
         if masks and above is not None:
-            cv2.imwrite(str(self.target("masks", path)), above.astype(np.uint8) * 255)
+            self.save(self.target("masks", path), above.astype(np.uint8) * 255)
         if overlays:
             if self.pixel is None:
                 low, high = float(full.min()), float(full.min() + full.max()) / 2
@@ -186,7 +216,7 @@ class Writer:
                     above.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
                 )
                 cv2.drawContours(blended, contours, -1, (255, 255, 255), 1)
-            cv2.imwrite(str(self.target("overlays", path)), blended)
+            self.save(self.target("overlays", path), blended)
         return float("nan") if above is None else float(above.mean())
 
 
@@ -209,7 +239,7 @@ def predict(args: PredictArgs) -> int:
     else:
         raise SystemExit(f"engine={args.engine}: use torch or onnx")
     out = Path(args.out).expanduser()
-    files, root = find_inputs(args.input, out)
+    files, root, unlisted = find_inputs(args.input, out)
     out.mkdir(parents=True, exist_ok=True)
     if pixel is None and not bundle.thresholds and (args.masks or args.overlays):
         log.warning(
@@ -222,8 +252,12 @@ def predict(args: PredictArgs) -> int:
         num_workers=args.num_workers,
         collate_fn=collate,
     )
-    rows: list[dict[str, Any]] = []
-    failed: list[tuple[Path, str]] = []
+    failed: list[tuple[Path, str]] = list(unlisted)
+    rows: list[dict[str, Any]] = [
+        {"file": str(p), "verdict": "error", "error": e} for p, e in unlisted
+    ]
+    for path, error in unlisted:
+        log.error("cannot score the images of %s: %s", path, error)
     name = bundle.model.primary_score
     log.info(
         "%s (%s) on %d images; threshold %s > %.6g",
@@ -259,9 +293,14 @@ def predict(args: PredictArgs) -> int:
                 "score_name": name,
             }
             if maps is not None:
-                row["anomalous_pixel_fraction"] = writer.write(
-                    path, batch["originals"][i], maps[i], args.overlays, args.masks
-                )
+                try:
+                    row["anomalous_pixel_fraction"] = writer.write(
+                        path, batch["originals"][i], maps[i], args.overlays, args.masks
+                    )
+                except (OSError, cv2.error) as err:  # the score stands; the outputs failed
+                    row["error"] = f"overlay or mask of {path} not written: {err}"
+                    log.error(row["error"])
+                    failed.append((path, row["error"]))
                 row["pixel_threshold"] = pixel
             rows.append(row)
     fields = [
@@ -279,11 +318,12 @@ def predict(args: PredictArgs) -> int:
         writer_csv.writeheader()
         writer_csv.writerows(sorted(rows, key=lambda r: r["file"]))
     n_anomalous = sum(r["verdict"] == "anomalous" for r in rows)
+    n_scored = sum(r["verdict"] != "error" for r in rows)
     log.info(
         "%d scored (%d anomalous, %d normal), %d failed -> %s",
-        len(rows) - len(failed),
+        n_scored,
         n_anomalous,
-        len(rows) - len(failed) - n_anomalous,
+        n_scored - n_anomalous,
         len(failed),
         out / "predictions.csv",
     )

@@ -7,7 +7,8 @@ input preprocessing (size, channels, normalisation, the registration reference i
 thresholds learned from normal images, and the facts of the run. It holds only tensors and
 plain Python values, so it loads with `torch.load(weights_only=True)`: no pickled code.
 Loading needs no dataset and no Hydra config (only `hydra.utils.instantiate` on the
-stored config).
+stored config, after deploy/trusted.py has checked that it builds only our own methods
+and backbones: a model file from elsewhere cannot call anything else).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from ad_lightning.data.datamodule import read_image
 from ad_lightning.data.registration import register_to_reference
 from ad_lightning.data.transforms import build_transform, normalization
+from ad_lightning.deploy.trusted import trusted_model_config
 from ad_lightning.models.base import AnomalyModule
 
 FORMAT = "ad_lightning.model/1"
@@ -161,15 +163,50 @@ def save_bundle(
     return path
 
 
+def _run_status(folder: Path) -> dict[str, Any]:
+    """results.json of a run folder, or {} when there is none or it cannot be read."""
+    try:
+        results = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return results if isinstance(results, dict) else {}
+
+
+def missing_model_advice(folder: Path) -> str:
+    """What a run folder without a model file needs, from what the folder holds: its last
+    checkpoint can be tested (test_only writes the model file); without one the run must be
+    run again."""
+    results = _run_status(folder)
+    status = results.get("status")
+    ended = f" (results.json: status {status}: {results.get('error', 'no error recorded')})"
+    ended = ended if status in ("failed", "diverged") else ""
+    if (folder / "checkpoints" / "last.ckpt").exists():
+        return (
+            f"{folder} holds no {FILE_NAME}: runs write it after testing{ended}. Test its last "
+            f"checkpoint, which writes it: `python run.py test_only={folder}` (with that run's "
+            "overrides)."
+        )
+    if status in ("failed", "diverged"):
+        return (
+            f"{folder} holds no {FILE_NAME}: its run failed before training produced a "
+            f"checkpoint{ended}, so there is no model to score with. Fix the cause and run it "
+            "again (python run.py with that run's overrides)."
+        )
+    return (
+        f"{folder} holds no {FILE_NAME} and no checkpoints/last.ckpt"
+        f"{f' (results.json: status {status})' if status else ''}: a run writes its model "
+        "file after testing; this run has not produced one. Wait for it to finish, or run it "
+        "again."
+    )
+
+
 def bundle_path(model: str | Path) -> Path:
     """A run folder or a model file -> the model file; a clear error when there is none."""
     path = Path(model).expanduser()
     if path.is_dir():
         path = path / FILE_NAME
         if not path.exists():
-            raise FileNotFoundError(
-                f"{path.parent} holds no {FILE_NAME}: runs write it after testing. For a run made before model files existed, write it with `python run.py test_only={path.parent}` (with that run's overrides)."
-            )
+            raise FileNotFoundError(missing_model_advice(path.parent))
     elif not path.exists():
         raise FileNotFoundError(f"model={model}: no such run folder or model file")
     return path
@@ -183,7 +220,8 @@ def load_bundle(model: str | Path, device: str | torch.device = "cpu") -> Bundle
         raise ValueError(
             f"{path} is not an ad_lightning model file (format {FORMAT}); Lightning checkpoints (checkpoints/*.ckpt) are not model files: pass the run folder"
         )
-    built = hydra.utils.instantiate(_mark_backbones_bundled(payload["model_config"]))
+    config = trusted_model_config(payload.get("model_config"), path)  # before anything is built
+    built = hydra.utils.instantiate(_mark_backbones_bundled(config))
     built.load_state_dict(payload["state_dict"], strict=True)
     pre = payload["preprocess"]
     preprocess = Preprocess(

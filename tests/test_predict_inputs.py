@@ -1,0 +1,157 @@
+"""predict on awkward input folders: every unreadable path is named and skipped, the rest is
+scored, and no output replaces another's; and what a run folder without a model file needs."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+from test_run import compose_cfg
+
+from ad_lightning.deploy.bundle import Preprocess, load_bundle, save_bundle
+from ad_lightning.predict import main as predict_main
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder holding the model file of an untrained AE (scores and maps without a fit)
+    with thresholds, as a finished run's."""
+    folder = tmp_path_factory.mktemp("run")
+    cfg = compose_cfg(folder, "model=ae", f"data.image_size={SIZE}")
+    model = hydra.utils.instantiate(cfg.model)
+    thresholds = {"image": {"value": 0.05}, "pixel": {"value": 0.05, "normal_median": 0.01}}
+    save_bundle(
+        folder / "model.pt",
+        model,
+        OmegaConf.to_container(cfg.model, resolve=True),
+        Preprocess((SIZE, SIZE), 3, "none"),
+        thresholds,
+        {},
+    )
+    return folder
+
+
+def image(path: Path, width: int, height: int, seed: int) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def predictions(out: Path) -> dict[str, dict[str, str]]:
+    with (out / "predictions.csv").open() as f:
+        return {r["file"]: r for r in csv.DictReader(f)}
+
+
+def predict(run_dir: Path, input: Path | str, out: Path) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main([f"model={run_dir}", f"input={input}", f"out={out}"])
+    return exit_info.value.code
+
+
+def test_symlink_loops_are_named_and_the_rest_is_scored(run_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    image(folder / "good1.png", 40, 30, 0)
+    image(folder / "sub" / "good2.png", 40, 30, 1)
+    (folder / "loop_a.png").symlink_to("loop_b.png")
+    (folder / "loop_b.png").symlink_to("loop_a.png")
+    (folder / "self.jpg").symlink_to("self.jpg")
+    (folder / "dangling.png").symlink_to("missing.png")
+    (folder / "d1").symlink_to("d2")  # a looping folder link
+    (folder / "d2").symlink_to("d1")
+    broken = {"loop_a.png", "loop_b.png", "self.jpg", "dangling.png"}
+    for input, out in ((folder, tmp_path / "out"), (f"{folder}/*", tmp_path / "out_glob")):
+        assert predict(run_dir, input, out) == 1  # something failed
+        rows = predictions(out)
+        scored = {Path(f).name for f, r in rows.items() if r["verdict"] != "error"}
+        errors = {Path(f).name: r["error"] for f, r in rows.items() if r["verdict"] == "error"}
+        assert scored == ({"good1.png", "good2.png"} if out.name == "out" else {"good1.png"})
+        assert set(errors) == broken
+        assert all(name in error for name, error in errors.items())  # each names its file
+        assert (out / "overlays" / "good1.png.png").is_file()
+
+
+def test_same_name_with_other_extensions_keep_one_output_each(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    image(folder / "a.jpg", 40, 30, 0)
+    image(folder / "a.png", 50, 20, 1)
+    out = tmp_path / "out"
+    assert predict(run_dir, folder, out) == 0
+    assert set(predictions(out)) == {str(folder / "a.jpg"), str(folder / "a.png")}
+    for kind in ("overlays", "masks"):
+        assert sorted(p.name for p in (out / kind).iterdir()) == ["a.jpg.png", "a.png.png"]
+        # each output is its own image's, at that image's size
+        assert Image.open(out / kind / "a.jpg.png").size == (40, 30)
+        assert Image.open(out / kind / "a.png.png").size == (50, 20)
+
+
+def test_an_unlistable_sub_folder_is_named(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "in"
+    image(folder / "good.png", 40, 30, 0)
+    image(folder / "locked" / "hidden.png", 40, 30, 1)
+    real_scandir = os.scandir
+
+    def scandir(path=None):  # as a folder without read permission (tests run as root)
+        if Path(path) == folder / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "out"
+    assert predict(run_dir, folder, out) == 1
+    rows = predictions(out)
+    assert rows[str(folder / "good.png")]["verdict"] in ("normal", "anomalous")
+    locked = rows[str(folder / "locked")]
+    assert locked["verdict"] == "error" and "Permission denied" in locked["error"]
+
+
+def test_an_output_that_cannot_be_written_is_named_and_the_rest_is_scored(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    image(folder / "a.png", 40, 30, 0)
+    image(folder / "b" / "b.png", 40, 30, 1)
+    out = tmp_path / "out"
+    (out / "overlays").mkdir(parents=True)
+    (out / "overlays" / "b").write_text("a file where b's overlay folder would go")
+    assert predict(run_dir, folder, out) == 1
+    rows = predictions(out)
+    assert rows[str(folder / "a.png")]["error"] == ""
+    b = rows[str(folder / "b" / "b.png")]
+    assert b["score"] != "" and "overlay or mask of" in b["error"] and "b.png" in b["error"]
+    assert (out / "overlays" / "a.png.png").is_file()
+
+
+def failed_run(folder: Path, error: str) -> Path:
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"status": "failed", "error": error}))
+    return folder
+
+
+def test_a_run_that_failed_before_a_checkpoint_is_told_to_run_again(tmp_path: Path) -> None:
+    error = "ValueError: data.root=/nowhere: no such folder"
+    folder = failed_run(tmp_path / "failed", error)
+    with pytest.raises(FileNotFoundError) as info:
+        load_bundle(folder)
+    message = str(info.value)
+    assert "failed before training produced a checkpoint" in message
+    assert error in message and "run it again" in message
+    assert "test_only" not in message  # test_only needs checkpoints/last.ckpt
+
+
+def test_a_run_with_a_checkpoint_is_told_to_test_it(tmp_path: Path) -> None:
+    folder = failed_run(tmp_path / "failed_in_test", "RuntimeError: out of memory")
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=f"test_only={folder}"):
+        load_bundle(folder)
