@@ -127,3 +127,12 @@ def test_two_runs_started_at_once_write_two_folders(tmp_path: Path) -> None:
     results = sorted((tmp_path / "outputs" / "runs").glob("*/results.json"))
     assert len(results) == 2
     assert all(json.loads(p.read_text())["status"] == "finished" for p in results)
+
+
+def test_runs_composed_in_the_same_second_get_their_own_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    dirs = [compose_cfg(tmp_path, *TINY).hydra.run.dir for _ in range(2)]
+    assert dirs[0] != dirs[1] and all(Path(d).is_dir() for d in dirs)
+    assert all(Path(d).name.startswith(Path(dirs[0]).name[:19]) for d in dirs)  # same timestamp
