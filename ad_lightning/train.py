@@ -2,7 +2,9 @@
 
 `run(cfg)` is what run.py calls under Hydra; tests call it through Hydra's compose API. It
 strings together prepare -> fit -> choose_checkpoint -> test -> write, and the resume and
-test-only modes reuse the same pieces.
+test-only modes reuse the same pieces. A finished run's files are never written over: a new
+run refuses a folder holding a finished run, resume refuses a finished run, and test-only
+writes into a new `rescore-N` subfolder of the run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 
@@ -30,11 +32,15 @@ import ad_lightning
 from ad_lightning.backbones.feature_store import FeatureDataModule
 from ad_lightning.config_check import validate
 from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
+from ad_lightning.interrupt import InterruptCheckpoint, interrupt_record, is_interrupt
 from ad_lightning.models.base import AnomalyModule, DivergenceError
 from ad_lightning.outputs.artifacts import TestArtifacts, write_json
 from ad_lightning.outputs.timing import EpochTimer
+from ad_lightning.run_config import merge_run_config
+from ad_lightning.run_folder import register_resolvers, rescore_out
 
 log = logging.getLogger(__name__)
+register_resolvers()  # conf/config.yaml names its run folders through them
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -91,10 +97,12 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
     return loggers
 
 
-def build_callbacks(cfg: DictConfig, model: AnomalyModule, out: Path) -> list[pl.Callback]:
+def build_callbacks(
+    cfg: DictConfig, model: AnomalyModule, out: Path, ckpt_dir: Path
+) -> list[pl.Callback]:
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(
-            dirpath=out / "checkpoints",
+            dirpath=ckpt_dir,
             monitor=model.monitor,
             mode="min",
             save_last=True,
@@ -103,6 +111,7 @@ def build_callbacks(cfg: DictConfig, model: AnomalyModule, out: Path) -> list[pl
         ),
         TestArtifacts(str(out), n_heatmaps=cfg.eval.n_heatmaps),
         EpochTimer(),
+        InterruptCheckpoint(ckpt_dir, save=model.trains_by_gradient),
     ]
     for conf in (cfg.get("callbacks") or {}).values():
         if conf is None:
@@ -143,13 +152,15 @@ class Job:
     """Everything one run builds from its config, handed from step to step."""
 
     cfg: DictConfig
-    out: Path
+    out: Path  # where this run writes
+    ckpt_dir: Path  # the checkpoints it fits into or scores (a re-score: the run's own)
     datamodule: Any
     fit_data: Any
     model: AnomalyModule
     loggers: list[Any]
     checkpoint: ModelCheckpoint
     timer: EpochTimer
+    interrupt: InterruptCheckpoint
     trainer: pl.Trainer
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -162,22 +173,86 @@ def read_results(out: Path) -> dict[str, Any] | None:
         return None
 
 
-def resolve_out(cfg: DictConfig) -> tuple[Path, str]:
-    """The run folder and the mode: `train`, `resume` (a killed fit) or `test` (test only)."""
+def split_hydra(cfg: DictConfig) -> tuple[DictConfig, list[str] | None]:
+    """The task config without a `hydra` node (compose API with return_hydra_config), and the
+    command-line overrides when known: resume and test-only apply only those on the run's."""
+    if HydraConfig.initialized():
+        return cfg, list(HydraConfig.get().overrides.task)
+    if "hydra" not in cfg:
+        return cfg, None
+    overrides = list(cfg.hydra.overrides.task)
+    task = cfg.copy()
+    with open_dict(task):
+        del task["hydra"]
+    return task, overrides
+
+
+def rerun_command(cfg: DictConfig, overrides: list[str] | None) -> str:
+    """The command that starts this run again from scratch (or re-scores again)."""
+    if cfg.get("test_only"):
+        return f"python run.py test_only={cfg.test_only}"
+    if overrides is None:
+        return "the same command or config as this run"
+    return " ".join(["python run.py", *(o for o in overrides if not o.startswith("resume="))])
+
+
+def resolve_out(cfg: DictConfig, overrides: list[str] | None) -> tuple[DictConfig, Path, Path, str]:
+    """The config to run, the folder it writes, its checkpoint folder and the mode: `train`,
+    `resume` (an unfinished fit, in its own folder) or `test` (a re-score, in RUN/rescore-N)."""
     if cfg.get("resume") and cfg.get("test_only"):
         raise ValueError("give resume=RUN_DIR or test_only=RUN_DIR, not both")
-    for key, mode in (("resume", "resume"), ("test_only", "test")):
-        if cfg.get(key):
-            folder = Path(cfg[key])
-            if not (folder / "checkpoints" / "last.ckpt").exists():
-                raise FileNotFoundError(
-                    f"{key}={folder}: no checkpoints/last.ckpt there; pass the folder of a run whose fit started (it holds results.json and checkpoints/)"
-                )
-            return folder, mode
-    return run_dir(cfg), "train"
+    if not (cfg.get("resume") or cfg.get("test_only")):
+        out = run_dir(cfg)
+        return set_output_dir(cfg, out), out, out / "checkpoints", "train"
+    key, mode = ("resume", "resume") if cfg.get("resume") else ("test_only", "test")
+    folder = Path(cfg[key])
+    previous = read_results(folder) or {}
+    if not (folder / "checkpoints" / "last.ckpt").exists():
+        if previous.get("status") == "interrupted":
+            raise FileNotFoundError(
+                f"{key}={folder}: nothing to resume, it was interrupted before any checkpoint; "
+                f"restart with: {previous.get('restart_command') or 'its original command'}"
+            )
+        raise FileNotFoundError(
+            f"{key}={folder}: no checkpoints/last.ckpt there; pass the folder of a run whose fit started (it holds results.json and checkpoints/)"
+        )
+    if mode == "resume" and previous.get("status") == "finished":
+        raise ValueError(
+            f"resume={folder}: that run is finished and is not trained over; "
+            f"re-score it with test_only={folder} (written to a rescore-N subfolder)"
+        )
+    if mode == "resume":
+        out = folder
+    else:
+        out = rescore_out(folder, run_dir(cfg) if HydraConfig.initialized() else None)
+    try:
+        merged = merge_run_config(mode, folder, set_output_dir(cfg, out), overrides)
+    except Exception:
+        if out != folder and not any(out.iterdir()):
+            out.rmdir()  # the rescore folder made for nothing
+        raise
+    return merged, out, folder / "checkpoints", mode
 
 
-def prepare(cfg: DictConfig, out: Path) -> Job:
+def set_output_dir(cfg: DictConfig, out: Path) -> DictConfig:
+    """paths.output_dir fixed to the run folder before anything resolves the config: its
+    default `${ad.unique_dir:...}` claims a new folder each time it is resolved afresh."""
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+def refuse_finished(out: Path, previous: dict[str, Any] | None) -> None:
+    """A new run never writes over a finished one (an explicit folder reused by mistake)."""
+    if previous and previous.get("status") == "finished":
+        raise FileExistsError(
+            f"{out} holds a finished run (results.json); it is not overwritten: choose another "
+            "folder (paths.output_dir or hydra.run.dir), re-score it with test_only=, or pass "
+            "skip_done=true to leave it"
+        )
+
+
+def prepare(cfg: DictConfig, out: Path, ckpt_dir: Path | None = None) -> Job:
     """Data (validated before any training), model, loggers, callbacks, trainer."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -191,19 +266,22 @@ def prepare(cfg: DictConfig, out: Path) -> Job:
         cfg.protocol, cfg.eval.false_alarm_rate, cfg.eval.kept_map_size, cfg.eval.threshold
     )
     loggers = build_loggers(cfg, out)
-    callbacks = build_callbacks(cfg, model, out)
+    ckpt_dir = ckpt_dir or out / "checkpoints"
+    callbacks = build_callbacks(cfg, model, out, ckpt_dir)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out)
     )
     job = Job(
         cfg,
         out,
+        ckpt_dir,
         datamodule,
         with_feature_store(datamodule, model, cfg, out),
         model,
         loggers,
         callbacks[0],
         callbacks[2],
+        callbacks[3],
         trainer,
     )
     job.results = start_results(job)
@@ -257,9 +335,9 @@ def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
     """The checkpoint to score: lowest validation loss (leak_free) or the last epoch (paper).
     Methods without gradient training are scored as fitted in memory (None), or from their
     last.ckpt when nothing was fitted in this process (test-only)."""
-    model, cfg, out = job.model, job.cfg, job.out
+    model, cfg, ckpt_dir = job.model, job.cfg, job.ckpt_dir
     if not model.trains_by_gradient:
-        ckpt_path = None if fitted else str(out / "checkpoints" / "last.ckpt")
+        ckpt_path = None if fitted else str(ckpt_dir / "last.ckpt")
         job.results["checkpoint"] = {
             "scored": ckpt_path or "in-memory model after fit",
             "selection": "statistics of one pass (no gradient training)",
@@ -269,9 +347,9 @@ def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
         return ckpt_path
     best = job.checkpoint.best_model_path
     if not best:  # test-only: the callback did not run; read the folder
-        found = sorted((out / "checkpoints").glob("best-*.ckpt"))
+        found = sorted(ckpt_dir.glob("best-*.ckpt"))
         best = str(found[-1]) if found else ""
-    last = job.checkpoint.last_model_path or str(out / "checkpoints" / "last.ckpt")
+    last = job.checkpoint.last_model_path or str(ckpt_dir / "last.ckpt")
     ckpt_path = best if cfg.protocol == "leak_free" and best else last
     job.results["checkpoint"] = {
         "scored": ckpt_path,
@@ -345,33 +423,47 @@ def write(job: Job) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration; return what results.json holds.
 
-    Modes: a new run (fit, choose checkpoint, test); `resume=RUN_DIR` continues a killed fit
-    from its last.ckpt, then tests; `test_only=RUN_DIR` tests a finished fit's checkpoint.
-    With `skip_done=true` a run folder whose results.json says finished is left as it is.
+    Modes: a new run (fit, choose checkpoint, test) in a folder of its own; `resume=RUN_DIR`
+    continues an unfinished fit from its last.ckpt with the run's own config, then tests, in
+    RUN_DIR; `test_only=RUN_DIR` scores its checkpoint again with the run's config into
+    RUN_DIR/rescore-N. With `skip_done=true` a finished run folder is left as it is.
     """
+    cfg, overrides = split_hydra(cfg)
+    cfg, out, ckpt_dir, mode = resolve_out(cfg, overrides)
     validate(cfg)  # missing or out-of-range keys, named, before anything is built
-    out, mode = resolve_out(cfg)
+    rescore_of = Path(cfg.test_only) if mode == "test" else None
     out.mkdir(parents=True, exist_ok=True)
-    previous = read_results(out)
-    if cfg.get("skip_done") and previous and previous.get("status") == "finished":
-        log.info("skip_done: %s is finished; not run again", out)
-        return previous
+    previous = read_results(rescore_of or out)
+    if mode == "train":
+        if cfg.get("skip_done") and previous and previous.get("status") == "finished":
+            log.info("skip_done: %s is finished; not run again", out)
+            return previous
+        refuse_finished(out, previous)
     try:
-        job = prepare(cfg, out)
+        job = prepare(cfg, out, ckpt_dir)
     except Exception as err:  # bad data or config: recorded before any training starts
-        write_json(
-            out / "results.json",
-            {
-                "status": "failed",
-                "error": f"{type(err).__name__}: {err}",
-                "run_dir": str(out),
-                "choices": config_choices(),
-                "config": OmegaConf.to_container(cfg, resolve=False),
-            },
-        )
+        if mode != "resume":  # a resumed run's results.json stays as it was
+            write_json(
+                out / "results.json",
+                {
+                    "status": "failed",
+                    "error": f"{type(err).__name__}: {err}",
+                    "run_dir": str(out),
+                    "choices": config_choices(),
+                    "config": OmegaConf.to_container(cfg, resolve=False),
+                },
+            )
         raise
     if mode != "train" and previous:
         job.results["previous_status"] = previous.get("status")
+        if previous.get("choices"):
+            job.results["choices"] = previous["choices"]
+    if rescore_of:
+        job.results["rescore_of"] = str(rescore_of)
+    if mode == "train":
+        job.results["restart_command"] = rerun_command(cfg, overrides)
+    elif previous and previous.get("restart_command"):
+        job.results["restart_command"] = previous["restart_command"]
     write(job)  # status: running
     try:
         if mode == "test":
@@ -380,19 +472,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     job.results[key] = previous[key]
             job.results.setdefault("timings", {})["test_only"] = True
         else:
-            fit(job, str(out / "checkpoints" / "last.ckpt") if mode == "resume" else None)
+            fit(job, str(ckpt_dir / "last.ckpt") if mode == "resume" else None)
         test(job, choose_checkpoint(job, fitted=mode != "test"))
     except DivergenceError as err:
         job.results.update(
             status="diverged",
             error=str(err),
-            last_checkpoint=str(out / "checkpoints" / "last.ckpt"),
+            last_checkpoint=str(ckpt_dir / "last.ckpt"),
         )
         write(job)
         finish_loggers(job.loggers, "failed")
         raise
     except BaseException as err:  # noqa: BLE001 - recorded, then re-raised
-        job.results.update(status="failed", error=f"{type(err).__name__}: {err}")
+        if is_interrupt(err, job.interrupt):
+            rerun = job.results.get("restart_command") or rerun_command(cfg, overrides)
+            job.results.update(interrupt_record(out, ckpt_dir, job.interrupt, rerun))
+            log.warning("interrupted; %s", job.results.get("resume_command") or job.results["note"])
+        else:
+            job.results.update(status="failed", error=f"{type(err).__name__}: {err}")
         write(job)
         finish_loggers(job.loggers, "failed")
         raise

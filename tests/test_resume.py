@@ -60,21 +60,22 @@ def test_killed_fit_resumes_to_the_scores_of_an_uninterrupted_run(tmp_path: Path
     assert saved["status"] == "failed" and "simulated kill" in saved["error"]
     assert (killed / "checkpoints" / "last.ckpt").exists() and not (killed / "scores.csv").exists()
 
-    resumed = run(
-        compose_cfg(tmp_path / "other", *SMALL, "trainer.max_epochs=4", f"resume={killed}")
-    )
+    # the run's own config, without its simulated kill (callbacks may be changed on resume)
+    resumed = run(compose_cfg(tmp_path / "other", f"resume={killed}", "+callbacks.kill=null"))
     assert resumed["status"] == "finished" and resumed["previous_status"] == "failed"
+    assert resumed["run_dir"] == str(killed) and not (tmp_path / "other").exists()
     assert resumed["timings"]["resumed_from"].endswith("last.ckpt")
     assert 0 < resumed["timings"]["epoch_s"]["n"] < 4  # only the epochs after last.ckpt
+    # each epoch timed from its own start: none longer than the resumed fit
+    assert resumed["timings"]["epoch_s"]["total"] <= resumed["timings"]["fit_s"]
     assert scores(killed) == scores(full)
 
 
 def test_test_only_rescores_a_run_folder_and_skip_done_leaves_it(tmp_path: Path) -> None:
     first = run(compose_cfg(tmp_path, *SMALL, "trainer.max_epochs=2"))
-    (tmp_path / "scores.csv").unlink()
     again = run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={tmp_path}"))
     assert again["timings"]["test_only"] and again["metrics"] == first["metrics"]
-    assert (tmp_path / "scores.csv").exists()
+    assert scores(tmp_path / "rescore-1") == scores(tmp_path)
     stamp = (tmp_path / "results.json").stat().st_mtime_ns
     skipped = run(compose_cfg(tmp_path, *SMALL, "trainer.max_epochs=2", "skip_done=true"))
     assert skipped["status"] == "finished"

@@ -19,9 +19,12 @@ CONF = str(ROOT / "conf")
 
 
 def compose_cfg(tmp_path: Path, *overrides: str):
+    """The config run.py would get, with the hydra node (its overrides tell resume and
+    test_only which settings the command line gave; run() drops the node)."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose(
             "config",
+            return_hydra_config=True,
             overrides=[
                 "logger=csv",
                 "trainer.enable_progress_bar=false",
@@ -255,8 +258,8 @@ def test_ddp_scores_a_gradient_trained_model_like_one_process(tmp_path: Path) ->
         if args is train:
             single = _scores_by_path(tmp_path / "single", "residual_max")
     assert "MEMBER: 2/2" in proc.stderr + (tmp_path / "ddp_hydra" / "run.log").read_text()
-    rescored = _scores_by_path(tmp_path / "single", "residual_max")
-    saved = json.loads((tmp_path / "single" / "results.json").read_text())
+    rescored = _scores_by_path(tmp_path / "single" / "rescore-1", "residual_max")
+    saved = json.loads((tmp_path / "single" / "rescore-1" / "results.json").read_text())
     assert saved["status"] == "finished" and saved["timings"]["test_only"]
     assert len(rescored) == len(single) == saved["data"]["n_test"]
     for path, value in single.items():

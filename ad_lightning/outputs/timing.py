@@ -11,11 +11,15 @@ import pytorch_lightning as pl
 
 class EpochTimer(pl.Callback):
     """Logs `time/epoch_s` per training epoch (validation excluded), so the cost of an epoch is
-    seen apart from one-off costs such as the feature pass."""
+    seen apart from one-off costs such as the feature pass.
+
+    An epoch is timed only if its start was seen: a fit resumed from a checkpoint written after
+    the epoch's last batch re-enters at `on_train_epoch_end` alone, and timing that from no
+    start recorded the clock's whole count (a "first epoch" longer than the fit)."""
 
     def __init__(self) -> None:
         self.epoch_s: list[float] = []
-        self._start = 0.0
+        self._start: float | None = None
         self._val_start = 0.0
         self._val_s = 0.0
 
@@ -29,8 +33,11 @@ class EpochTimer(pl.Callback):
         self._val_s += time.perf_counter() - self._val_start
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start is None:  # resumed after this epoch's batches: nothing was timed
+            return
         # Lightning runs the epoch's validation before this hook: leave it out
         seconds = time.perf_counter() - self._start - self._val_s
+        self._start = None
         self.epoch_s.append(seconds)
         pl_module.log("time/epoch_s", seconds, on_epoch=True, on_step=False)
 

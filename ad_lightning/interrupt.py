@@ -1,0 +1,69 @@
+"""Ctrl-C as its own outcome: a checkpoint to resume from and what to record in results.json.
+
+Lightning turns a KeyboardInterrupt into `sys.exit(1)` after calling the callbacks'
+`on_exception`, so run() only sees a SystemExit; this callback is what tells an interrupt apart
+from a failure, notes how far the fit got, and saves last.ckpt there so that a fit stopped
+before its first epoch ended can still be resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.trainer.states import TrainerFn
+
+log = logging.getLogger(__name__)
+
+
+class InterruptCheckpoint(pl.Callback):
+    """On Ctrl-C during a fit, save `<ckpt_dir>/last.ckpt` (if `save`) and remember the stage,
+    epoch and step. `save` is off for one-pass methods: half a pass of statistics resumed would
+    count the first batches twice."""
+
+    def __init__(self, ckpt_dir: Path, save: bool = True) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.save = save
+        self.reached: dict[str, Any] | None = None
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, KeyboardInterrupt):
+            return
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        self.reached = {
+            "stage": "fit" if fitting else str(trainer.state.fn.value),
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+        }
+        if self.save and fitting and not trainer.sanity_checking and trainer.world_size == 1:
+            path = self.ckpt_dir / "last.ckpt"
+            try:
+                trainer.save_checkpoint(path)
+                self.reached["checkpoint"] = str(path)
+            except Exception as err:  # noqa: BLE001 - the interrupt is recorded all the same
+                log.warning("no checkpoint at the interrupt: %s", err)
+
+
+def is_interrupt(err: BaseException, callback: InterruptCheckpoint | None) -> bool:
+    """Ctrl-C, whether it reached run() as KeyboardInterrupt or as Lightning's SystemExit."""
+    return isinstance(err, KeyboardInterrupt) or (
+        isinstance(err, SystemExit) and callback is not None and callback.reached is not None
+    )
+
+
+def interrupt_record(
+    out: Path, ckpt_dir: Path, callback: InterruptCheckpoint | None, rerun: str
+) -> dict[str, Any]:
+    """results.json fields of an interrupted run: how far it got and the command to go on."""
+    reached = (callback.reached if callback else None) or {"stage": "setup"}
+    record: dict[str, Any] = {"status": "interrupted", "interrupted_at": reached}
+    if (ckpt_dir / "last.ckpt").exists() and ckpt_dir.parent == out:
+        record["resume_command"] = f"python run.py resume={out}"
+    else:
+        record["resume_command"] = None
+        record["note"] = f"nothing to resume (no checkpoint was written); restart with: {rerun}"
+    return record

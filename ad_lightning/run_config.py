@@ -1,0 +1,129 @@
+"""The config a resume or a re-score runs with: the run's own, plus the overrides that are safe.
+
+`resume=RUN` and `test_only=RUN` used to run with whatever the command line composed, so a
+re-score without the run's overrides scored another dataset and wrote over the run's results.
+They now start from the config the run folder holds (results.json's `config`, else Hydra's
+.hydra/config.yaml). An override given on top is applied where it only changes how the run is
+carried out (trainer budget and devices, loggers, callbacks; for a re-score also the evaluation
+settings); any other override that differs from the run is refused, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+#: never compared: the run mode itself and where this invocation writes
+IGNORED = ("resume", "test_only", "skip_done", "paths", "hydra")
+#: overrides applied on top of the run's config, per mode
+SAFE = {
+    "resume": ("trainer", "logger", "callbacks", "feature_store", "eval.n_heatmaps"),
+    "test": ("trainer", "logger", "callbacks", "feature_store", "eval", "protocol"),
+}
+_ABSENT = object()
+
+
+def saved_config(folder: Path) -> dict[str, Any]:
+    """The resolved config of the run in `folder`."""
+    try:
+        config = json.loads((folder / "results.json").read_text()).get("config")
+    except (OSError, json.JSONDecodeError):
+        config = None
+    if isinstance(config, dict) and "model" in config:
+        return config
+    hydra_file = folder / ".hydra" / "config.yaml"
+    if hydra_file.is_file():
+        return OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=True)  # type: ignore[return-value]
+    raise FileNotFoundError(
+        f"{folder} holds no config of its run (results.json 'config' or .hydra/config.yaml)"
+    )
+
+
+def override_keys(overrides: list[str] | None, current: dict, saved: dict) -> list[str]:
+    """The dotted keys the command line set. Unknown overrides (compose API without the Hydra
+    node), or a group that is not a config key (experiment=...), count every differing key."""
+    keys: set[str] = set()
+    unknown = overrides is None
+    for override in OverridesParser.create().parse_overrides(overrides or []):
+        key = override.key_or_group
+        if key.split(".")[0].split("/")[0] in IGNORED:
+            continue
+        if "/" in key or key.split(".")[0] not in current and key.split(".")[0] not in saved:
+            unknown = True
+        else:
+            keys.add(key)
+    if unknown:
+        keys |= {k for k in _differing(current, saved) if k.split(".")[0] not in IGNORED}
+    return sorted(keys)
+
+
+def merge_run_config(
+    mode: str, folder: Path, cfg: DictConfig, overrides: list[str] | None
+) -> DictConfig:
+    """The run's config with the safe overrides on top; a ValueError names an unsafe one."""
+    flag = "resume" if mode == "resume" else "test_only"
+    saved = saved_config(folder)
+    current: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    merged = json.loads(json.dumps(saved))  # a deep copy
+    refused = []
+    for key in override_keys(overrides, current, saved):
+        new, old = _get(current, key), _get(saved, key)
+        if new == old:
+            continue
+        if _under(key, SAFE[mode]):
+            _set(merged, key, new)
+            continue
+        leaf = next(iter(_differing(new, old, key)), key) if isinstance(new, dict) else key
+        refused.append(
+            f"{flag}={folder}: {leaf}={_show(_get(current, leaf))} differs from the run's "
+            f"{leaf}={_show(_get(saved, leaf))}; drop the override"
+        )
+    if refused:
+        raise ValueError("\n".join(refused))
+    for key in IGNORED[:4]:
+        merged[key] = current.get(key)
+    return OmegaConf.create(merged)
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _show(value: Any) -> str:
+    return "<absent>" if value is _ABSENT else str(value)
+
+
+def _get(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
+
+
+def _set(tree: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    if value is _ABSENT:
+        tree.pop(last, None)
+    else:
+        tree[last] = value
+
+
+def _differing(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of the leaves where two config trees differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = list(a) + [k for k in b if k not in a]
+        return [
+            d
+            for k in keys
+            for d in _differing(
+                a.get(k, _ABSENT), b.get(k, _ABSENT), f"{prefix}.{k}" if prefix else k
+            )
+        ]
+    return [] if a == b else [prefix]

@@ -1,0 +1,104 @@
+"""Run folders that are never shared: every run claims a folder of its own, atomically.
+
+A timestamp alone collides when jobs start in the same second (parallel launches wrote one
+folder), so each folder name ends in a token (the SLURM job id when there is one, else a random
+one) and is created with a plain mkdir: if the name exists, another token is tried. The Hydra
+resolvers below apply this to `hydra.run.dir` and `hydra.sweep.dir`; a resumed run logs into
+its own folder and a re-score gets a numbered subfolder of the run it scores.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+RESCORE_PREFIX = "rescore-"
+_RESCORE_ENV = "AD_LIGHTNING_RESCORE_DIR"
+
+
+def run_token() -> str:
+    """The SLURM job (array task) id when there is one, so folders map to jobs; else random."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"{job}_{task}" if task and os.environ.get("SLURM_ARRAY_JOB_ID") else job
+    return secrets.token_hex(3)
+
+
+def claim_folder(base: str | Path) -> Path:
+    """Create `<base>_<token>` with a mkdir that fails if it exists; on a clash try another."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    token = run_token()
+    for _ in range(100):
+        path = base.with_name(f"{base.name}_{token}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            token = f"{run_token()}-{secrets.token_hex(3)}"
+    raise FileExistsError(f"could not create a new folder next to {base}")
+
+
+def rescore_folder(run: Path) -> Path:
+    """The next free `RUN/rescore-N`: a re-score never writes over the run's own files."""
+    n = 1
+    while True:
+        path = run / f"{RESCORE_PREFIX}{n}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def rescore_out(run: Path, hydra_out: Path | None) -> Path:
+    """The folder a re-score of `run` writes: the rescore folder Hydra was given, the one rank 0
+    chose (DDP ranks started by Lightning inherit its environment), else a new one."""
+    child_rank = int(os.environ.get("LOCAL_RANK", 0)) > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
+    chosen = os.environ.get(_RESCORE_ENV)
+    if (
+        hydra_out is not None
+        and hydra_out.parent.resolve() == run.resolve()
+        and hydra_out.name.startswith(RESCORE_PREFIX)
+        and (child_rank or not (hydra_out / "results.json").exists())
+    ):
+        out = hydra_out
+    elif child_rank and chosen and Path(chosen).parent.resolve() == run.resolve():
+        out = Path(chosen)
+    else:
+        out = rescore_folder(run)
+    os.environ[_RESCORE_ENV] = str(out)
+    return out
+
+
+def _run_dir(resume: str | None, test_only: str | None, base: str) -> str:
+    """Hydra's run folder: the resumed run itself, a new rescore subfolder, or a new folder."""
+    if resume and Path(resume).is_dir():
+        return str(Path(resume))
+    if test_only and Path(test_only).is_dir():
+        return str(rescore_folder(Path(test_only)))
+    return str(claim_folder(base))
+
+
+def _hydra_subdir(resume: str | None) -> str:
+    """Where Hydra saves the composed config: a resume keeps the run's own .hydra/ intact."""
+    if resume and Path(resume).is_dir():
+        return f".hydra/resume-{secrets.token_hex(3)}"
+    return ".hydra"
+
+
+def register_resolvers() -> None:
+    """`ad.unique_dir`, `ad.run_dir`, `ad.hydra_subdir` for conf/config.yaml. Cached, so one
+    config resolves each to one folder (Hydra copies the cache to every job of a sweep)."""
+    resolvers = {
+        "ad.unique_dir": lambda base: str(claim_folder(base)),
+        "ad.run_dir": _run_dir,
+        "ad.hydra_subdir": _hydra_subdir,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)

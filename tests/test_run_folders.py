@@ -1,0 +1,138 @@
+"""No finished result is lost or replaced: one folder per run, re-scores in subfolders with the
+run's own config, Ctrl-C recorded as `interrupted` with the command that resumes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+
+from ad_lightning.outputs.timing import EpochTimer
+from ad_lightning.train import run
+from tests.test_resume import SMALL
+from tests.test_run import ROOT, compose_cfg
+
+TINY = ("model=variation", "data.image_size=32", "data.category=object")
+KEPT = ("results.json", "scores.csv", "model.pt", "roc.png")
+
+
+class InterruptAtStep(pl.Callback):
+    """Ctrl-C in the middle of the first epoch, as deterministic as a test needs."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def stamps(folder: Path) -> dict[str, int]:
+    files = [folder / n for n in KEPT] + sorted((folder / "heatmaps").glob("*.png"))
+    return {str(f): f.stat().st_mtime_ns for f in files}
+
+
+def test_epoch_timer_leaves_out_an_epoch_whose_start_it_did_not_see() -> None:
+    """A fit resumed after an epoch's last batch re-enters at on_train_epoch_end only."""
+    timer, module = EpochTimer(), SimpleNamespace(log=lambda *a, **k: None)
+    timer.on_train_epoch_end(None, module)  # type: ignore[arg-type]
+    assert timer.summary() == {"n": 0}
+    timer.on_train_epoch_start(None, module)  # type: ignore[arg-type]
+    timer.on_train_epoch_end(None, module)  # type: ignore[arg-type]
+    assert timer.summary()["n"] == 1 and timer.summary()["first"] < 1.0
+
+
+def test_test_only_scores_with_the_runs_config_into_a_new_subfolder(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    first = run(compose_cfg(folder, *TINY))
+    before = stamps(folder)
+    # no data override: the run's category (object), not the default one (texture)
+    again = run(compose_cfg(tmp_path / "unused", f"test_only={folder}"))
+    assert again["config"]["data"]["category"] == "object"
+    assert again["config"]["model"]["_target_"].endswith("VariationModel")
+    assert again["metrics"] == first["metrics"]
+    assert again["run_dir"] == str(folder / "rescore-1") and again["rescore_of"] == str(folder)
+    assert (folder / "rescore-1" / "scores.csv").is_file()
+    saved = json.loads((folder / "rescore-1" / "results.json").read_text())
+    assert saved["status"] == "finished" and saved["rescore_of"] == str(folder)
+    assert stamps(folder) == before  # the run's own files untouched
+    assert not (tmp_path / "unused").exists()
+    with pytest.raises(ValueError, match="data.category=texture differs from the run's data.cat"):
+        run(compose_cfg(tmp_path, f"test_only={folder}", "data.category=texture"))
+    third = run(compose_cfg(tmp_path, f"test_only={folder}", "eval.n_heatmaps=0"))
+    assert third["run_dir"] == str(folder / "rescore-2")  # a safe override, a new folder
+    assert stamps(folder) == before and not (folder / "rescore-3").exists()
+
+
+def test_a_finished_run_is_neither_trained_over_nor_reused(tmp_path: Path) -> None:
+    run(compose_cfg(tmp_path, *TINY))
+    before = stamps(tmp_path)
+    with pytest.raises(ValueError, match="finished"):
+        run(compose_cfg(tmp_path / "x", f"resume={tmp_path}"))
+    with pytest.raises(FileExistsError, match="finished run"):
+        run(compose_cfg(tmp_path, *TINY, "seed=1"))
+    assert stamps(tmp_path) == before
+
+
+def test_ctrl_c_is_recorded_as_interrupted_and_the_fit_resumes(tmp_path: Path) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    cfg = compose_cfg(
+        tmp_path,
+        *SMALL,
+        "trainer.max_epochs=2",
+        "+callbacks.stop._target_=tests.test_run_folders.InterruptAtStep",
+        "+callbacks.stop.step=2",
+    )
+    try:
+        with pytest.raises(SystemExit):  # Lightning's answer to KeyboardInterrupt
+            run(cfg)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "interrupted", saved.get("error")
+    assert saved["interrupted_at"]["epoch"] == 0 and saved["interrupted_at"]["global_step"] == 2
+    assert saved["resume_command"] == f"python run.py resume={tmp_path}"
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()  # mid-epoch, still resumable
+    resumed = run(compose_cfg(tmp_path / "x", f"resume={tmp_path}", "+callbacks.stop=null"))
+    assert resumed["status"] == "finished" and resumed["previous_status"] == "interrupted"
+    assert resumed["checkpoint"]["epochs"] == 2 and resumed["run_dir"] == str(tmp_path)
+
+
+def test_sweeps_started_in_the_same_second_get_their_own_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    dirs = [compose_cfg(tmp_path, *TINY).hydra.sweep.dir for _ in range(2)]
+    assert dirs[0] != dirs[1] and all(Path(d).is_dir() for d in dirs)
+
+
+def test_two_runs_started_at_once_write_two_folders(tmp_path: Path) -> None:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    cmd = [sys.executable, str(ROOT / "run.py"), *TINY, "logger=csv"]
+    cmd += ["trainer.enable_progress_bar=false"]
+    procs = [
+        subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-3000:]
+    results = sorted((tmp_path / "outputs" / "runs").glob("*/results.json"))
+    assert len(results) == 2
+    assert all(json.loads(p.read_text())["status"] == "finished" for p in results)
+
+
+def test_runs_composed_in_the_same_second_get_their_own_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    dirs = [compose_cfg(tmp_path, *TINY).hydra.run.dir for _ in range(2)]
+    assert dirs[0] != dirs[1] and all(Path(d).is_dir() for d in dirs)
+    assert all(Path(d).name.startswith(Path(dirs[0]).name[:19]) for d in dirs)  # same timestamp
