@@ -63,6 +63,11 @@ def find_results(folders: list[str]) -> list[dict[str, Any]]:
             except json.JSONDecodeError as err:
                 print(f"report: skipping unreadable {file}: {err}", file=sys.stderr)
                 continue
+            if data.get("rescore_of") and file not in (path, path / "results.json"):
+                # a re-score (test_only=RUN -> RUN/rescore-N) measures the same fit again: the
+                # run counts once; name the rescore folder itself to report it
+                print(f"report: {file.parent} re-scores {data['rescore_of']}; not counted twice")
+                continue
             data["_file"] = str(file)
             runs.append(data)
     return runs
@@ -216,7 +221,8 @@ def runs_frame(
             COL: label(lookup(run, cols)),
             **{name: metric_value(run, key) for name, key in metrics.items()},
             STATUS: run_status(run),
-            "error": str(run.get("error") or ""),
+            "error": str(run.get("error") or "")
+            + (f" (resume: {run['resume_command']})" if run.get("resume_command") else ""),
             "run_dir": str(Path(run["_file"]).parent),
         }
         for run in runs

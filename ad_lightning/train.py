@@ -16,6 +16,7 @@ import platform
 import subprocess
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def versions() -> dict[str, str]:
         ).stdout.strip()
     except Exception:  # noqa: BLE001 - not a git checkout
         commit = ""
-    return {
+    found = {
         "ad_lightning": ad_lightning.__version__,
         "git_commit": commit or "unknown",
         "python": platform.python_version(),
@@ -77,6 +78,30 @@ def versions() -> dict[str, str]:
         "pytorch_lightning": pl.__version__,
         "timm": timm.__version__,
     }
+    for package in RECORDED_PACKAGES:  # a drifted library shows in the run that used it
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+#: libraries whose version can change a result, recorded beside torch/Lightning/timm
+RECORDED_PACKAGES = (
+    "torchvision",
+    "torchmetrics",
+    "numpy",
+    "hydra-core",
+    "omegaconf",
+    "albumentations",
+    "opencv-python-headless",
+    "pillow",
+    "scikit-learn",
+    "faiss-cpu",
+    "onnx",
+    "onnxruntime",
+    "wandb",
+)
 
 
 def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
@@ -309,6 +334,7 @@ def start_results(job: Job) -> dict[str, Any]:
         )
     if summary["mask_note"]:
         results["warnings"].append(summary["mask_note"])
+    results["warnings"].extend(summary.get("notes", []))  # odd and skipped image files, named
     contamination_file = write_contamination(job.datamodule, job.out)
     if contamination_file:
         results["data"]["contamination"]["file"] = str(contamination_file)

@@ -135,7 +135,10 @@ def test_ae_ssim_learns_on_synthetic_object(synthetic_root, figure) -> None:
     # and that the defect maps gain over the untrained control.
     figure("image_auroc_not_asserted", scores["ssim"])
     ratio = figure("normal_ssim_ratio", ratio)
-    pixel, gain = figure("pixel_auroc", results["metrics"]["pixel_auroc"]), figure("pixel_gain", gain)
+    pixel, gain = (
+        figure("pixel_auroc", results["metrics"]["pixel_auroc"]),
+        figure("pixel_gain", gain),
+    )
     assert ratio < 0.3  # normal images are reconstructed
     assert pixel > 0.9 and gain > 0.15
 
@@ -151,8 +154,14 @@ def test_vae_learns_on_synthetic_object(synthetic_root, figure) -> None:
         f"VAE AUROC {scores} (untrained {aurocs(untrained)}), {results['metrics']}, pixel gain {gain:.3f}"
     )
     assert results["primary_score"] == "neg_elbo"
-    elbo, nll = figure("neg_elbo_auroc", scores["neg_elbo"]), figure("recon_nll_auroc", scores["recon_nll"])
-    pixel, gain = figure("pixel_auroc", results["metrics"]["pixel_auroc"]), figure("pixel_gain", gain)
+    elbo, nll = (
+        figure("neg_elbo_auroc", scores["neg_elbo"]),
+        figure("recon_nll_auroc", scores["recon_nll"]),
+    )
+    pixel, gain = (
+        figure("pixel_auroc", results["metrics"]["pixel_auroc"]),
+        figure("pixel_gain", gain),
+    )
     assert elbo > 0.85 and nll > 0.85, scores
     assert pixel > 0.9 and gain > 0.15
 

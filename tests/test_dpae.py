@@ -178,7 +178,10 @@ def test_dpae_learns_on_synthetic_object(synthetic_root, figure) -> None:
     best = max(scores, key=scores.get)
     auroc = figure("best_score_auroc", scores[best])
     margin = figure("best_score_over_untrained", scores[best] - before[best])
-    pixel, gain = figure("pixel_auroc", results["metrics"]["pixel_auroc"]), figure("pixel_gain", gain)
+    pixel, gain = (
+        figure("pixel_auroc", results["metrics"]["pixel_auroc"]),
+        figure("pixel_gain", gain),
+    )
     assert auroc > 0.9, scores
     assert margin > 0.05, (scores, before)  # learned, not luck of the init
     # the map finds the defective pixels, which the untrained one does not

@@ -97,7 +97,10 @@ def test_patchcore_learns_on_synthetic(fitted, synthetic_root, figure) -> None:
     model, dm, results = fitted
     metrics = results["metrics"]
     print("pretrained", metrics, {n: s["auroc"] for n, s in results["scores"].items()})
-    image, pixel = figure("image_auroc", metrics["image_auroc"]), figure("pixel_auroc", metrics["pixel_auroc"])
+    image, pixel = (
+        figure("image_auroc", metrics["image_auroc"]),
+        figure("pixel_auroc", metrics["pixel_auroc"]),
+    )
     assert image > 0.9 and pixel > 0.8, metrics
     assert figure("map_max_auroc", results["scores"]["map_max"]["auroc"]) > 0.9
     n_patches = len(dm.train_samples) * 8 * 8  # stride-8 grid of a 64 px image

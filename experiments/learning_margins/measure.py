@@ -28,7 +28,17 @@ def measure(seeds: list[int], out: Path, python: str) -> pd.DataFrame:
             "AD_LIGHTNING_TEST_SEED": str(seed),
             "AD_LIGHTNING_FIGURES": str(figures.resolve()),
         }
-        cmd = [python, "-m", "pytest", "-q", "-m", "learning", "-p", "no:cacheprovider", "--durations=30"]
+        cmd = [
+            python,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "learning",
+            "-p",
+            "no:cacheprovider",
+            "--durations=30",
+        ]
         log = out / f"pytest-seed{seed}.log"
         with log.open("w") as f:
             rc = subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
