@@ -9,6 +9,11 @@ a model trained on registered images, in the frame of its reference image). An
 unreadable image (corrupt, a symlink that loops or dangles) or sub-folder is reported by
 name in the log and in predictions.csv's error column, and the others are still scored;
 the failures are listed at the end and the exit status is 1 when any input failed.
+Images are decoded as in training (the run's channels and `data.bit_depth`), and readable
+images that differ from the majority of the inputs in size, mode or bit depth (a 10x10
+thumbnail, a grayscale or CMYK image among RGB ones, a 16-bit one among 8-bit ones) are
+scored but named in a warning and in predictions.csv's note column, by training's odd-image
+check (data/audit.py).
 `engine=onnx` scores with onnxruntime from the run's exported `model.onnx`
 (python -m ad_lightning.export).
 """
@@ -30,8 +35,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ad_lightning.data.datamodule import ImageReadError, read_image
+from ad_lightning.data.audit import find_odd_images
+from ad_lightning.data.datamodule import ImageReadError
 from ad_lightning.data.folder import IMAGE_EXTENSIONS
+from ad_lightning.data.io import ImageInfo
 from ad_lightning.deploy.bundle import Bundle, Preprocess, load_bundle
 from ad_lightning.deploy.cli import parse_args, setup_logging
 
@@ -122,8 +129,9 @@ class InputImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
         try:
-            aligned = self.preprocess.align(read_image(path, self.preprocess.channels))
-            return {"path": path, "image": self.preprocess.to_input(aligned), "original": aligned}
+            aligned, info = self.preprocess.read(path)
+            image = self.preprocess.to_input(aligned)
+            return {"path": path, "image": image, "original": aligned, "info": info}
         except (ImageReadError, OSError, cv2.error, ValueError) as err:
             return {"path": path, "error": str(err)}
 
@@ -134,6 +142,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "images": torch.stack([i["image"] for i in good]) if good else None,
         "paths": [i["path"] for i in good],
         "originals": [i["original"] for i in good],
+        "infos": [i["info"] for i in good],
         "failed": [(i["path"], i["error"]) for i in items if "error" in i],
     }
 
@@ -220,6 +229,28 @@ class Writer:
         return float("nan") if above is None else float(above.mean())
 
 
+def note_odd_images(rows: list[dict[str, Any]], infos: dict[Path, ImageInfo]) -> int:
+    """Name the scored images that differ from the majority of the inputs (training's check,
+    data/audit.py) in their rows' note and in a warning: they were resized, colour-converted
+    or re-scaled to the model's input, so their score may say more about the file than the
+    part. Return how many."""
+    odd, size_note = find_odd_images(infos)
+    if size_note:
+        log.info("inputs: %s", size_note)
+    why = {str(o.path): o.why for o in odd}
+    for row in rows:
+        if row["file"] in why:
+            row["note"] = f"odd image: {why[row['file']]}"
+    if odd:
+        log.warning(
+            "%d scored images differ from the majority of the inputs in size, mode or bit "
+            "depth (scored after conversion to the model's input; see the note column):\n%s",
+            len(odd),
+            "\n".join(f"  - {o.path}: {o.why}" for o in odd),
+        )
+    return len(odd)
+
+
 def predict(args: PredictArgs) -> int:
     """Score every input; return the number of inputs that failed."""
     bundle = load_bundle(args.model, args.device)
@@ -253,6 +284,7 @@ def predict(args: PredictArgs) -> int:
         collate_fn=collate,
     )
     failed: list[tuple[Path, str]] = list(unlisted)
+    infos: dict[Path, ImageInfo] = {}
     rows: list[dict[str, Any]] = [
         {"file": str(p), "verdict": "error", "error": e} for p, e in unlisted
     ]
@@ -277,6 +309,7 @@ def predict(args: PredictArgs) -> int:
         with torch.no_grad():
             scores, maps = engine(batch["images"], [str(p) for p in batch["paths"]])
         for i, path in enumerate(batch["paths"]):
+            infos[path] = batch["infos"][i]
             if not np.isfinite(scores[i]):  # never a silent "normal" on the line
                 error = (
                     f"score {name} of {path} is {scores[i]}: the model produced no number for it"
@@ -312,7 +345,9 @@ def predict(args: PredictArgs) -> int:
         "anomalous_pixel_fraction",
         "pixel_threshold",
         "error",
+        "note",
     ]
+    n_odd = note_odd_images(rows, infos)
     with (out / "predictions.csv").open("w", newline="") as f:
         writer_csv = csv.DictWriter(f, fieldnames=fields)
         writer_csv.writeheader()
@@ -320,10 +355,11 @@ def predict(args: PredictArgs) -> int:
     n_anomalous = sum(r["verdict"] == "anomalous" for r in rows)
     n_scored = sum(r["verdict"] != "error" for r in rows)
     log.info(
-        "%d scored (%d anomalous, %d normal), %d failed -> %s",
+        "%d scored (%d anomalous, %d normal; %d odd), %d failed -> %s",
         n_scored,
         n_anomalous,
         n_scored - n_anomalous,
+        n_odd,
         len(failed),
         out / "predictions.csv",
     )

@@ -1,14 +1,16 @@
 """Fuzz-style: an MVTec-layout folder of normal 32x32 RGB PNGs plus one file of each odd kind.
 
-Every odd file must be NAMED (in the error, the log or the summary that lands in results.json)
-and nothing readable may be lost (every readable image is trained or tested on; two files that
-share a stem are both used). Predict is not covered here (another part of issue 17).
+Every odd file must be NAMED (in the error, the log or the summary that lands in results.json,
+or predict's predictions.csv) and nothing readable may be lost (every readable image is trained
+or tested on, or scored with its own outputs; two files that share a stem are both used).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 from PIL import Image
 
 from ad_lightning.data import AnomalyDataModule, DataLayoutError
+from ad_lightning.data.folder import IMAGE_EXTENSIONS
 from tests.conftest import quiet_trainer
 
 SIZE = 32
@@ -190,3 +193,59 @@ def test_train_run_records_odd_and_skipped_files_in_results_json(odd_folder, tmp
     assert data["strict"] is False and data["bit_depth"] == 16
     n_used = data["n_train"] + data["n_val"] + data["n_test"]
     assert n_used == len(files["readable"])
+
+
+def test_predict_names_every_unreadable_file_and_scores_every_readable_one(
+    odd_folder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same folder given to predict (an untrained AE's model file: maps, no fit)."""
+    from test_predict_inputs import cheap_run, predict, predictions
+
+    root, files = odd_folder
+    shutil.rmtree(root / "widget" / "ground_truth")  # masks are not images to score
+    listed = [
+        Path(parent) / n
+        for parent, _, names in os.walk(root)
+        for n in names
+        if Path(n).suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    (tmp_path / "run").mkdir()
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert predict(cheap_run(tmp_path / "run"), root, out) == 1  # some files failed
+    rows = predictions(out)
+    assert len(rows) == len(listed) and set(rows) == {str(p) for p in listed}  # nothing lost
+
+    for name, path in files["bad"].items():
+        row = rows[str(path)]
+        assert row["verdict"] == "error" and str(path) in row["error"], name
+        assert str(path) in caplog.text, name
+    overlays, masks = set(), set()
+    for name, path in files["readable"].items():
+        row = rows[str(path)]
+        assert row["verdict"] in ("normal", "anomalous") and row["error"] == "", name
+        assert math.isfinite(float(row["score"])), name
+        relative = f"{path.relative_to(root)}.png"  # its own name and extension + .png
+        with Image.open(path) as img:
+            size = img.size
+        for kind, seen in (("overlays", overlays), ("masks", masks)):
+            with Image.open(out / kind / relative) as written:
+                assert written.size == size, (name, kind)  # its own output, at its own size
+            seen.add(out / kind / relative)
+    for kind, seen in (("overlays", overlays), ("masks", masks)):
+        assert {p for p in (out / kind).rglob("*") if p.is_file()} == seen  # one each
+    for stem in ("train", "scratch"):  # same stem, two extensions: both scored, apart
+        assert rows[str(files["readable"][f"{stem}_a_png"])]["score"] != ""
+        assert rows[str(files["readable"][f"{stem}_a_jpg"])]["score"] != ""
+
+    # readable but odd: scored, and named in the note column and a warning
+    noted = {Path(f) for f, r in rows.items() if r["note"]}
+    assert noted == set(files["odd"].values())
+    assert "10x10 px" in rows[str(files["odd"]["tiny"])]["note"]
+    assert "mode L" in rows[str(files["odd"]["gray"])]["note"]
+    assert "mode CMYK" in rows[str(files["odd"]["cmyk"])]["note"]
+    assert "16-bit" in rows[str(files["odd"]["deep16"])]["note"]
+    warning = next(
+        r.getMessage() for r in caplog.records if "differ from the majority" in r.message
+    )
+    assert all(str(p) in warning for p in files["odd"].values())

@@ -9,21 +9,22 @@ from pathlib import Path
 import hydra
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from test_run import compose_cfg
 
+from ad_lightning.data import AnomalyDataModule
 from ad_lightning.deploy.bundle import Preprocess, load_bundle, save_bundle
+from ad_lightning.predict import InputImages
 from ad_lightning.predict import main as predict_main
 
 SIZE = 32
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cheap_run(folder: Path, preprocess: Preprocess | None = None) -> Path:
     """A run folder holding the model file of an untrained AE (scores and maps without a fit)
     with thresholds, as a finished run's."""
-    folder = tmp_path_factory.mktemp("run")
     cfg = compose_cfg(folder, "model=ae", f"data.image_size={SIZE}")
     model = hydra.utils.instantiate(cfg.model)
     thresholds = {"image": {"value": 0.05}, "pixel": {"value": 0.05, "normal_median": 0.01}}
@@ -31,11 +32,16 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         folder / "model.pt",
         model,
         OmegaConf.to_container(cfg.model, resolve=True),
-        Preprocess((SIZE, SIZE), 3, "none"),
+        preprocess or Preprocess((SIZE, SIZE), 3, "none"),
         thresholds,
         {},
     )
     return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return cheap_run(tmp_path_factory.mktemp("run"))
 
 
 def image(path: Path, width: int, height: int, seed: int) -> None:
@@ -155,3 +161,28 @@ def test_a_run_with_a_checkpoint_is_told_to_test_it(tmp_path: Path) -> None:
     (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=f"test_only={folder}"):
         load_bundle(folder)
+
+
+def test_a_12_bit_run_is_predicted_with_its_12_bit_range(tmp_path: Path) -> None:
+    """data.bit_depth travels in the model file: a 12-bit camera's full white (4095) is read
+    as white by predict, as in training, not as 4095/65535 of the 16-bit type's range."""
+    datamodule = AnomalyDataModule(str(tmp_path), "x", image_size=SIZE, bit_depth=12)
+    (tmp_path / "run").mkdir()
+    folder = cheap_run(tmp_path / "run", Preprocess.from_datamodule(datamodule))
+    pixels = np.zeros((SIZE, SIZE), np.uint16)
+    pixels[:, : SIZE // 2] = 4095
+    path = tmp_path / "frame12.png"
+    Image.fromarray(pixels).save(path)
+    bundle = load_bundle(folder)
+    assert bundle.preprocess.bit_depth == 12
+    assert bundle.preprocess.load(path).max().item() == pytest.approx(1.0)
+    item = InputImages([path], bundle.preprocess)[0]  # what predict scores and overlays
+    assert "error" not in item, item.get("error")
+    assert item["original"].max() == 255 and item["image"].max().item() == pytest.approx(1.0)
+
+
+def test_a_model_file_from_before_bit_depth_loads_with_the_type_range(run_dir: Path) -> None:
+    payload = torch.load(run_dir / "model.pt", weights_only=True)
+    payload["preprocess"].pop("bit_depth", None)  # as written before data.bit_depth existed
+    torch.save(payload, run_dir.parent / "old.pt")
+    assert load_bundle(run_dir.parent / "old.pt").preprocess.bit_depth is None

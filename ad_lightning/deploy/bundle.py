@@ -3,7 +3,8 @@
 A run writes `RUN_DIR/model.pt` after testing, from the checkpoint it scored. The file
 holds the method's resolved config (backbone name, blocks, sizes), the whole state dict
 (backbone weights included, so no weight package or download is needed on the line), the
-input preprocessing (size, channels, normalisation, the registration reference image), the
+input preprocessing (size, channels, normalisation, the fixed range of high-bit images
+(`data.bit_depth`), the registration reference image), the
 thresholds learned from normal images, and the facts of the run. It holds only tensors and
 plain Python values, so it loads with `torch.load(weights_only=True)`: no pickled code.
 Loading needs no dataset and no Hydra config (only `hydra.utils.instantiate` on the
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ad_lightning.data.datamodule import read_image
+from ad_lightning.data.io import ImageInfo, inspect_image
 from ad_lightning.data.registration import register_to_reference
 from ad_lightning.data.transforms import build_transform, normalization
 from ad_lightning.deploy.trusted import trusted_model_config
@@ -42,6 +43,9 @@ class Preprocess:
     normalize: str
     register_method: str | None = None
     reference: torch.Tensor | None = None  # H x W x C uint8, when images were registered
+    # data.bit_depth: 12-bit camera images must be scaled by 4095 on the line as in training;
+    # None (also for model files from before the key) is the file type's own range
+    bit_depth: int | None = None
 
     @classmethod
     def from_datamodule(cls, datamodule: Any) -> Preprocess:
@@ -54,6 +58,7 @@ class Preprocess:
             str(datamodule.normalize),
             datamodule.register_method if reference is not None else None,
             None if reference is None else torch.from_numpy(np.ascontiguousarray(reference)),
+            getattr(datamodule, "bit_depth", None),
         )
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -70,9 +75,15 @@ class Preprocess:
         """An aligned image -> [C, H, W] float in [0, 1] at the model's size."""
         return build_transform(self.image_size, self.channels, "none")(image=aligned)["image"]
 
+    def read(self, path: str | Path) -> tuple[np.ndarray, ImageInfo]:
+        """An image file -> (aligned H x W x C uint8, what the file is: size, mode, bit depth),
+        decoded as training decoded it; raises ImageReadError naming the file."""
+        image, info = inspect_image(Path(path), self.channels, self.bit_depth)
+        return self.align(image), info
+
     def load(self, path: str | Path) -> torch.Tensor:
         """An image file -> model input; raises ImageReadError naming the file."""
-        return self.to_input(self.align(read_image(Path(path), self.channels)))
+        return self.to_input(self.read(path)[0])
 
 
 class ScoringGraph(nn.Module):
@@ -230,5 +241,6 @@ def load_bundle(model: str | Path, device: str | torch.device = "cpu") -> Bundle
         pre["normalize"],
         pre["register_method"],
         pre["reference"],
+        pre.get("bit_depth"),
     )
     return Bundle(built.to(device).eval(), preprocess, payload["thresholds"], payload["info"], path)
