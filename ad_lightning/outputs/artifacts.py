@@ -103,7 +103,7 @@ def heatmap_frame(path: str, datamodule: Any = None) -> tuple[str | np.ndarray, 
             with Image.open(mask_path) as img:
                 mask = np.asarray(img.convert("L")) > 0
         return path, mask
-    image = read_image(Path(path), datamodule.channels)
+    image = read_image(Path(path), datamodule.channels, getattr(datamodule, "bit_depth", None))
     h, w = reference.shape[:2]
     try:
         matrix = estimate_alignment(image, reference, datamodule.register_method)
