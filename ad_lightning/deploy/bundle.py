@@ -185,7 +185,7 @@ def _run_status(folder: Path) -> dict[str, Any]:
 
 def missing_model_advice(folder: Path) -> str:
     """What a run folder without a model file needs, from what the folder holds: its last
-    checkpoint can be tested (test_only writes the model file); without one the run must be
+    checkpoint can be tested (test_only writes a model file into RUN/rescore-N); without one the run must be
     run again."""
     results = _run_status(folder)
     status = results.get("status")
@@ -194,8 +194,8 @@ def missing_model_advice(folder: Path) -> str:
     if (folder / "checkpoints" / "last.ckpt").exists():
         return (
             f"{folder} holds no {FILE_NAME}: runs write it after testing{ended}. Test its last "
-            f"checkpoint, which writes it: `python run.py test_only={folder}` (with that run's "
-            "overrides)."
+            f"checkpoint, which writes one: `python run.py test_only={folder}` (the run's own "
+            f"config is used; the model file lands in {folder}/rescore-N/), then pass that folder."
         )
     if status in ("failed", "diverged"):
         return (
