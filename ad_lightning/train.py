@@ -162,7 +162,7 @@ def with_feature_store(datamodule: Any, model: AnomalyModule, cfg: DictConfig, o
     """Serve training/validation features from a store (one backbone pass per image per fit)
     to methods that train on a frozen backbone, unless random augmentation makes them vary."""
     store = cfg.get("feature_store") or {}
-    if not (getattr(model, "reads_stored_features", False) and store.get("enabled", True)):
+    if not (model.reads_stored_features and store.get("enabled", True)):
         return datamodule
     if datamodule.has_random_augmentation:
         log.info("feature store off: random train augmentations change the features every epoch")

@@ -59,6 +59,8 @@ class AnomalyModule(pl.LightningModule):
     score_needs_grad: bool = False
     #: why the scoring path cannot be an ONNX graph (None: it can)
     export_blocker: str | None = None
+    #: True when training reads frozen-backbone features from a feature store (Skip-DFR, DFR)
+    reads_stored_features: bool = False
 
     def __init__(self) -> None:
         super().__init__()
