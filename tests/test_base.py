@@ -11,8 +11,8 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from ad_lightning import distributed
 from ad_lightning.metrics.evaluator import unit_scale
-from ad_lightning.models import base
 from ad_lightning.models.base import AnomalyModule, Scores
 from tests.conftest import quiet_trainer, synthetic_dm
 
@@ -141,9 +141,9 @@ def test_ddp_padding_counts_each_image_pixels_once(monkeypatch: pytest.MonkeyPat
 
     shards = {0: [[0, 2, 4]], 1: [[1, 3, 0]]}  # one batch per rank: no batch-scale effect
     rank1 = TwoRanks(1)
-    monkeypatch.setattr(base, "dist", rank1)
+    monkeypatch.setattr(distributed, "dist", rank1)
     evaluate(maps, masks, shards[1])
-    monkeypatch.setattr(base, "dist", TwoRanks(0, rank1.sent))
+    monkeypatch.setattr(distributed, "dist", TwoRanks(0, rank1.sent))
     ddp = evaluate(maps, masks, shards[0])
     assert len(ddp["records"]) == 5
     assert ddp["metrics"]["pixel_auroc"] == pytest.approx(reference)

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.checks import choice
+from ad_lightning.distributed import all_gather_objects
 from ad_lightning.metrics.evaluator import evaluate_scores, flatten, pixel_auroc
 from ad_lightning.metrics.thresholds import f1_optimal_threshold, false_alarm_threshold
 
@@ -312,17 +312,8 @@ class AnomalyModule(pl.LightningModule):
             for i, path in enumerate(batch["path"]):
                 self._maps[path] = small[i].half().cpu()
 
-    @staticmethod
-    def _all_gather(local: Any) -> list[Any]:
-        """Every rank's `local` object (only this one outside DDP)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, local)
-            return parts
-        return [local]
-
     def _gather_records(self) -> list[dict[str, Any]]:
-        records = [r for part in self._all_gather(self._records) for r in part]
+        records = [r for part in all_gather_objects(self._records) for r in part]
         unique = {r["path"]: r for r in records}  # DistributedSampler pads with duplicates
         return sorted(unique.values(), key=lambda r: r["path"])
 
@@ -330,7 +321,7 @@ class AnomalyModule(pl.LightningModule):
         """All ranks' maps and masks, one piece per image path: DistributedSampler pads its last
         batches with images another rank also scores, whose pixels must count once."""
         unique: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for part in self._all_gather(self._pixels):
+        for part in all_gather_objects(self._pixels):
             unique.update(part)
         if not unique:
             return None

@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, Subset
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.checks import choice
 from ad_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ad_lightning.distributed import gather_rows
 from ad_lightning.models.base import Scores, SingleObjective
-from ad_lightning.models.knn import KNNScorer, gather_rows
+from ad_lightning.models.knn import KNNScorer
 from ad_lightning.nn.cpcae import ConditionalPatchAE
 from ad_lightning.nn.patches import PatchGrid, assemble_patches, extract_patches
 from ad_lightning.nn.pooling import ParallelCascadedPooling

@@ -16,28 +16,16 @@ import logging
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from sklearn.neighbors import NearestNeighbors
 from torch import nn
 
 from ad_lightning.backbones.features import FeatureExtractor
+from ad_lightning.distributed import gather_rows
 from ad_lightning.models.base import AnomalyModule, Scores
 from ad_lightning.nn.pooling import global_max_pool
 
 log = logging.getLogger(__name__)
-
-
-def gather_rows(module: pl.LightningModule, rows: torch.Tensor) -> torch.Tensor:
-    """Concatenate [n_r, ...] tensors of all DDP ranks (n_r may differ); identity on one process."""
-    trainer = module._trainer
-    if trainer is None or trainer.world_size == 1:
-        return rows
-    counts = module.all_gather(torch.tensor(len(rows), device=rows.device)).reshape(-1)
-    padded = rows.new_zeros(int(counts.max()), *rows.shape[1:])
-    padded[: len(rows)] = rows
-    parts = module.all_gather(padded)  # [world, n_max, ...]
-    return torch.cat([part[: int(n)] for part, n in zip(parts, counts, strict=True)])
 
 
 class ResizableBuffers(nn.Module):
