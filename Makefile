@@ -33,12 +33,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow"
 
-# a new venv from the newest versions pip resolves today (only pyproject's ranges apply)
+# a new venv from the newest versions on PyPI today (only pyproject's ranges apply; machine-wide
+# pip configuration, such as a version cap in /etc/xdg/pip, is ignored: PIP_CONFIG_FILE=/dev/null)
 latest-venv:
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
-	$(LATEST)/bin/pip install -q --upgrade pip
-	$(LATEST)/bin/pip install -q -e '.[$(EXTRAS)]'
+	PIP_CONFIG_FILE=/dev/null $(LATEST)/bin/pip install -q --upgrade pip
+	PIP_CONFIG_FILE=/dev/null $(LATEST)/bin/pip install -q -e '.[$(EXTRAS)]'
 
 # drift check: the whole suite on the newest versions (not CI's job; CI runs the lock)
 test-latest: latest-venv
