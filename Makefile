@@ -24,7 +24,7 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/python run.py -m experiment=quickstart data.category=texture,object
-	$(BIN)/python -m ad_lightning.report "$$(ls -td outputs/multirun/*/ | head -1)" --metric image_auroc --rows data.category --cols model
+	$(BIN)/python -m ad_lightning.report "$$(ls -td outputs/multirun/*/ | head -1)" metric=image_auroc rows=data.category cols=model
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=10

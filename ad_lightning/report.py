@@ -1,9 +1,14 @@
-"""Rebuild a paper's table from run folders: `python -m ad_lightning.report DIR... --rows K --cols K`.
+"""Rebuild a paper's table from run folders: `python -m ad_lightning.report folders=[DIR,...] rows=K cols=K`.
 
 Reads every results.json under the given folders (multirun sweeps, single runs, several at
 once), puts `--metric` in a grid of rows x columns taken from the runs' resolved configs,
 averages repeated cells (e.g. seeds, shown as mean ± std), adds a mean row, prints Markdown,
-writes CSV, and logs the table to W&B when the runs themselves logged there.
+writes CSV, and logs the table to W&B when the runs themselves logged there. Every file is
+read through the results schema (`read_results`): older files are migrated, and a key the
+schema does not know stops the report with its name instead of leaving NaN cells.
+
+The command line is `key=value` like run.py's (`--help` lists the keys); folders may also be
+given bare, before or among the keys.
 
 Only repeats are averaged: runs of one cell whose resolved configs differ in more than the
 seed and run-specific keys (`RUN_SPECIFIC`: run folders, loggers, run modes) are split into
@@ -11,19 +16,18 @@ columns named after the differing keys (`SkipDFR [trainer.max_steps=30]`). A cel
 holds runs that did not finish says so (`0.900 (+1 failed)`), and those runs are listed with
 their error under the table.
 
-`--benchmark` instead compares methods (config group `model`) across `data.category`: a
+`benchmark=true` instead compares methods (config group `model`) across `data.category`: a
 summary, one table per metric (image / pixel AUROC, fit seconds, ms per image), the runs that
 did not finish with their error, and CSVs of all of it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -31,11 +35,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ad_lightning.deploy.cli import parse_args
+from ad_lightning.results import SchemaError, read_results
+
 MISSING = "—"
 FINISHED = "finished"
 ROW, COL, STATUS = "_row", "_col", "status"
 
-# --benchmark: column name -> (heading, dotted key in results.json, number format)
+# benchmark=true: column name -> (heading, dotted key in results.json, number format)
 BENCHMARK_METRICS: dict[str, tuple[str, str, str]] = {
     "image_auroc": ("image AUROC", "metrics.image_auroc", ".3f"),
     "pixel_auroc": ("pixel AUROC", "metrics.pixel_auroc", ".3f"),
@@ -59,15 +66,18 @@ def find_results(folders: list[str]) -> list[dict[str, Any]]:
         files = [path] if path.is_file() else sorted(path.rglob("results.json"), key=_natural_key)
         for file in files:
             try:
-                data = json.loads(file.read_text())
+                results = read_results(file)
             except json.JSONDecodeError as err:
                 print(f"report: skipping unreadable {file}: {err}", file=sys.stderr)
                 continue
-            if data.get("rescore_of") and file not in (path, path / "results.json"):
+            except SchemaError as err:
+                raise SystemExit(f"report: {err}") from None
+            if results.rescore_of and file not in (path, path / "results.json"):
                 # a re-score (test_only=RUN -> RUN/rescore-N) measures the same fit again: the
                 # run counts once; name the rescore folder itself to report it
-                print(f"report: {file.parent} re-scores {data['rescore_of']}; not counted twice")
+                print(f"report: {file.parent} re-scores {results.rescore_of}; not counted twice")
                 continue
+            data = results.to_json()
             data["_file"] = str(file)
             runs.append(data)
     return runs
@@ -111,25 +121,18 @@ def metric_key(metric: str) -> str:
     return metric if "." in metric else f"metrics.{metric}"
 
 
-#: metrics that peek at the test labels (the defect-ratio F1) sit under this key, apart from
-#: the headline `metrics`; older results.json held them in `metrics`, where they are read then
-TEST_LABEL_METRICS = "test_label_metrics."
-
-
 def metric_value(run: dict[str, Any], key: str) -> float:
     """The number at `key`, NaN when the run did not finish or has no such number."""
     if run_status(run) != FINISHED:
         return np.nan
     value = lookup(run, key)
-    if value is None and key.startswith(TEST_LABEL_METRICS):
-        value = lookup(run, "metrics." + key.removeprefix(TEST_LABEL_METRICS))
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     return float(value) if is_number else np.nan
 
 
 def run_status(run: dict[str, Any]) -> str:
-    """Older results.json files have no status; they were only written by finished runs."""
-    return str(run.get("status") or FINISHED)
+    """Every file read has a status (older files get theirs in `results.migrate`)."""
+    return str(run[STATUS])
 
 
 def label(value: Any) -> str:
@@ -427,42 +430,43 @@ def default_csv_dir(folders: list[str]) -> Path:
     return first if first.is_dir() else first.parent
 
 
+@dataclass
+class ReportArgs:
+    """folders: run or multirun folders, searched for results.json (also given bare).
+    metric: metrics.<name> shorthand or a dotted path in results.json, e.g.
+    scores.image_l1.auroc, test_label_metrics.f1_at_defect_ratio.
+    rows / cols: keys (dotted) of the rows and columns, e.g. data.category; model (the config
+    choice), backbone, backbone.blocks, data.contamination.
+    csv: CSV path (default: report_<metric>.csv in the first folder); with benchmark=true the
+    folder for benchmark_*.csv.
+    benchmark: methods x data.category: image / pixel AUROC, fit s, ms/image, failed runs
+    (metric, rows and cols are not used).
+    wandb: log the table to W&B when the runs logged there.
+    """
+
+    folders: list[str] = field(default_factory=list)
+    metric: str = "image_auroc"
+    rows: str = "data.category"
+    cols: str = "model"
+    csv: str | None = None
+    benchmark: bool = False
+    wandb: bool = True
+
+
+def parse(argv: list[str] | None) -> ReportArgs:
+    """`key=value` as run.py takes them; bare arguments (not flags) are folders."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    bare = [a for a in argv if "=" not in a and not a.startswith("-")]
+    keys = [a for a in argv if a not in bare]
+    args = parse_args(ReportArgs, keys, "ad_lightning.report")
+    args.folders = [*bare, *args.folders]
+    if not args.folders:
+        raise SystemExit("report: no folders; give folders=[DIR,...] or the folders themselves")
+    return args
+
+
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(
-        prog="python -m ad_lightning.report", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument(
-        "folders", nargs="+", help="run or multirun folders (searched for results.json)"
-    )
-    parser.add_argument(
-        "--metric",
-        default="image_auroc",
-        help="metrics.<name> shorthand or a dotted path in results.json, e.g. scores.image_l1.auroc, "
-        "test_label_metrics.f1_at_defect_ratio",
-    )
-    parser.add_argument(
-        "--rows", default="data.category", help="config key for rows (dotted), e.g. data.category"
-    )
-    parser.add_argument(
-        "--cols",
-        default="model",
-        help="config key for columns, e.g. model (config choice), backbone, backbone.blocks, "
-        "data.contamination",
-    )
-    parser.add_argument(
-        "--csv",
-        default=None,
-        help="CSV output path (default: report_<metric>.csv in the first folder); with "
-        "--benchmark, the folder for benchmark_*.csv",
-    )
-    parser.add_argument(
-        "--benchmark",
-        action="store_true",
-        help="methods x data.category: image / pixel AUROC, fit s, ms/image, failed runs "
-        "(ignores --metric, --rows, --cols)",
-    )
-    parser.add_argument("--no-wandb", action="store_true", help="do not log the table to W&B")
-    args = parser.parse_args(argv)
+    args = parse(argv)
     runs = find_results(args.folders)
     if not runs:
         raise SystemExit(f"report: no results.json under {args.folders}")
@@ -486,7 +490,7 @@ def main(argv: list[str] | None = None) -> str:
         print(f"CSV: {csv_path}")
         tables = {"report": table.rename_axis(index=args.rows, columns=None).reset_index()}
         title = f"report {args.metric} {args.rows} x {args.cols}"
-    if not args.no_wandb and log_to_wandb(runs, tables, title):
+    if args.wandb and log_to_wandb(runs, tables, title):
         print("table logged to W&B (job_type=report)")
     return markdown
 

@@ -17,6 +17,8 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from ad_lightning.results import read_results
+
 #: never compared: the run mode itself and where this invocation writes
 IGNORED = ("resume", "test_only", "skip_done", "paths", "hydra")
 #: overrides applied on top of the run's config, per mode
@@ -30,7 +32,7 @@ _ABSENT = object()
 def saved_config(folder: Path) -> dict[str, Any]:
     """The resolved config of the run in `folder`."""
     try:
-        config = json.loads((folder / "results.json").read_text()).get("config")
+        config = read_results(folder / "results.json").get("config")
     except (OSError, json.JSONDecodeError):
         config = None
     if isinstance(config, dict) and "model" in config:

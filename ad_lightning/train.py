@@ -30,13 +30,21 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 
 import ad_lightning
-from ad_lightning.backbones.feature_store import FeatureDataModule
+from ad_lightning.backbones.feature_store import serve_features
 from ad_lightning.config_check import validate
 from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
 from ad_lightning.interrupt import InterruptCheckpoint, interrupt_record, is_interrupt
 from ad_lightning.models.base import AnomalyModule, DivergenceError
-from ad_lightning.outputs.artifacts import TestArtifacts, write_json
+from ad_lightning.outputs.artifacts import TestArtifacts, write_results
 from ad_lightning.outputs.timing import EpochTimer
+from ad_lightning.results import (
+    CheckpointChoice,
+    DataSummary,
+    RunResults,
+    TestResults,
+    Timings,
+    read_results,
+)
 from ad_lightning.run_config import merge_run_config
 from ad_lightning.run_folder import register_resolvers, rescore_out
 
@@ -122,11 +130,31 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
     return loggers
 
 
+@dataclass
+class RunCallbacks:
+    """The callbacks a run reads back, by name, and the config's own (early stopping, ...)."""
+
+    checkpoint: ModelCheckpoint
+    artifacts: TestArtifacts
+    timer: EpochTimer
+    interrupt: InterruptCheckpoint
+    extra: list[pl.Callback] = field(default_factory=list)
+
+    def all(self) -> list[pl.Callback]:
+        return [self.checkpoint, self.artifacts, self.timer, self.interrupt, *self.extra]
+
+
 def build_callbacks(
     cfg: DictConfig, model: AnomalyModule, out: Path, ckpt_dir: Path
-) -> list[pl.Callback]:
-    callbacks: list[pl.Callback] = [
-        ModelCheckpoint(
+) -> RunCallbacks:
+    extra = [
+        hydra.utils.instantiate(conf)
+        for conf in (cfg.get("callbacks") or {}).values()
+        if conf is not None
+        and not ("EarlyStopping" in conf.get("_target_", "") and not model.monitor)
+    ]
+    return RunCallbacks(
+        checkpoint=ModelCheckpoint(
             dirpath=ckpt_dir,
             monitor=model.monitor,
             mode="min",
@@ -134,17 +162,11 @@ def build_callbacks(
             save_top_k=1 if model.monitor else 0,
             filename="best-{epoch}",
         ),
-        TestArtifacts(str(out), n_heatmaps=cfg.eval.n_heatmaps),
-        EpochTimer(),
-        InterruptCheckpoint(ckpt_dir, save=model.trains_by_gradient),
-    ]
-    for conf in (cfg.get("callbacks") or {}).values():
-        if conf is None:
-            continue
-        if "EarlyStopping" in conf.get("_target_", "") and not model.monitor:
-            continue
-        callbacks.append(hydra.utils.instantiate(conf))
-    return callbacks
+        artifacts=TestArtifacts(str(out), n_heatmaps=cfg.eval.n_heatmaps),
+        timer=EpochTimer(),
+        interrupt=InterruptCheckpoint(ckpt_dir, save=model.trains_by_gradient),
+        extra=extra,
+    )
 
 
 def write_contamination(datamodule: Any, out: Path) -> Path | None:
@@ -160,16 +182,26 @@ def write_contamination(datamodule: Any, out: Path) -> Path | None:
 
 def with_feature_store(datamodule: Any, model: AnomalyModule, cfg: DictConfig, out: Path) -> Any:
     """Serve training/validation features from a store (one backbone pass per image per fit)
-    to methods that train on a frozen backbone, unless random augmentation makes them vary."""
+    to methods that train on a frozen backbone; `serve_features` decides whether it may."""
+    if not model.reads_stored_features:
+        return datamodule
     store = cfg.get("feature_store") or {}
-    if not (model.reads_stored_features and store.get("enabled", True)):
-        return datamodule
-    if datamodule.has_random_augmentation:
-        log.info("feature store off: random train augmentations change the features every epoch")
-        return datamodule
-    return FeatureDataModule(
-        datamodule, model.backbone, store.get("memory_gb", 4.0), out / "features"
+    return serve_features(
+        datamodule,
+        model.backbone,
+        store.get("enabled", True),
+        store.get("memory_gb", 4.0),
+        out / "features",
     )
+
+
+def check_preconditions(cfg: DictConfig, datamodule: Any) -> None:
+    """What the config asks of the data, checked once before anything trains.
+    (f1_optimal: to move into the evaluation module when it exists.)"""
+    if cfg.eval.threshold == "f1_optimal" and not getattr(datamodule, "threshold_samples", None):
+        raise ValueError(
+            "eval.threshold=f1_optimal needs labelled images that are not the test set: set data.threshold_split=<folder under the category laid out like test/ (good/ and one folder per defect)>"
+        )
 
 
 @dataclass
@@ -183,17 +215,17 @@ class Job:
     fit_data: Any
     model: AnomalyModule
     loggers: list[Any]
-    checkpoint: ModelCheckpoint
-    timer: EpochTimer
-    interrupt: InterruptCheckpoint
+    callbacks: RunCallbacks
     trainer: pl.Trainer
-    results: dict[str, Any] = field(default_factory=dict)
+    results: RunResults
 
 
-def read_results(out: Path) -> dict[str, Any] | None:
-    path = out / "results.json"
+def previous_results(folder: Path) -> RunResults | None:
+    """The run folder's results.json, None when there is none or it is cut short (not JSON);
+    a file that does not match the schema is an error naming the key."""
+    path = folder / "results.json"
     try:
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_results(path) if path.exists() else None
     except json.JSONDecodeError:
         return None
 
@@ -231,17 +263,17 @@ def resolve_out(cfg: DictConfig, overrides: list[str] | None) -> tuple[DictConfi
         return set_output_dir(cfg, out), out, out / "checkpoints", "train"
     key, mode = ("resume", "resume") if cfg.get("resume") else ("test_only", "test")
     folder = Path(cfg[key])
-    previous = read_results(folder) or {}
+    previous = previous_results(folder)
     if not (folder / "checkpoints" / "last.ckpt").exists():
-        if previous.get("status") == "interrupted":
+        if previous and previous.status == "interrupted":
             raise FileNotFoundError(
                 f"{key}={folder}: nothing to resume, it was interrupted before any checkpoint; "
-                f"restart with: {previous.get('restart_command') or 'its original command'}"
+                f"restart with: {previous.restart_command or 'its original command'}"
             )
         raise FileNotFoundError(
             f"{key}={folder}: no checkpoints/last.ckpt there; pass the folder of a run whose fit started (it holds results.json and checkpoints/)"
         )
-    if mode == "resume" and previous.get("status") == "finished":
+    if mode == "resume" and previous and previous.finished:
         raise ValueError(
             f"resume={folder}: that run is finished and is not trained over; "
             f"re-score it with test_only={folder} (written to a rescore-N subfolder)"
@@ -267,9 +299,9 @@ def set_output_dir(cfg: DictConfig, out: Path) -> DictConfig:
     return cfg
 
 
-def refuse_finished(out: Path, previous: dict[str, Any] | None) -> None:
+def refuse_finished(out: Path, previous: RunResults | None) -> None:
     """A new run never writes over a finished one (an explicit folder reused by mistake)."""
-    if previous and previous.get("status") == "finished":
+    if previous and previous.finished:
         raise FileExistsError(
             f"{out} holds a finished run (results.json); it is not overwritten: choose another "
             "folder (paths.output_dir or hydra.run.dir), re-score it with test_only=, or pass "
@@ -282,10 +314,7 @@ def prepare(cfg: DictConfig, out: Path, ckpt_dir: Path | None = None) -> Job:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
-    if cfg.eval.threshold == "f1_optimal" and not getattr(datamodule, "threshold_samples", None):
-        raise ValueError(
-            "eval.threshold=f1_optimal needs labelled images that are not the test set: set data.threshold_split=<folder under the category laid out like test/ (good/ and one folder per defect)>"
-        )
+    check_preconditions(cfg, datamodule)
     model: AnomalyModule = hydra.utils.instantiate(cfg.model)
     model.configure_evaluation(
         cfg.protocol, cfg.eval.false_alarm_rate, cfg.eval.kept_map_size, cfg.eval.threshold
@@ -294,51 +323,65 @@ def prepare(cfg: DictConfig, out: Path, ckpt_dir: Path | None = None) -> Job:
     ckpt_dir = ckpt_dir or out / "checkpoints"
     callbacks = build_callbacks(cfg, model, out, ckpt_dir)
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out)
+        cfg.trainer, logger=loggers or False, callbacks=callbacks.all(), default_root_dir=str(out)
     )
-    job = Job(
-        cfg,
-        out,
-        ckpt_dir,
-        datamodule,
-        with_feature_store(datamodule, model, cfg, out),
-        model,
-        loggers,
-        callbacks[0],
-        callbacks[2],
-        callbacks[3],
-        trainer,
+    fit_data = with_feature_store(datamodule, model, cfg, out)
+    results = start_results(cfg, out, datamodule, model)
+    return Job(
+        cfg, out, ckpt_dir, datamodule, fit_data, model, loggers, callbacks, trainer, results
     )
-    job.results = start_results(job)
-    return job
 
 
-def start_results(job: Job) -> dict[str, Any]:
+def start_results(cfg: DictConfig, out: Path, datamodule: Any, model: AnomalyModule) -> RunResults:
     """results.json as written at the start (status running): a killed run stays visible."""
-    summary = job.datamodule.summary()
-    results: dict[str, Any] = {
-        "status": "running",
-        "run_dir": str(job.out),
-        "model": type(job.model).__name__,
-        "protocol": job.cfg.protocol,
-        "choices": config_choices(),
-        "data": summary,
-        "versions": versions(),
-        "config": OmegaConf.to_container(job.cfg, resolve=True),
-        "warnings": [],
-    }
-    backbone = job.model.describe().get("backbone")
+    summary: DataSummary = datamodule.summary()
+    warnings: list[str] = []
+    backbone = model.describe().get("backbone")
     if backbone and not backbone["pretrained"]:
-        results["warnings"].append(
+        warnings.append(
             f"backbone {backbone['name']} has RANDOM weights (backbone.pretrained=false)"
         )
-    if summary["mask_note"]:
-        results["warnings"].append(summary["mask_note"])
-    results["warnings"].extend(summary.get("notes", []))  # odd and skipped image files, named
-    contamination_file = write_contamination(job.datamodule, job.out)
+    if summary.mask_note:
+        warnings.append(summary.mask_note)
+    warnings.extend(summary.notes)  # odd and skipped image files, named
+    contamination_file = write_contamination(datamodule, out)
     if contamination_file:
-        results["data"]["contamination"]["file"] = str(contamination_file)
-    return results
+        summary.contamination.file = str(contamination_file)
+    return RunResults(
+        status="running",
+        run_dir=str(out),
+        model=type(model).__name__,
+        protocol=cfg.protocol,
+        choices=config_choices(),
+        data=summary,
+        versions=versions(),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        warnings=warnings,
+    )
+
+
+def carry_over(
+    job: Job, mode: str, previous: RunResults | None, rescore_of: Path | None, rerun: str
+) -> None:
+    """What a resumed or re-scored run keeps of the run folder's record, and how to rerun."""
+    results = job.results
+    if mode != "train" and previous:
+        results.previous_status = previous.status
+        if previous.choices:
+            results.choices = previous.choices
+    if rescore_of:
+        results.rescore_of = str(rescore_of)
+    if mode == "train":
+        results.restart_command = rerun
+    elif previous and previous.restart_command:
+        results.restart_command = previous.restart_command
+    if mode == "test":  # the fit's record stands; this run only scores
+        if previous:
+            results.timings = previous.timings
+            results.checkpoint = previous.checkpoint
+        if not results.timings:
+            results.timings = Timings()
+        results.timings.test_only = True
 
 
 def fit(job: Job, ckpt_path: str | None = None) -> None:
@@ -349,12 +392,12 @@ def fit(job: Job, ckpt_path: str | None = None) -> None:
     feature_pass_s = getattr(job.fit_data, "feature_pass_s", 0.0)
     for logger in job.loggers:  # the one-off feature pass, apart from the per-epoch time/epoch_s
         logger.log_metrics({"time/feature_pass_s": feature_pass_s, "time/fit_s": fit_s})
-    job.results["timings"] = {
-        "fit_s": round(fit_s, 2),
-        "feature_pass_s": round(feature_pass_s, 2),
-        "epoch_s": job.timer.summary(),
-        "resumed_from": ckpt_path,
-    }
+    job.results.timings = Timings(
+        fit_s=round(fit_s, 2),
+        feature_pass_s=round(feature_pass_s, 2),
+        epoch_s=job.callbacks.timer.summary(),
+        resumed_from=ckpt_path,
+    )
 
 
 def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
@@ -362,31 +405,32 @@ def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
     Methods without gradient training are scored as fitted in memory (None), or from their
     last.ckpt when nothing was fitted in this process (test-only)."""
     model, cfg, ckpt_dir = job.model, job.cfg, job.ckpt_dir
+    checkpoint = job.callbacks.checkpoint
     if not model.trains_by_gradient:
         ckpt_path = None if fitted else str(ckpt_dir / "last.ckpt")
-        job.results["checkpoint"] = {
-            "scored": ckpt_path or "in-memory model after fit",
-            "selection": "statistics of one pass (no gradient training)",
-            "best_score": None,
-            "epochs": job.trainer.current_epoch,
-        }
+        job.results.checkpoint = CheckpointChoice(
+            scored=ckpt_path or "in-memory model after fit",
+            selection="statistics of one pass (no gradient training)",
+            best_score=None,
+            epochs=job.trainer.current_epoch,
+        )
         return ckpt_path
-    best = job.checkpoint.best_model_path
+    best = checkpoint.best_model_path
     if not best:  # test-only: the callback did not run; read the folder
         found = sorted(ckpt_dir.glob("best-*.ckpt"))
         best = str(found[-1]) if found else ""
-    last = job.checkpoint.last_model_path or str(ckpt_dir / "last.ckpt")
+    last = checkpoint.last_model_path or str(ckpt_dir / "last.ckpt")
     ckpt_path = best if cfg.protocol == "leak_free" and best else last
-    job.results["checkpoint"] = {
-        "scored": ckpt_path,
-        "selection": f"lowest {model.monitor} (normal validation images only)"
+    job.results.checkpoint = CheckpointChoice(
+        scored=ckpt_path,
+        selection=f"lowest {model.monitor} (normal validation images only)"
         if ckpt_path == best
         else "last epoch",
-        "best_score": float(job.checkpoint.best_model_score)
-        if job.checkpoint.best_model_score is not None
+        best_score=float(checkpoint.best_model_score)
+        if checkpoint.best_model_score is not None
         else None,
-        "epochs": job.trainer.current_epoch,
-    }
+        epochs=job.trainer.current_epoch,
+    )
     return ckpt_path
 
 
@@ -395,9 +439,9 @@ def test(job: Job, ckpt_path: str | None) -> None:
     start = time.perf_counter()
     job.trainer.test(job.model, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=False)
     test_s = time.perf_counter() - start
-    result = job.model.test_results
+    # TestResults (read dict-style, as the base's older untyped dict also allows)
+    result: TestResults = job.model.test_results
     job.results.update(
-        status="finished",
         method=job.model.describe(),
         primary_score=result["primary_score"],
         metrics=result["metrics"],
@@ -406,47 +450,119 @@ def test(job: Job, ckpt_path: str | None) -> None:
         val_scores=result["val_scores"],
         thresholds=result["thresholds"],
     )
-    job.results.setdefault("timings", {})
-    job.results["timings"].update(
+    timings = job.results.timings or Timings()
+    timings.update(
         test_s=round(test_s, 2),
         inference_ms_per_image=round(result["inference_ms_per_image"], 3),
         n_images_timed=result["n_images_timed"],
         device=str(job.model.device),
     )
-    if "checkpoint" not in job.results:
-        job.results["checkpoint"] = {"scored": ckpt_path or "in-memory model after fit"}
+    job.results.timings = timings
+    if not job.results.checkpoint:
+        job.results.checkpoint = CheckpointChoice(scored=ckpt_path or "in-memory model after fit")
 
 
 def write_model_file(job: Job) -> None:
-    """RUN_DIR/model.pt from the scored checkpoint: what predict and export load."""
+    """RUN_DIR/model.pt from the scored checkpoint: what predict and export load. The scores
+    stand even if it cannot be written (disk full, ...): that is a warning in results.json."""
     if not job.trainer.is_global_zero:
         return
+    results = job.results
     info = {
         "run_dir": str(job.out),
-        "method": job.results.get("method"),
-        "choices": job.results.get("choices"),
-        "data": {k: job.results["data"].get(k) for k in ("name", "root", "category")},
-        "metrics": job.results.get("metrics"),
-        "checkpoint": job.results.get("checkpoint", {}).get("scored"),
-        "versions": job.results.get("versions"),
+        "method": results.get("method"),
+        "choices": results.get("choices"),
+        "data": {k: results.data.get(k) for k in ("name", "root", "category")},
+        "metrics": results.get("metrics"),
+        "checkpoint": results.checkpoint.get("scored") if results.checkpoint else None,
+        "versions": results.get("versions"),
     }
-    path = save_bundle(
-        job.out / FILE_NAME,
-        job.model,
-        job.model.fitted_config(OmegaConf.to_container(job.cfg.model, resolve=True)),
-        Preprocess.from_datamodule(job.datamodule),
-        job.model.thresholds,
-        info,
-    )
-    job.results["model_file"] = str(path)
+    try:
+        path = save_bundle(
+            job.out / FILE_NAME,
+            job.model,
+            job.model.fitted_config(OmegaConf.to_container(job.cfg.model, resolve=True)),
+            Preprocess.from_datamodule(job.datamodule),
+            job.model.thresholds,
+            info,
+        )
+    except Exception as err:  # noqa: BLE001 - recorded in results.json
+        log.exception("could not write the model file")
+        results.warnings.append(f"model file not written: {type(err).__name__}: {err}")
+        return
+    results.model_file = str(path)
+
+
+class RunStatus:
+    """results.json's status through every way a run ends, written in this one place:
+    running once the job is built, then finished, diverged, interrupted or failed. A failure
+    before the job is built (bad data or config) is recorded too, except on resume, where the
+    run folder's results.json stays as it was."""
+
+    def __init__(
+        self, cfg: DictConfig, out: Path, ckpt_dir: Path, rerun: str, record_start: bool
+    ) -> None:
+        self.cfg, self.out, self.ckpt_dir, self.rerun = cfg, out, ckpt_dir, rerun
+        self.record_start = record_start
+        self.job: Job | None = None
+
+    def running(self, job: Job) -> None:
+        self.job = job
+        job.results.status = "running"
+        self._write()
+
+    def finished(self) -> None:
+        assert self.job is not None
+        self.job.results.status = "finished"
+        self._write()
+
+    def __enter__(self) -> RunStatus:
+        return self
+
+    def __exit__(self, kind: Any, err: BaseException | None, tb: Any) -> bool:
+        if err is None:
+            return False
+        if self.job is None:  # bad data or config: recorded before any training starts
+            if self.record_start and isinstance(err, Exception):
+                write_results(self.out / "results.json", self._failed_start(err))
+            return False
+        results, ckpt_dir = self.job.results, self.ckpt_dir
+        if isinstance(err, DivergenceError):
+            results.update(
+                status="diverged", error=str(err), last_checkpoint=str(ckpt_dir / "last.ckpt")
+            )
+        elif is_interrupt(err, self.job.callbacks.interrupt):
+            rerun = results.restart_command or self.rerun
+            results.update(
+                **interrupt_record(self.out, ckpt_dir, self.job.callbacks.interrupt, rerun)
+            )
+            log.warning("interrupted; %s", results.resume_command or results.note)
+        else:
+            results.update(status="failed", error=f"{type(err).__name__}: {err}")
+        self._write()
+        finish_loggers(self.job.loggers, "failed")
+        return False
+
+    def _failed_start(self, err: BaseException) -> RunResults:
+        return RunResults(
+            status="failed",
+            error=f"{type(err).__name__}: {err}",
+            run_dir=str(self.out),
+            choices=config_choices(),
+            config=OmegaConf.to_container(self.cfg, resolve=False),
+        )
+
+    def _write(self) -> None:
+        assert self.job is not None
+        write(self.job)
 
 
 def write(job: Job) -> None:
     if job.trainer.is_global_zero:
-        write_json(job.out / "results.json", job.results)
+        write_results(job.out / "results.json", job.results)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig) -> RunResults:
     """Train and test one configuration; return what results.json holds.
 
     Modes: a new run (fit, choose checkpoint, test) in a folder of its own; `resume=RUN_DIR`
@@ -459,73 +575,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)  # missing or out-of-range keys, named, before anything is built
     rescore_of = Path(cfg.test_only) if mode == "test" else None
     out.mkdir(parents=True, exist_ok=True)
-    previous = read_results(rescore_of or out)
+    previous = previous_results(rescore_of or out)
     if mode == "train":
-        if cfg.get("skip_done") and previous and previous.get("status") == "finished":
+        if cfg.get("skip_done") and previous and previous.finished:
             log.info("skip_done: %s is finished; not run again", out)
             return previous
         refuse_finished(out, previous)
-    try:
+    rerun = rerun_command(cfg, overrides)
+    with RunStatus(cfg, out, ckpt_dir, rerun, record_start=mode != "resume") as status:
         job = prepare(cfg, out, ckpt_dir)
-    except Exception as err:  # bad data or config: recorded before any training starts
-        if mode != "resume":  # a resumed run's results.json stays as it was
-            write_json(
-                out / "results.json",
-                {
-                    "status": "failed",
-                    "error": f"{type(err).__name__}: {err}",
-                    "run_dir": str(out),
-                    "choices": config_choices(),
-                    "config": OmegaConf.to_container(cfg, resolve=False),
-                },
-            )
-        raise
-    if mode != "train" and previous:
-        job.results["previous_status"] = previous.get("status")
-        if previous.get("choices"):
-            job.results["choices"] = previous["choices"]
-    if rescore_of:
-        job.results["rescore_of"] = str(rescore_of)
-    if mode == "train":
-        job.results["restart_command"] = rerun_command(cfg, overrides)
-    elif previous and previous.get("restart_command"):
-        job.results["restart_command"] = previous["restart_command"]
-    write(job)  # status: running
-    try:
-        if mode == "test":
-            for key in ("timings", "checkpoint"):
-                if previous and key in previous:
-                    job.results[key] = previous[key]
-            job.results.setdefault("timings", {})["test_only"] = True
-        else:
+        carry_over(job, mode, previous, rescore_of, rerun)
+        status.running(job)
+        if mode != "test":
             fit(job, str(ckpt_dir / "last.ckpt") if mode == "resume" else None)
         test(job, choose_checkpoint(job, fitted=mode != "test"))
-    except DivergenceError as err:
-        job.results.update(
-            status="diverged",
-            error=str(err),
-            last_checkpoint=str(ckpt_dir / "last.ckpt"),
-        )
-        write(job)
-        finish_loggers(job.loggers, "failed")
-        raise
-    except BaseException as err:  # noqa: BLE001 - recorded, then re-raised
-        if is_interrupt(err, job.interrupt):
-            rerun = job.results.get("restart_command") or rerun_command(cfg, overrides)
-            job.results.update(interrupt_record(out, ckpt_dir, job.interrupt, rerun))
-            log.warning("interrupted; %s", job.results.get("resume_command") or job.results["note"])
-        else:
-            job.results.update(status="failed", error=f"{type(err).__name__}: {err}")
-        write(job)
-        finish_loggers(job.loggers, "failed")
-        raise
-    try:  # the scores stand even if the model file cannot be written (disk full, ...)
         write_model_file(job)
-    except Exception as err:  # noqa: BLE001 - recorded in results.json
-        log.exception("could not write the model file")
-        job.results["warnings"].append(f"model file not written: {type(err).__name__}: {err}")
-    write(job)
-    log.info("results: %s", {k: round(v, 4) for k, v in job.results["metrics"].items()})
+        status.finished()
+    log.info("results: %s", {k: round(v, 4) for k, v in job.results.metrics.items()})
     finish_loggers(job.loggers)
     return job.results
 

@@ -140,7 +140,7 @@ def test_skip_bad_trains_on_every_readable_image_and_records_every_odd_file(odd_
     assert all(odd.values())
     notes = "\n".join(summary["notes"])
     assert "4 images" in notes and "4 bad files" in notes
-    json.dumps(summary)  # lands in results.json as it is
+    json.dumps(summary.to_json())  # lands in results.json as it is
 
     used = dm.train_samples + dm.val_samples + dm.test_samples
     assert sorted(s.path for s in used) == sorted(files["readable"].values())

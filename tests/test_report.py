@@ -50,14 +50,10 @@ def test_report_builds_paper_table_from_partial_sweeps(tmp_path: Path, capsys) -
     fake_run(b / "1", "wood", "vgg19", float("nan"), status="diverged")
     md = main(
         [
-            str(a),
-            str(b),
-            "--rows",
-            "data.category",
-            "--cols",
-            "backbone.alias",
-            "--csv",
-            str(tmp_path / "t.csv"),
+            f"folders=[{a},{b}]",
+            "rows=data.category",
+            "cols=backbone.alias",
+            f"csv={tmp_path / 't.csv'}",
         ]
     )
     assert cells(md) == [
@@ -74,7 +70,7 @@ def test_report_builds_paper_table_from_partial_sweeps(tmp_path: Path, capsys) -
 def test_report_marks_missing_cells_and_keeps_order_of_appearance(tmp_path: Path) -> None:
     fake_run(tmp_path / "s" / "0", "wood", "vgg19", 0.5)
     fake_run(tmp_path / "s" / "1", "bottle", "resnet18", 0.7)
-    md = main([str(tmp_path / "s"), "--cols", "backbone.alias", "--no-wandb"])
+    md = main([str(tmp_path / "s"), "cols=backbone.alias", "wandb=false"])
     assert cells(md) == [
         ["data.category", "vgg19", "resnet18"],
         ["wood", "0.500", "—"],
@@ -88,10 +84,8 @@ def test_report_reads_any_dotted_metric(tmp_path: Path) -> None:
     md = main(
         [
             str(tmp_path / "r"),
-            "--metric",
-            "scores.residual_max.at_defect_ratio.f1",
-            "--cols",
-            "model",
+            "metric=scores.residual_max.at_defect_ratio.f1",
+            "cols=model",
         ]
     )
     assert cells(md) == [["data.category", "SkipDFR"], ["bottle", "0.300"]]
@@ -102,7 +96,7 @@ def test_model_column_is_the_config_choice_when_the_run_recorded_it(tmp_path: Pa
     fake_run(tmp_path / "m" / "0", "bottle", "r", 0.6, model="AE", choices={"model": "ae"})
     fake_run(tmp_path / "m" / "1", "bottle", "r", 0.8, model="AE", choices={"model": "ae_ssim"})
     fake_run(tmp_path / "m" / "2", "bottle", "r", 0.7)  # older results.json: no choices
-    md = main([str(tmp_path / "m"), "--cols", "model", "--no-wandb"])
+    md = main([str(tmp_path / "m"), "cols=model", "wandb=false"])
     assert cells(md)[:2] == [
         ["data.category", "ae", "ae_ssim", "SkipDFR"],
         ["bottle", "0.600", "0.800", "0.700"],
@@ -120,7 +114,7 @@ def test_report_logs_to_wandb_when_the_runs_did(tmp_path: Path, monkeypatch) -> 
     data = json.loads((folder / "results.json").read_text())
     data["config"]["logger"] = {"wandb": {"project": "ad_lightning"}}
     (folder / "results.json").write_text(json.dumps(data))
-    main([str(tmp_path / "sweep"), "--cols", "model"])
+    main([str(tmp_path / "sweep"), "cols=model"])
     assert list((tmp_path / "sweep").glob("wandb/offline-run-*/run-*.wandb"))
 
 
@@ -160,7 +154,7 @@ def test_benchmark_tables_methods_by_category_and_lists_failed_runs(tmp_path: Pa
     bench_run(sweep / "5", "deep_knn", "wood", 0.60, None, 4.0)
     (sweep / "6" / ".hydra").mkdir(parents=True)  # a job killed before results.json
 
-    md = main([str(sweep), "--benchmark", "--no-wandb"])
+    md = main([str(sweep), "benchmark=true", "wandb=false"])
     summary, image, pixel, fit, ms = (cells(t) for t in md.split("\n\n") if t.startswith("|"))
     assert summary == [
         ["method", "image AUROC", "pixel AUROC", "fit s", "ms/image", "runs"],
@@ -203,11 +197,9 @@ def test_report_reads_test_label_metrics_of_new_and_older_runs(tmp_path: Path) -
     md = main(
         [
             str(tmp_path / "s"),
-            "--metric",
-            "test_label_metrics.f1_at_defect_ratio",
-            "--cols",
-            "model",
-            "--no-wandb",
+            "metric=test_label_metrics.f1_at_defect_ratio",
+            "cols=model",
+            "wandb=false",
         ]
     )
     assert cells(md) == [
@@ -248,7 +240,7 @@ def test_runs_with_other_settings_are_split_not_averaged(tmp_path: Path) -> None
             paths__output_dir=str(s / name),
             logger__wandb__name=f"run-{name}",
         )
-    md = main([str(s), "--cols", "model", "--no-wandb"])
+    md = main([str(s), "cols=model", "wandb=false"])
     assert cells(md) == [
         [
             "data.category",
@@ -270,7 +262,7 @@ def test_failed_and_interrupted_runs_are_listed_not_hidden_in_a_cell(tmp_path: P
     fake_run(s / "2", "bottle", "r", 0.5, seed=2, status="running")  # killed: never finished
     fake_run(s / "3", "bottle", "r", 0.5, seed=3, status="failed", error="DataLayoutError: x")
     set_config(s / "3", data__image_size="${oc.env:SIZE}")  # failed before it was resolved
-    md = main([str(s), "--cols", "model", "--no-wandb"])
+    md = main([str(s), "cols=model", "wandb=false"])
     assert cells(md) == [["data.category", "SkipDFR"], ["bottle", "0.900 (+2 failed, +1 running)"]]
     listed = md.split("Runs that did not finish")[1]
     assert "(3 of 4)" in listed
@@ -287,7 +279,7 @@ def test_benchmark_splits_a_method_run_with_other_settings_into_its_own_row(
     bench_run(sweep / "1", "skip_dfr", "bottle", 0.70, 0.75, 120.0)
     set_config(sweep / "0", model__sigma=4.0)
     set_config(sweep / "1", model__sigma=0.0)
-    md = main([str(sweep), "--benchmark", "--no-wandb"])
+    md = main([str(sweep), "benchmark=true", "wandb=false"])
     image = cells(md.split("image AUROC\n\n")[1].split("\n\n")[0])
     assert image == [
         ["method", "bottle"],

@@ -125,7 +125,7 @@ def test_multirun_finishes_after_a_failed_job_and_skip_done_reruns_only_it(
     assert status["0"]["status"] == "finished"
     assert status["1"]["status"] == "failed" and "z2_sum" in status["1"]["error"]
     report = subprocess.run(
-        [sys.executable, "-m", "ad_lightning.report", str(sweep), "--benchmark", "--no-wandb"],
+        [sys.executable, "-m", "ad_lightning.report", str(sweep), "benchmark=true", "wandb=false"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -117,7 +117,8 @@ class FeatureDataModule(pl.LightningDataModule):
     """An image DataModule whose train and val splits are served from feature stores.
 
     Everything else (test split, summary, masks, samples) is the wrapped module's, so the
-    run, the evaluation and the reports see the same data.
+    run, the evaluation and the reports see the same data. Built through `serve_features`,
+    which leaves the store out where the features would vary between epochs.
     """
 
     def __init__(
@@ -128,11 +129,6 @@ class FeatureDataModule(pl.LightningDataModule):
         spill_dir: str | Path = "features",
     ) -> None:
         super().__init__()
-        if getattr(images, "has_random_augmentation", False):
-            raise ValueError(
-                "feature store: random train augmentations change the features every epoch; "
-                "set feature_store.enabled=false or data.train_augmentations=[]"
-            )
         self.images = images
         self.extractor = extractor
         self.memory_bytes = int(memory_gb * 2**30)
@@ -211,3 +207,21 @@ class FeatureDataModule(pl.LightningDataModule):
         if "train" not in self.stores:
             return self.images.train_eval_dataloader()
         return self._loader("train", train=False)
+
+
+def serve_features(
+    images: Any,
+    extractor: FeatureExtractor,
+    enabled: bool = True,
+    memory_gb: float = 4.0,
+    spill_dir: str | Path = "features",
+) -> Any:
+    """`images` with training/validation features served from a store, or `images` as it is
+    when the store is off or random train augmentation would make stored features wrong.
+    The one place that decides it."""
+    if not enabled:
+        return images
+    if getattr(images, "has_random_augmentation", False):
+        log.info("feature store off: random train augmentations change the features every epoch")
+        return images
+    return FeatureDataModule(images, extractor, memory_gb, spill_dir)

@@ -46,6 +46,7 @@ from ad_lightning.data.registration import (
 )
 from ad_lightning.data.sampling import training_batches
 from ad_lightning.data.transforms import build_transform
+from ad_lightning.results import Contamination, DataSummary
 
 log = logging.getLogger(__name__)
 
@@ -312,34 +313,34 @@ class AnomalyDataModule(pl.LightningDataModule):
             check_threshold_split(kept, where / self.threshold_split)
         return files, kept
 
-    def summary(self) -> dict[str, Any]:
-        """Counts and provenance recorded in results.json."""
+    def summary(self) -> DataSummary:
+        """Counts and provenance recorded in results.json (its `data` record)."""
         n_def = sum(s.label for s in self.test_samples)
-        return {
-            "name": self.name,
-            "root": str(self.root),
-            "category": self.category,
-            "image_size": self.image_size,
-            "channels": self.channels,
-            "n_train": len(self.train_samples),
-            "n_val": len(self.val_samples),
-            "n_test": len(self.test_samples),
-            "n_threshold_split": len(self.threshold_samples),
-            "n_test_defective": n_def,
-            "defect_ratio": n_def / max(len(self.test_samples), 1),
-            "has_masks": self.has_masks,
-            "mask_note": self.files.mask_note if self.files else "",
-            "contamination": {"ratio": self.contamination, "n_moved": len(self.contaminated)},
-            "skipped_files": [b.record() for b in self.skipped],
-            "odd_images": [o.record() for o in self.odd_images],
-            "size_note": self.size_note,
-            "notes": self.notes(),
-            "strict": self.strict,
-            "bit_depth": self.bit_depth,
-            "registered": f"{self.register_method} to {self.train_samples[0].path}"
+        return DataSummary(
+            name=self.name,
+            root=str(self.root),
+            category=self.category,
+            image_size=self.image_size,
+            channels=self.channels,
+            n_train=len(self.train_samples),
+            n_val=len(self.val_samples),
+            n_test=len(self.test_samples),
+            n_threshold_split=len(self.threshold_samples),
+            n_test_defective=n_def,
+            defect_ratio=n_def / max(len(self.test_samples), 1),
+            has_masks=self.has_masks,
+            mask_note=self.files.mask_note if self.files else "",
+            contamination=Contamination(ratio=self.contamination, n_moved=len(self.contaminated)),
+            skipped_files=[b.record() for b in self.skipped],
+            odd_images=[o.record() for o in self.odd_images],
+            size_note=self.size_note,
+            notes=self.notes(),
+            strict=self.strict,
+            bit_depth=self.bit_depth,
+            registered=f"{self.register_method} to {self.train_samples[0].path}"
             if self.register
             else False,
-        }
+        )
 
     def notes(self) -> list[str]:
         """Human lines for results.json's warnings: files left out, odd images."""

@@ -18,6 +18,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from ad_lightning.data.datamodule import read_image, read_mask
 from ad_lightning.data.registration import RegistrationError, apply_alignment, estimate_alignment
 from ad_lightning.outputs.plots import overlay, plot_curves
+from ad_lightning.results import RunResults, TestResults
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=False, default=str))
     tmp.replace(path)
+
+
+def write_results(path: Path, results: RunResults) -> None:
+    """results.json, with its schema version, written atomically."""
+    write_json(path, results.to_json())
 
 
 def write_scores_csv(records: list[dict[str, Any]], path: Path) -> None:
@@ -137,7 +143,7 @@ class TestArtifacts(pl.Callback):
         except Exception as err:  # noqa: BLE001
             log.warning("could not draw figures: %s", err)
 
-    def _figures(self, trainer: pl.Trainer, results: dict[str, Any]) -> None:
+    def _figures(self, trainer: pl.Trainer, results: TestResults) -> None:
         records = results["records"]
         labels = np.array([r["label"] for r in records])
         names = list(results["scores"].keys())
@@ -151,7 +157,7 @@ class TestArtifacts(pl.Callback):
             stacked = np.concatenate([m.float().numpy().ravel() for m in maps.values()])
             vmin, vmax = np.percentile(stacked, 1), np.percentile(stacked, 99.9)
             primary = results["primary_score"]
-            thresholds = results.get("thresholds") or {}
+            thresholds = results["thresholds"] or {}
             pixel_threshold = (thresholds.get("pixel") or {}).get("value")
             datamodule = getattr(trainer, "datamodule", None)
             for i, r in enumerate(pick_heatmaps(records, primary, self.n_heatmaps)):
