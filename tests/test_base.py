@@ -1,6 +1,7 @@
-"""AnomalyModule's evaluation, driven step by step without a Trainer: headline metrics that do
-not peek at test labels, pixel AUROC that does not depend on batching, and DDP padding that
-counts each image's pixels once."""
+"""AnomalyModule's evaluation (metrics/evaluation.py behind its test hooks), driven step by
+step without a Trainer: headline metrics that do not peek at test labels, pixel AUROC that does
+not depend on batching, and DDP padding that counts each image's pixels once; the thresholds
+and normalisation as buffers of the model's post-processor."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from ad_lightning import distributed
+from ad_lightning.metrics.evaluation import score_loader
 from ad_lightning.metrics.evaluator import unit_scale
 from ad_lightning.models.base import AnomalyModule, Scores
 from tests.conftest import quiet_trainer, synthetic_dm
@@ -44,7 +46,8 @@ def evaluate(
     """Test results with no validation split (no map scale, no validation scores)."""
     model = MapModel()
     model.configure_evaluation(protocol=protocol)
-    model._has_masks = True
+    model.evaluation = model.new_evaluation()
+    model.evaluation.has_masks = True
     for i, indices in enumerate(batches):
         model.test_step(batch_of(maps, masks, indices), i)
     model.on_test_epoch_end()
@@ -232,12 +235,14 @@ def test_f1_optimal_threshold_from_a_labelled_split(tiny_folder) -> None:
     assert thresholds["f1_on_threshold_split"] == pytest.approx(1.0)
     assert thresholds["value"] == thresholds["f1_optimal"]
     # the stored threshold separates the labelled images (their scores are above 1 here)
-    scores, _ = model.score_loader(dm.threshold_dataloader())
+    scores, _ = score_loader(dm.threshold_dataloader(), model._score)
     labels = torch.tensor([s.label for s in dm.threshold_samples])
     assert scores["score"].max() > 1
     assert torch.equal((scores["score"] > thresholds["value"]).long(), labels)
     # both rules are stored; the false-alarm one comes from the validation normals alone
-    assert thresholds["at_false_alarm_rate"] == pytest.approx(max(model._val_scores["score"]))
+    assert thresholds["at_false_alarm_rate"] == pytest.approx(
+        max(model.test_results["val_scores"]["score"])
+    )
 
 
 def test_f1_optimal_threshold_needs_the_split_and_the_split_must_exist(tiny_folder) -> None:
