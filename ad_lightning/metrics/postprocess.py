@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-#: the buffers, float64 so that they equal the thresholds dict's Python floats exactly
+#: the buffers, float64 of shape [1] (empty when unset), so that they equal the thresholds
+#: dict's Python floats exactly
 BUFFERS = ("image_threshold", "pixel_threshold", "score_min", "score_max")
 
 
@@ -44,7 +45,9 @@ class PostProcessor(nn.Module):
         self._buffers[name] = (
             torch.empty(0, dtype=torch.float64, device=device)
             if value is None
-            else torch.tensor(float(value), dtype=torch.float64, device=device)
+            # shape [1], not a 0-dim scalar: ONNX export folds arithmetic on 0-dim double
+            # buffers in float32 (max - min came out 0.79999995 for 0.9 - 0.1)
+            else torch.tensor([float(value)], dtype=torch.float64, device=device)
         )
 
     def set_thresholds(self, thresholds: dict[str, Any] | None) -> None:
@@ -89,7 +92,7 @@ class PostProcessor(nn.Module):
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        """Take the stored shapes (empty or a scalar); a missing key keeps the buffer as it is
+        """Take the stored shapes (empty or one value); a missing key keeps the buffer as it is
         instead of failing a strict load."""
         missing = {}
         for name, buf in list(self._buffers.items()):
