@@ -1,6 +1,7 @@
-"""AnomalyModule's evaluation, driven step by step without a Trainer: headline metrics that do
-not peek at test labels, pixel AUROC that does not depend on batching, and DDP padding that
-counts each image's pixels once."""
+"""AnomalyModule's evaluation (metrics/evaluation.py behind its test hooks), driven step by
+step without a Trainer: headline metrics that do not peek at test labels, pixel AUROC that does
+not depend on batching, and DDP padding that counts each image's pixels once; the thresholds
+and normalisation as buffers of the model's post-processor."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from ad_lightning import distributed
+from ad_lightning.metrics.evaluation import score_loader
 from ad_lightning.metrics.evaluator import unit_scale
 from ad_lightning.models.base import AnomalyModule, Scores
 from tests.conftest import quiet_trainer, synthetic_dm
@@ -44,7 +46,8 @@ def evaluate(
     """Test results with no validation split (no map scale, no validation scores)."""
     model = MapModel()
     model.configure_evaluation(protocol=protocol)
-    model._has_masks = True
+    model.evaluation = model.new_evaluation()
+    model.evaluation.has_masks = True
     for i, indices in enumerate(batches):
         model.test_step(batch_of(maps, masks, indices), i)
     model.on_test_epoch_end()
@@ -232,12 +235,14 @@ def test_f1_optimal_threshold_from_a_labelled_split(tiny_folder) -> None:
     assert thresholds["f1_on_threshold_split"] == pytest.approx(1.0)
     assert thresholds["value"] == thresholds["f1_optimal"]
     # the stored threshold separates the labelled images (their scores are above 1 here)
-    scores, _ = model.score_loader(dm.threshold_dataloader())
+    scores, _ = score_loader(dm.threshold_dataloader(), model._score)
     labels = torch.tensor([s.label for s in dm.threshold_samples])
     assert scores["score"].max() > 1
     assert torch.equal((scores["score"] > thresholds["value"]).long(), labels)
     # both rules are stored; the false-alarm one comes from the validation normals alone
-    assert thresholds["at_false_alarm_rate"] == pytest.approx(max(model._val_scores["score"]))
+    assert thresholds["at_false_alarm_rate"] == pytest.approx(
+        max(model.test_results["val_scores"]["score"])
+    )
 
 
 def test_f1_optimal_threshold_needs_the_split_and_the_split_must_exist(tiny_folder) -> None:
@@ -256,3 +261,50 @@ def test_f1_optimal_threshold_needs_the_split_and_the_split_must_exist(tiny_fold
     dm = AnomalyDataModule(str(tiny_folder), "widget", num_workers=0, threshold_split="test")
     with pytest.raises(DataLayoutError, match="would leak them"):
         dm.setup("fit")
+
+
+def test_thresholds_and_normalisation_are_post_processor_buffers_in_the_state_dict(
+    synthetic_root,
+) -> None:
+    """After testing, the post-processor's buffers hold exactly the thresholds dict's values
+    and the min/max of the records' normalised primary score; they are in the state dict (so
+    in model.pt), and a freshly built model loaded strictly from it decides the same."""
+    model = ChannelMean()
+    results = trainer_test(model, synthetic_dm(synthetic_root, eval_batch_size=5))
+    thresholds = results["thresholds"]
+    assert model.thresholds is thresholds
+    post = model.post_processor
+    assert post.value("image_threshold") == thresholds["image"]["value"]
+    assert post.value("pixel_threshold") == thresholds["pixel"]["value"]
+    scores = torch.tensor([r["score"] for r in results["records"]], dtype=torch.float64)
+    normalised = torch.tensor(
+        [r["score_normalized"] for r in results["records"]], dtype=torch.float64
+    )
+    assert torch.equal(post.normalise(scores), normalised)
+    assert post.value("score_min") == min(results["val_scores"]["score"])
+
+    state = model.state_dict()
+    names = ("image_threshold", "pixel_threshold", "score_min", "score_max")
+    assert {f"post_processor.{n}" for n in names} <= set(state)
+    fresh = ChannelMean()
+    assert not fresh.post_processor.is_set("image_threshold")
+    fresh.load_state_dict(state, strict=True)
+    for name in names:
+        assert fresh.post_processor.value(name) == post.value(name), name
+    _, image_verdict, pixel_verdict = fresh.post_processor(scores.float(), scores.float()[:, None])
+    assert torch.equal(image_verdict, scores > thresholds["image"]["value"])
+    assert torch.equal(pixel_verdict[:, 0], scores > thresholds["pixel"]["value"])
+
+
+def test_a_state_dict_without_post_processor_keys_still_loads_strictly() -> None:
+    """Checkpoints and model files from before the post-processor lack its keys: a strict
+    load takes them and leaves the buffers unset; any other missing key is still an error."""
+    model = ChannelMean()
+    model.thresholds = {"image": {"value": 1.5}, "pixel": None}
+    assert model.post_processor.value("image_threshold") == 1.5
+    old = {k: v for k, v in ChannelMean().state_dict().items() if "post_processor" not in k}
+    model.load_state_dict(old, strict=True)
+    assert model.post_processor.value("image_threshold") == 1.5  # kept, not emptied
+    assert ChannelMean().load_state_dict(old, strict=True) is not None
+    with pytest.raises(RuntimeError, match="Unexpected key.*post_processor.other"):
+        ChannelMean().load_state_dict({**old, "post_processor.other": torch.zeros(1)})

@@ -86,3 +86,29 @@ def test_auroc_is_exact_for_large_unbounded_scores() -> None:
 def test_nan_scores_are_an_error_not_a_metric() -> None:
     with pytest.raises(FloatingPointError, match="NaN"):
         evaluate_scores({"s": torch.tensor([0.1, float("nan"), 0.3])}, torch.tensor([0, 1, 1]))
+
+
+def test_post_processor_traces_into_an_onnx_graph_with_its_buffers(tmp_path) -> None:
+    """Thresholds and normalisation are constants of the exported graph: onnxruntime decides
+    and normalises as the module does."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ad_lightning.metrics.postprocess import PostProcessor
+
+    post = PostProcessor()
+    post.set_thresholds({"image": {"value": 0.5}, "pixel": {"value": 0.25}})
+    post.set_normalisation(0.1, 0.9)
+    scores = torch.tensor([0.05, 0.5, 0.50001, 0.95])
+    maps = torch.tensor([0.1, 0.25, 0.3, 1.0]).view(1, 2, 2).repeat(4, 1, 1)
+    path = tmp_path / "post.onnx"
+    torch.onnx.export(post, (scores, maps), str(path), dynamo=False, input_names=["score", "map"])
+    got = ort.InferenceSession(str(path)).run(None, {"score": scores.numpy(), "map": maps.numpy()})
+    expected = post(scores, maps)
+    assert torch.equal(expected[1], torch.tensor([False, False, True, True]))
+    assert torch.equal(expected[2][0], torch.tensor([[False, False], [True, True]]))
+    for mine, theirs in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(mine.numpy(), theirs)
+    unset = PostProcessor()
+    unset.set_normalisation(0.3, 0.3)  # min == max: 0, as the records' normalised scores
+    assert torch.equal(unset.normalise(scores), torch.zeros(4, dtype=torch.float64))
