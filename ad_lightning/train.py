@@ -34,6 +34,7 @@ from ad_lightning.backbones.feature_store import serve_features
 from ad_lightning.config_check import validate
 from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
 from ad_lightning.interrupt import InterruptCheckpoint, interrupt_record, is_interrupt
+from ad_lightning.metrics.evaluation import require_threshold_split
 from ad_lightning.models.base import AnomalyModule, DivergenceError
 from ad_lightning.outputs.artifacts import TestArtifacts, write_results
 from ad_lightning.outputs.timing import EpochTimer
@@ -196,12 +197,9 @@ def with_feature_store(datamodule: Any, model: AnomalyModule, cfg: DictConfig, o
 
 
 def check_preconditions(cfg: DictConfig, datamodule: Any) -> None:
-    """What the config asks of the data, checked once before anything trains.
-    (f1_optimal: to move into the evaluation module when it exists.)"""
-    if cfg.eval.threshold == "f1_optimal" and not getattr(datamodule, "threshold_samples", None):
-        raise ValueError(
-            "eval.threshold=f1_optimal needs labelled images that are not the test set: set data.threshold_split=<folder under the category laid out like test/ (good/ and one folder per defect)>"
-        )
+    """What the config asks of the data, checked once before anything trains (the same check
+    the evaluation makes before scoring)."""
+    require_threshold_split(cfg.eval.threshold, datamodule)
 
 
 @dataclass
