@@ -12,9 +12,10 @@ from conftest import quiet_trainer, synthetic_dm
 from test_run import compose_cfg
 
 from ad_lightning.deploy.bundle import Bundle, Preprocess, load_bundle
-from ad_lightning.export import NotExportable, export_onnx, onnx_engine
-from ad_lightning.export import main as export_main
-from ad_lightning.predict import main as predict_main
+from ad_lightning.deploy.engines import onnx_engine
+from ad_lightning.deploy.export import NotExportable, export_onnx
+from ad_lightning.deploy.export import main as export_main
+from ad_lightning.deploy.predict import main as predict_main
 from ad_lightning.train import run
 
 

@@ -16,8 +16,8 @@ from test_run import compose_cfg
 
 from ad_lightning.data import AnomalyDataModule
 from ad_lightning.deploy.bundle import Preprocess, load_bundle, save_bundle
-from ad_lightning.predict import InputImages
-from ad_lightning.predict import main as predict_main
+from ad_lightning.deploy.inputs import InputImages
+from ad_lightning.deploy.predict import main as predict_main
 
 SIZE = 32
 
