@@ -37,6 +37,15 @@ def key_comments(schema: type) -> dict[str, str]:
     return dict(found)
 
 
+def spelled(value: Any) -> str:
+    """A default as an override writes it: null, true, [a,b]."""
+    if isinstance(value, list):
+        return f"[{','.join(spelled(v) for v in value)}]"
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def usage(schema: type, command: str) -> str:
     """The `--help` text: the command, its purpose and every key with its default."""
     comments = key_comments(schema)
@@ -52,7 +61,7 @@ def usage(schema: type, command: str) -> str:
             default = f.default_factory()
         else:
             default = "???"
-        text = f"  {f.name}={'null' if default is None else default}"
+        text = f"  {f.name}={spelled(default)}"
         lines.append(f"{text:<36} {comments.get(f.name, '')}".rstrip())
     return "\n".join(lines)
 
@@ -75,13 +84,17 @@ def parse_args(schema: type[T], argv: list[str] | None = None, command: str = ""
     bad = [a for a in argv if "=" not in a]
     if bad:
         raise SystemExit(f"{command}: arguments are key=value; got {bad}. Keys: {keys}")
-    try:
-        overrides = OverridesParser.create().parse_overrides(argv)
-    except HydraException as err:
-        raise SystemExit(
-            f"{command}: {err}\nQuote a value holding brackets, commas or '=' "
-            f"(Hydra's syntax): 'input=\"line3/00[01].png\"'"
-        ) from None
+    parser = OverridesParser.create()
+    overrides = []
+    for arg in argv:
+        try:
+            overrides += parser.parse_overrides([arg])
+        except HydraException as err:
+            raise SystemExit(
+                f"{command}: cannot read {arg!r}: {str(err).splitlines()[0]}. Quote a value "
+                "holding brackets, commas or '=' (Hydra's override syntax): "
+                "'input=\"line3/00[01].png\"'"
+            ) from None
     unknown = [o.key_or_group for o in overrides if o.key_or_group.split(".")[0] not in names]
     if unknown:
         raise SystemExit(f"{command}: unknown key ({', '.join(unknown)}); valid keys: {keys}")
@@ -93,7 +106,7 @@ def parse_args(schema: type[T], argv: list[str] | None = None, command: str = ""
     except HydraException as err:
         cause = err.__cause__
         if isinstance(cause, ValidationError):
-            raise SystemExit(f"{command}: {cause.full_key}: {cause.msg}") from None
+            raise SystemExit(f"{command}: {cause.full_key}: {cause.msg.splitlines()[0]}") from None
         raise SystemExit(f"{command}: {err}; keys: {keys}") from None
     return config
 
