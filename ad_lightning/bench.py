@@ -101,8 +101,8 @@ def default_models() -> list[str]:
 
 @dataclass
 class BenchArgs:
-    """Train each method briefly and time it (PyTorch and ONNX); print a table and write
-    out/bench.csv. Each method runs in its own process, one after another."""
+    """Train each method briefly and time it (PyTorch, onnxruntime, OpenVINO); print a table
+    and write out/bench.csv. Each method runs in its own process, one after another."""
 
     # conf/model names; default: every method but the *_paper / *_original presets
     models: list[str] = field(default_factory=default_models)
@@ -345,7 +345,11 @@ def measure_method(method: str, args: BenchArgs, folder: Path) -> dict[str, Any]
                 engine = onnx_engine(run_dir / "model.onnx")
                 measure_batches("onnx", lambda x: engine(x, []), shape, args, row, cpu())
                 if args.openvino:
-                    measure_openvino(bundle, run_dir / "model.onnx", args, row)
+                    try:
+                        measure_openvino(bundle, run_dir / "model.onnx", args, row)
+                    except Exception as err:  # noqa: BLE001 - the other figures stand
+                        log.exception("OpenVINO of %s failed", method)
+                        errors.append(one_line(f"openvino: {type(err).__name__}: {err}"))
                 if isinstance(backbone, FeatureExtractor):
                     example = torch.rand(2, 3, *pre.image_size)
                     trace_to_onnx(backbone.cpu(), example, run_dir / "backbone.onnx", ["features"])

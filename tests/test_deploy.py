@@ -265,6 +265,20 @@ def test_predict_with_openvino_scores_like_pytorch_at_f32_unless_bf16_is_asked(
     assert str(bf16) == "<Type: 'bfloat16'>"
 
 
+def test_bench_reports_openvino_at_f32_and_bf16_with_their_parity(tmp_path: Path) -> None:
+    from ad_lightning.bench import BenchArgs, measure_openvino
+
+    run_dir = cheap_run(tmp_path)
+    export_main([f"model={run_dir}"])
+    row: dict = {}
+    args = BenchArgs(models=[], repeats=1, warmup=1, max_call_s=1e-9)  # batch 32 skipped
+    measure_openvino(load_bundle(run_dir), run_dir / "model.onnx", args, row)
+    for name in ("openvino", "openvino_bf16"):
+        assert row[f"{name}_ms_b1"] > 0
+        assert 0 <= row[f"{name}_max_abs_diff"] < 1e-3  # untrained AE: scores ~0.08
+    assert len(row["notes"]) == 2  # each says its batch 32 was skipped
+
+
 FAMILIES = {  # one method of each family, with a budget of seconds
     "skip_dfr": ["model=skip_dfr", "trainer.max_steps=10"],  # feature reconstruction
     "dfr": ["model=dfr", "trainer.max_steps=10"],  # its AE's size is chosen during fit (PCA)

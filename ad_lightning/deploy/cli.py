@@ -2,9 +2,10 @@
 
 Each command's keys are a dataclass, registered in Hydra's ConfigStore and composed with the
 command line's overrides (`key=value`, lists as `key=[a,b]`; quote a value holding brackets,
-commas or `=`: `'input="line3/00[01].png"'`). Composed, not run as a Hydra job: these
-commands write only where `out=` says, with no output folder of Hydra's. `--help` lists the
-keys with their defaults; an unknown or missing key stops with the list of valid keys.
+commas, `=`, `~` or non-ASCII letters: `'input="line3/00[01].png"'`). Composed, not run as a
+Hydra job: these commands write only where `out=` says, with no output folder of Hydra's.
+`--help` lists the keys with their defaults; an unknown or missing key stops with the list
+of valid keys.
 """
 
 from __future__ import annotations
@@ -91,9 +92,9 @@ def parse_args(schema: type[T], argv: list[str] | None = None, command: str = ""
             overrides += parser.parse_overrides([arg])
         except HydraException as err:
             raise SystemExit(
-                f"{command}: cannot read {arg!r}: {str(err).splitlines()[0]}. Quote a value "
-                "holding brackets, commas or '=' (Hydra's override syntax): "
-                "'input=\"line3/00[01].png\"'"
+                f"{command}: cannot read {arg!r}: {str(err).splitlines()[0]}. Hydra's override "
+                "syntax (as run.py): quote a value holding [ ] ( ) , = ~ & # or "
+                "non-ASCII letters, e.g. 'input=\"line3/00[01].png\"' or 'model=\"~/runs/a\"'"
             ) from None
     unknown = [o.key_or_group for o in overrides if o.key_or_group.split(".")[0] not in names]
     if unknown:
