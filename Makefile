@@ -57,11 +57,11 @@ lock: latest-venv
 benchmark: $(STAMP)
 	bash experiments/benchmark/run_shared.sh
 
-# per method on this device: train img/s, ms/image at batch 1 and 32 (PyTorch, ONNX), x backbone, x peer PatchCore, peak memory; printed and in outputs/bench/bench.csv
+# per method on this device: train img/s, ms/image at batch 1 and 32 (PyTorch, onnxruntime, OpenVINO f32 and bf16), x backbone, x peer PatchCore, peak memory; printed and in outputs/bench/bench.csv
 bench: $(STAMP)
 	$(BIN)/python -m ad_lightning.bench
 	$(BIN)/python -m ad_lightning.bench models=[ganomaly,skip_ganomaly] image_size=64 out=outputs/bench/gan64
-	$(BIN)/python -m ad_lightning.bench models=[anogan] image_size=64 overrides=[model.latent_steps=50] out=outputs/bench/anogan64
+	$(BIN)/python -m ad_lightning.bench models=[anogan] image_size=64 'overrides=["model.latent_steps=50"]' out=outputs/bench/anogan64
 
 lint: $(STAMP)
 	$(BIN)/ruff check ad_lightning tests run.py

@@ -3,7 +3,10 @@
 Per method, at one image size and backbone, on the current device (CUDA if present, else CPU):
 training images per second, inference ms per image at batch 1 and at batch 32, the frozen
 backbone's own forward time, peak memory, and the same inference through the ONNX export
-(onnxruntime, CPU), side by side. Figures are printed as a markdown table and written to
+on the CPU engines of ad_lightning/deploy/engines.py, side by side: onnxruntime, and OpenVINO
+at f32 and at bf16, each with its largest |score - PyTorch score| (OpenVINO's bf16 is faster
+on CPUs with bf16 instructions and moves scores by up to 1 %, so predict uses f32 unless
+told otherwise). Figures are printed as a markdown table and written to
 `out/bench.csv`; they are measurements of this machine, not test assertions.
 
 How: each method runs in a child process of its own, one after another, so the process's
@@ -17,6 +20,7 @@ timed calls. A method that fails is a row with its error; the others still run.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -39,6 +43,7 @@ import pytorch_lightning as pl
 import torch
 
 from ad_lightning.deploy.cli import parse_args, setup_logging
+from ad_lightning.deploy.engines import OPENVINO_PRECISIONS
 
 log = logging.getLogger("ad_lightning.bench")
 
@@ -53,23 +58,51 @@ BACKBONE_GOAL = 1.3
 LARGE_BATCH = 32
 
 
+def method_configs() -> list[str]:
+    """The conf/model names (the registry of methods; models/registry.py will serve it)."""
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+@functools.cache
+def method_class(name: str) -> type:
+    """The class `model=<name>` builds (its `_target_`), for its capability flags."""
+    import hydra.utils
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={name}"])
+    return hydra.utils.get_class(cfg.model._target_)
+
+
+def is_preset(name: str) -> bool:
+    """A paper's exact preset of a method that has its own config (skip_dfr_paper)."""
+    return name.endswith(("_paper", "_original"))
+
+
+def trains_adversarially(cls: type) -> bool:
+    """A GAN: a generator trained against a discriminator, at the input's full size."""
+    from ad_lightning.models.anogan import AnoGAN
+    from ad_lightning.models.ganomaly import AdversarialReconstruction
+
+    return issubclass(cls, AdversarialReconstruction | AnoGAN)
+
+
 def default_models() -> list[str]:
     """Every method in conf/model, without the papers' exact presets (*_paper, *_original)
-    and the GAN family, whose DCGAN stacks at 256 px train for more than 15 minutes each on
-    2 CPU cores (measured); `make bench` times them at 64 px in a second call (AnoGAN with
-    50 of its paper's 500 latent steps per test image)."""
-    gans = {"anogan", "ganomaly", "skip_ganomaly"}
-    return sorted(
-        p.stem
-        for p in (CONF_DIR / "model").glob("*.yaml")
-        if not p.stem.endswith(("_paper", "_original")) and p.stem not in gans
-    )
+    and the GANs, whose DCGAN stacks at 256 px train for more than 15 minutes each on 2 CPU
+    cores (measured); `make bench` times them at 64 px in a second call (AnoGAN with 50 of
+    its paper's 500 latent steps per test image)."""
+    return [
+        name
+        for name in method_configs()
+        if not is_preset(name) and not trains_adversarially(method_class(name))
+    ]
 
 
 @dataclass
 class BenchArgs:
-    """Train each method briefly and time it (PyTorch and ONNX); print a table and write
-    out/bench.csv. Each method runs in its own process, one after another."""
+    """Train each method briefly and time it (PyTorch, onnxruntime, OpenVINO); print a table
+    and write out/bench.csv. Each method runs in its own process, one after another."""
 
     # conf/model names; default: every method but the *_paper / *_original presets
     models: list[str] = field(default_factory=default_models)
@@ -87,6 +120,7 @@ class BenchArgs:
     # batch 32 is skipped when one call would take longer than this (estimated from batch 1)
     max_call_s: float = 60.0
     onnx: bool = True  # also export to ONNX and time it with onnxruntime (CPU)
+    openvino: bool = True  # and with OpenVINO (CPU), at f32 and at bf16 (needs onnx=true)
     # extra Hydra overrides for every method's run, e.g. [model.latent_steps=50]
     overrides: list[str] = field(default_factory=list)
     timeout_s: float = 7200.0  # a method still running after this is stopped, recorded as failed
@@ -273,7 +307,8 @@ def measure_method(method: str, args: BenchArgs, folder: Path) -> dict[str, Any]
     """Train `method` briefly into folder/run, then time it; the row for the table."""
     from ad_lightning.backbones.features import FeatureExtractor
     from ad_lightning.deploy.bundle import load_bundle
-    from ad_lightning.export import NotExportable, export_onnx, onnx_engine, trace_to_onnx
+    from ad_lightning.deploy.engines import onnx_engine
+    from ad_lightning.deploy.export import NotExportable, export_onnx, trace_to_onnx
     from ad_lightning.train import run
 
     cuda = torch.cuda.is_available()
@@ -309,6 +344,12 @@ def measure_method(method: str, args: BenchArgs, folder: Path) -> dict[str, Any]
                 row["onnx_max_abs_diff"] = parity["max_abs_diff_score"]
                 engine = onnx_engine(run_dir / "model.onnx")
                 measure_batches("onnx", lambda x: engine(x, []), shape, args, row, cpu())
+                if args.openvino:
+                    try:
+                        measure_openvino(bundle, run_dir / "model.onnx", args, row)
+                    except Exception as err:  # noqa: BLE001 - the other figures stand
+                        log.exception("OpenVINO of %s failed", method)
+                        errors.append(one_line(f"openvino: {type(err).__name__}: {err}"))
                 if isinstance(backbone, FeatureExtractor):
                     example = torch.rand(2, 3, *pre.image_size)
                     trace_to_onnx(backbone.cpu(), example, run_dir / "backbone.onnx", ["features"])
@@ -341,6 +382,29 @@ def measure_method(method: str, args: BenchArgs, folder: Path) -> dict[str, Any]
     return row
 
 
+def openvino_name(precision: str) -> str:
+    """The figures' prefix: `openvino` at f32 (predict's default), `openvino_bf16`."""
+    return "openvino" if precision == "f32" else f"openvino_{precision}"
+
+
+def measure_openvino(bundle: Any, graph: Path, args: BenchArgs, row: dict[str, Any]) -> None:
+    """The exported graph on OpenVINO at each precision: its largest |score - PyTorch score|
+    on the export's check images (4 random images, seed 1), then its timings."""
+    from ad_lightning.deploy.engines import openvino_engine
+    from ad_lightning.deploy.export import parity
+
+    pre = bundle.preprocess
+    images = torch.rand(
+        4, pre.channels, *pre.image_size, generator=torch.Generator().manual_seed(1)
+    )
+    shape = (pre.channels, *pre.image_size)
+    for precision in OPENVINO_PRECISIONS:
+        name = openvino_name(precision)
+        engine = openvino_engine(graph, precision)
+        row[f"{name}_max_abs_diff"] = parity(bundle, engine, images)["max_abs_diff_score"]
+        measure_batches(name, lambda x, run=engine: run(x, []), shape, args, row, cpu())
+
+
 def cpu() -> torch.device:
     return torch.device("cpu")
 
@@ -367,6 +431,10 @@ COLUMNS = [
     "torch_ms_b32",
     "onnx_ms_b1",
     "onnx_ms_b32",
+    "openvino_ms_b1",
+    "openvino_ms_b32",
+    "openvino_bf16_ms_b1",
+    "openvino_bf16_ms_b32",
     "backbone_ms_b1",
     "backbone_ms_b32",
     "backbone_onnx_ms_b1",
@@ -376,6 +444,8 @@ COLUMNS = [
     "peak_mem_mb",
     "peak_rss_mb",
     "onnx_max_abs_diff",
+    "openvino_max_abs_diff",
+    "openvino_bf16_max_abs_diff",
     "notes",
     "error",
 ]
@@ -452,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         row = measure_method(args.child, args, out / args.child)
         (out / args.child / "row.json").write_text(json.dumps(row, indent=2, default=str))
         return
-    unknown = sorted(set(args.models) - set(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
+    unknown = sorted(set(args.models) - set(method_configs()))
     if unknown:
         raise SystemExit(f"ad_lightning.bench: no conf/model for {unknown}")
     out.mkdir(parents=True, exist_ok=True)

@@ -6,15 +6,20 @@ import shutil
 from pathlib import Path
 
 import hydra
+import numpy as np
 import pytest
 import torch
 from conftest import quiet_trainer, synthetic_dm
+from PIL import Image
+from test_predict_inputs import cheap_run, image
 from test_run import compose_cfg
 
+from ad_lightning.bench import is_preset, method_class, method_configs
 from ad_lightning.deploy.bundle import Bundle, Preprocess, load_bundle
-from ad_lightning.export import NotExportable, export_onnx, onnx_engine
-from ad_lightning.export import main as export_main
-from ad_lightning.predict import main as predict_main
+from ad_lightning.deploy.engines import onnx_engine, openvino_model
+from ad_lightning.deploy.export import NotExportable, export_onnx
+from ad_lightning.deploy.export import main as export_main
+from ad_lightning.deploy.predict import main as predict_main
 from ad_lightning.train import run
 
 
@@ -165,18 +170,14 @@ def fitted_bundle(
     return Bundle(model, pre, None, {}, Path("unused.pt")), datamodule
 
 
-EXPORTABLE = [
-    "skip_dfr",
-    "dfr",
-    "patchcore",
-    "padim",
-    "ganomaly",
-    "skip_ganomaly",
-    "dpae",
-    "ae",
-    "ae_grayscale",  # one input channel
-    "variation",
+# every method of conf/model (the papers' presets build the same classes) by its capability
+# flag: a new method gets its parity test or its named refusal without being listed here
+# (models/registry.py's list_methods() will serve this)
+METHODS = [name for name in method_configs() if not is_preset(name)]
+EXPORTABLE = [n for n in METHODS if not method_class(n).export_blocker] + [
+    "ae_grayscale"  # one input channel
 ]
+NOT_EXPORTABLE = [n for n in METHODS if method_class(n).export_blocker]
 
 
 @pytest.mark.parametrize("name", EXPORTABLE)
@@ -210,7 +211,14 @@ def test_onnx_export_scores_like_pytorch(name: str, synthetic_root: Path, tmp_pa
     assert float(abs(single[0] - scores[0])) <= 1e-4 * scale + 1e-6
 
 
-@pytest.mark.parametrize("name", ["anogan", "deep_knn", "cpcae", "nn_image", "vae", "ae_ssim"])
+def test_the_capability_flags_split_the_methods_as_measured() -> None:
+    """The derived lists hold the methods known to export and to refuse (a flag that went
+    missing would silently move a method to the other list)."""
+    assert {"skip_dfr", "patchcore", "padim", "ganomaly", "ae"} <= set(EXPORTABLE)
+    assert {"anogan", "deep_knn", "cpcae", "nn_image", "vae", "ae_ssim"} <= set(NOT_EXPORTABLE)
+
+
+@pytest.mark.parametrize("name", NOT_EXPORTABLE)
 def test_methods_that_cannot_be_exported_say_why(name: str, tmp_path: Path) -> None:
     cfg = compose_cfg(tmp_path, f"model={name}", "data.image_size=64")
     model = hydra.utils.instantiate(cfg.model)
@@ -219,6 +227,56 @@ def test_methods_that_cannot_be_exported_say_why(name: str, tmp_path: Path) -> N
     )
     with pytest.raises(NotExportable, match="cannot be exported to ONNX: its"):
         export_onnx(bundle, tmp_path / "model.onnx")
+
+
+def test_predict_with_openvino_scores_like_pytorch_at_f32_unless_bf16_is_asked(
+    tmp_path: Path,
+) -> None:
+    """engine=openvino on the exported graph gives PyTorch's scores (within 1e-4 of their
+    scale) and maps, because it runs at f32: OpenVINO's own default on a bf16-capable CPU is
+    bf16, which moved Skip-DFR's scores by up to 1 %. bf16 only when asked."""
+    run_dir = cheap_run(tmp_path)  # an untrained AE: scores and maps, no fit
+    for seed in range(4):
+        image(tmp_path / "in" / f"{seed}.png", 40, 30, seed)
+    export_main([f"model={run_dir}"])
+    rows = {}
+    for engine in ("torch", "openvino"):
+        with pytest.raises(SystemExit) as exit_info:
+            predict_main(
+                [
+                    f"model={run_dir}",
+                    f"input={tmp_path / 'in'}",
+                    f"out={tmp_path / engine}",
+                    f"engine={engine}",
+                ]
+            )
+        assert exit_info.value.code == 0
+        rows[engine] = read_predictions(tmp_path / engine)
+    assert len(rows["openvino"]) == 4 and set(rows["openvino"]) == set(rows["torch"])
+    torch_scores = np.array([float(r["score"]) for _, r in sorted(rows["torch"].items())])
+    openvino_scores = np.array([float(r["score"]) for _, r in sorted(rows["openvino"].items())])
+    assert np.abs(openvino_scores - torch_scores).max() <= 1e-4 * np.abs(torch_scores).max()
+    for name in rows["torch"]:  # the maps too: the same masks at the same pixel threshold
+        fractions = [float(rows[e][name]["anomalous_pixel_fraction"]) for e in rows]
+        assert fractions[0] == pytest.approx(fractions[1], abs=0.01)
+    onnx = run_dir / "model.onnx"
+    assert str(openvino_model(onnx).get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
+    bf16 = openvino_model(onnx, "bf16").get_property("INFERENCE_PRECISION_HINT")
+    assert str(bf16) == "<Type: 'bfloat16'>"
+
+
+def test_bench_reports_openvino_at_f32_and_bf16_with_their_parity(tmp_path: Path) -> None:
+    from ad_lightning.bench import BenchArgs, measure_openvino
+
+    run_dir = cheap_run(tmp_path)
+    export_main([f"model={run_dir}"])
+    row: dict = {}
+    args = BenchArgs(models=[], repeats=1, warmup=1, max_call_s=1e-9)  # batch 32 skipped
+    measure_openvino(load_bundle(run_dir), run_dir / "model.onnx", args, row)
+    for name in ("openvino", "openvino_bf16"):
+        assert row[f"{name}_ms_b1"] > 0
+        assert 0 <= row[f"{name}_max_abs_diff"] < 1e-3  # untrained AE: scores ~0.08
+    assert len(row["notes"]) == 2  # each says its batch 32 was skipped
 
 
 FAMILIES = {  # one method of each family, with a budget of seconds
@@ -252,21 +310,30 @@ def test_predict_from_a_run_of_each_family_scores_like_its_test(case: str, tmp_p
     folder = Path(next(iter(expected))).parents[1]  # <category>/test
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(SystemExit) as exit_info:
-        predict_main([f"model={out}", f"input={folder}/*/00[01].png", f"out={tmp_path / 'p'}"])
+        # Hydra's override syntax: a value with brackets is quoted
+        predict_main([f"model={out}", f"input='{folder}/*/00[01].png'", f"out={tmp_path / 'p'}"])
     assert exit_info.value.code == 0
     rows = read_predictions(tmp_path / "p")
     assert len(rows) == 8  # good, cut, scratch, spot x 2
     for path, row in rows.items():
         assert float(row["score"]) == pytest.approx(expected[path], rel=1e-4, abs=1e-5)
-    overlays = sorted((tmp_path / "p" / "overlays").rglob("*.png"))
-    masks = sorted((tmp_path / "p" / "masks").rglob("*.png"))
-    with_maps = bool(rows[path]["anomalous_pixel_fraction"])
-    assert len(overlays) == len(masks) == (8 if with_maps else 0)
-    if with_maps:  # at the size of the image the model saw (the reference's, when registered)
-        from PIL import Image
-
-        with Image.open(overlays[0]) as overlay, Image.open(path) as image:
-            assert overlay.size == image.size
+    # maps or not, from the model itself (not from predict's CSV): one image through its graph
+    with torch.no_grad():
+        with_maps = len(bundle.graph()(bundle.preprocess.load(path)[None], [path])) > 1
+    for kind in ("overlays", "masks"):
+        written = sorted((tmp_path / "p" / kind).rglob("*.png"))
+        expected_files = {f"{Path(p).parent.name}/{Path(p).name}.png" for p in rows}
+        assert {f"{w.parent.name}/{w.name}" for w in written} == (
+            expected_files if with_maps else set()
+        )
+        for output in written:  # each at its own image's size (the reference's, registered)
+            source = folder / output.parent.name / output.name.removesuffix(".png")
+            with Image.open(output) as picture, Image.open(source) as original:
+                assert picture.size == original.size
+                if kind == "masks":
+                    assert set(np.unique(np.asarray(picture))) <= {0, 255}
+    fractions = [row["anomalous_pixel_fraction"] for row in rows.values()]
+    assert all(fractions) if with_maps else not any(fractions)
     with pytest.raises(SystemExit) as exit_info:
         predict_main([f"model={out}", f"input={tmp_path}/*.png", f"out={tmp_path / 'q'}"])
     assert exit_info.value.code == 1

@@ -4,6 +4,7 @@ scored, and no output replaces another's; and what a run folder without a model 
 import csv
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import hydra
@@ -16,8 +17,9 @@ from test_run import compose_cfg
 
 from ad_lightning.data import AnomalyDataModule
 from ad_lightning.deploy.bundle import Preprocess, load_bundle, save_bundle
-from ad_lightning.predict import InputImages
-from ad_lightning.predict import main as predict_main
+from ad_lightning.deploy.inputs import InputImages
+from ad_lightning.deploy.predict import PredictArgs
+from ad_lightning.deploy.predict import main as predict_main
 
 SIZE = 32
 
@@ -81,6 +83,26 @@ def test_symlink_loops_are_named_and_the_rest_is_scored(run_dir: Path, tmp_path:
         assert set(errors) == broken
         assert all(name in error for name, error in errors.items())  # each names its file
         assert (out / "overlays" / "good1.png.png").is_file()
+
+
+def test_the_command_line_is_hydras_with_every_key_in_its_help(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main(["--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    for key in fields(PredictArgs):
+        assert f"\n  {key.name}=" in shown  # each key with its default
+    assert "\n  engine=torch " in shown and "\n  overlays=true " in shown
+    for name in ("a0.png", "a1.png", "a2.png"):
+        image(tmp_path / "in" / name, 40, 30, 0)
+    # a glob with brackets is quoted, as any Hydra value with brackets
+    assert predict(run_dir, f"'{tmp_path / 'in'}/a[01].png'", tmp_path / "out") == 0
+    assert {Path(f).name for f in predictions(tmp_path / "out")} == {"a0.png", "a1.png"}
+    unquoted = f"input={tmp_path / 'in'}/a[01].png"
+    with pytest.raises(SystemExit, match=r"cannot read 'input=.*a\[01\]\.png'.*quote a value"):
+        predict_main([f"model={run_dir}", unquoted, f"out={tmp_path / 'out2'}"])
 
 
 def test_same_name_with_other_extensions_keep_one_output_each(

@@ -12,14 +12,14 @@ from omegaconf import OmegaConf
 from test_run import CONF, compose_cfg
 
 from ad_lightning.deploy.bundle import Preprocess, load_bundle, save_bundle
+from ad_lightning.deploy.export import main as export_main
+from ad_lightning.deploy.predict import main as predict_main
 from ad_lightning.deploy.trusted import (
     UntrustedModelFile,
     is_method,
     locate_own,
     trusted_model_config,
 )
-from ad_lightning.export import main as export_main
-from ad_lightning.predict import main as predict_main
 
 
 @pytest.fixture(scope="module")

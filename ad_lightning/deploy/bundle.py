@@ -22,11 +22,11 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from torch import nn
 
 from ad_lightning.data.io import ImageInfo, inspect_image
 from ad_lightning.data.registration import register_to_reference
 from ad_lightning.data.transforms import build_transform, normalization
+from ad_lightning.deploy.scoring import ScoringGraph
 from ad_lightning.deploy.trusted import trusted_model_config
 from ad_lightning.models.base import AnomalyModule
 
@@ -84,32 +84,6 @@ class Preprocess:
     def load(self, path: str | Path) -> torch.Tensor:
         """An image file -> model input; raises ImageReadError naming the file."""
         return self.to_input(self.read(path)[0])
-
-
-class ScoringGraph(nn.Module):
-    """The whole scoring path as one module: [B, C, H, W] images in [0, 1] at the model's
-    size -> normalisation -> method -> (image score [B], anomaly map [B, H, W] if any).
-    Predict runs it, and the ONNX export traces it."""
-
-    def __init__(self, model: AnomalyModule, preprocess: Preprocess) -> None:
-        super().__init__()
-        self.model = model
-        stats = preprocess.mean_std()
-        self.normalised = stats is not None
-        mean, std = stats or ((0.0,) * preprocess.channels, (1.0,) * preprocess.channels)
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(
-        self, images: torch.Tensor, paths: list[str] | None = None
-    ) -> tuple[torch.Tensor, ...]:
-        x = (images - self.mean) / self.std if self.normalised else images
-        batch: dict[str, Any] = {"image": x}
-        if paths is not None:  # methods that seed noise per image seed it by path, as in testing
-            batch["path"] = paths
-        out = self.model._score(batch)
-        score = out.image[self.model.primary_score]
-        return (score, out.map) if out.map is not None else (score,)
 
 
 @dataclass

@@ -1,0 +1,56 @@
+"""The public way to score images with a method, and the scoring path as one module.
+
+`score_images` is what every deployed scorer calls (the scoring graph that predict runs and
+the ONNX export traces): the method's `score` with autograd on only for methods that need it
+(AnoGAN's latent search) and float32, detached outputs. It does what the base's test loop
+does around `score`, in the same operations and order, so deployed scores equal tested ones.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ad_lightning.models.base import AnomalyModule, Scores
+
+if TYPE_CHECKING:
+    from ad_lightning.deploy.bundle import Preprocess
+
+
+def score_images(model: AnomalyModule, batch: dict[str, Any]) -> Scores:
+    """A batch (`image` normalised as in training, optional `path`) -> float32 scores [B]
+    by name and the anomaly map [B, H, W] if the method has one, detached."""
+    with torch.set_grad_enabled(model.score_needs_grad):
+        out = model.score(batch)
+    return Scores(
+        {k: v.detach().float().reshape(-1) for k, v in out.image.items()},
+        None if out.map is None else out.map.detach().float(),
+    )
+
+
+class ScoringGraph(nn.Module):
+    """The whole scoring path as one module: [B, C, H, W] images in [0, 1] at the model's
+    size -> normalisation -> method -> (image score [B], anomaly map [B, H, W] if any).
+    Predict runs it, and the ONNX export traces it."""
+
+    def __init__(self, model: AnomalyModule, preprocess: Preprocess) -> None:
+        super().__init__()
+        self.model = model
+        stats = preprocess.mean_std()
+        self.normalised = stats is not None
+        mean, std = stats or ((0.0,) * preprocess.channels, (1.0,) * preprocess.channels)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(
+        self, images: torch.Tensor, paths: list[str] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        x = (images - self.mean) / self.std if self.normalised else images
+        batch: dict[str, Any] = {"image": x}
+        if paths is not None:  # methods that seed noise per image seed it by path, as in testing
+            batch["path"] = paths
+        out = score_images(self.model, batch)
+        score = out.image[self.model.primary_score]
+        return (score, out.map) if out.map is not None else (score,)
