@@ -19,7 +19,8 @@ import torch
 
 from ad_lightning.checks import choice
 from ad_lightning.models.base import Scores
-from ad_lightning.models.knn import KNNScorer, ResizableBuffers, StatisticsModule
+from ad_lightning.models.families.statistics import ResizableBuffers, StatisticsModule
+from ad_lightning.models.knn import KNNScorer
 
 
 class VariationModel(StatisticsModule, ResizableBuffers):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ad_lightning.backbones.features import FeatureExtractor
-from ad_lightning.models.feature_reconstruction import FeatureReconstructionModule
+from ad_lightning.models.families.feature_reconstruction import FeatureReconstructionModule
 from ad_lightning.nn.pointwise_ae import PointwiseAutoencoder
 
 log = logging.getLogger(__name__)

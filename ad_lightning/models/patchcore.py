@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.checks import choice
 from ad_lightning.models.base import Scores
-from ad_lightning.models.knn import ResizableBuffers, StatisticsModule
+from ad_lightning.models.families.statistics import ResizableBuffers, StatisticsModule
 from ad_lightning.nn.smoothing import upsample_and_smooth
 
 log = logging.getLogger(__name__)

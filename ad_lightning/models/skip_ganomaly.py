@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ad_lightning.checks import choice
 from ad_lightning.models.base import Scores
-from ad_lightning.models.ganomaly import AdversarialReconstruction, mean_over_pixels
+from ad_lightning.models.families.gan import AdversarialReconstruction, mean_over_pixels
 from ad_lightning.nn.dcgan import DCGANDiscriminator, check_image_size
 from ad_lightning.nn.unet import UNetGenerator
 
