@@ -37,6 +37,7 @@ ANOGAN_SCORES = ("anogan", "residual", "discrimination")
 
 
 class AnoGAN(GANModule):
+    score_names = ANOGAN_SCORES
     #: the latent search needs autograd at test time
     score_needs_grad = True
     export_blocker = "its score searches a latent vector by gradient steps on each test image; an ONNX graph holds one forward pass"

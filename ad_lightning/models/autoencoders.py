@@ -45,6 +45,8 @@ VAE_SCORES = ("neg_elbo", "recon_nll")
 class Autoencoder(SingleObjective, SGDAutoencoder):
     """AE (L2) by default; `loss=ssim` (or the SSIMAutoencoder class) gives AE (SSIM)."""
 
+    score_names = AE_SCORES
+
     def __init__(
         self,
         image_size: int | Sequence[int] = 224,
@@ -115,6 +117,8 @@ class SSIMAutoencoder(Autoencoder):
 
 class VAE(SingleObjective, SGDAutoencoder):
     """Variational autoencoder on the same encoder (2 d outputs, no BatchNorm) and decoder."""
+
+    score_names = VAE_SCORES
 
     export_blocker = "its score samples z with a seed drawn from each image's file path"
 

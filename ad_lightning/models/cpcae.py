@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 
 class CPCAE(SingleObjective, AutoencoderModule):
+    #: knn: the method; reconstruction: its AE (L2) baseline
+    score_names = ("knn", "reconstruction")
     export_blocker = (
         "its score is a scikit-learn neighbour search, which is not part of an ONNX graph"
     )
@@ -64,8 +66,7 @@ class CPCAE(SingleObjective, AutoencoderModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
-        # knn: the method; reconstruction: its AE (L2) baseline
-        self.primary_score = choice("model.score", score, ("knn", "reconstruction"))
+        self.primary_score = choice("model.score", score, self.score_names)
         self.backbone = backbone
         self.grid = PatchGrid(work_size, work_size, patch_size, patch_stride)
         self.autoencoder = ConditionalPatchAE(

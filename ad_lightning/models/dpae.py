@@ -55,6 +55,8 @@ REDUCTIONS = ("pixel_mean", "sum", "mean")
 
 
 class DPAE(SGDAutoencoder):
+    score_names = SCORES
+
     def __init__(
         self,
         image_size: int | Sequence[int] = 224,

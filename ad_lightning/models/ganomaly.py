@@ -58,6 +58,8 @@ GANOMALY_SCORES = ("image_l1", "feature_l1", "feature_l2", "latent_l2")
 
 
 class Ganomaly(AdversarialReconstruction):
+    score_names = GANOMALY_SCORES
+
     def __init__(
         self,
         image_size: int | Sequence[int],

@@ -106,6 +106,8 @@ class KNNScorer(ResizableBuffers):
 class DeepKNN(StatisticsModule):
     """Deep-feature baseline: kNN (k = 15) on global-max-pooled CNN features of the raw image."""
 
+    score_names = ("knn",)
+
     export_blocker = (
         "its score is a scikit-learn neighbour search, which is not part of an ONNX graph"
     )

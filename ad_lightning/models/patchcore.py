@@ -118,6 +118,8 @@ def coreset_indices(
 class PatchCore(StatisticsModule, ResizableBuffers):
     """Memory bank of neighbourhood-aggregated patch features; score = nearest-patch distance."""
 
+    score_names = SCORES
+
     def __init__(
         self,
         backbone: FeatureExtractor,

@@ -36,6 +36,8 @@ SKIP_GANOMALY_SCORES = ("combined", "image_l1", "feature_l2")
 
 
 class SkipGanomaly(AdversarialReconstruction):
+    score_names = SKIP_GANOMALY_SCORES
+
     def __init__(
         self,
         image_size: int | Sequence[int],

@@ -80,6 +80,7 @@ class FeatureReconstructionModule(AnomalyModule):
     """Family base: an autoencoder over frozen backbone features, scored by the residual."""
 
     family = "feature_reconstruction"
+    score_names = tuple(f"residual_{r}" for r in SCORE_REDUCTIONS)
     #: training and validation may read features from a FeatureStore (the backbone is frozen)
     reads_stored_features = True
 
@@ -98,9 +99,7 @@ class FeatureReconstructionModule(AnomalyModule):
         self.backbone = backbone
         self.autoencoder = autoencoder
         self.lr = lr
-        self.primary_score = choice(
-            "model.score", score, [f"residual_{r}" for r in SCORE_REDUCTIONS]
-        )
+        self.primary_score = choice("model.score", score, self.score_names)
         self.distance = choice("model.distance", distance, DISTANCES)
         self.standardize = standardize
         self.sigma = float(sigma)
