@@ -27,6 +27,19 @@ def test_pointwise_autoencoder_has_no_spatial_mixing() -> None:
     assert changed[0, 0] and changed.sum() == 1  # only the edited position changes
 
 
+def test_a_dfr_built_before_its_pca_loads_the_fitted_autoencoder() -> None:
+    """The state dict alone sizes the AE (no fitted latent_channels in the config needed)."""
+    backbone = FeatureExtractor("efficientnet_lite0", blocks=[1, 2], pretrained=False)
+    fitted = DFR(backbone, latent_channels=5).eval()
+    rebuilt = DFR(backbone, latent_channels=None)
+    assert rebuilt.autoencoder is None
+    rebuilt.load_state_dict(fitted.state_dict(), strict=True)
+    rebuilt.eval()
+    feats = torch.randn(2, backbone.out_channels, 4, 4)
+    assert rebuilt.describe()["latent_channels"] == 5
+    torch.testing.assert_close(rebuilt.autoencoder(feats), fitted.autoencoder(feats))
+
+
 @pytest.mark.learning
 def test_dfr_learns_with_pca_latent_channels(synthetic_root, figure) -> None:
     dm = synthetic_dm(synthetic_root, "object", 128)

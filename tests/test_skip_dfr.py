@@ -48,7 +48,7 @@ def test_autoencoder_is_sized_to_its_input_and_cheaper_than_the_backbone() -> No
 
 
 def test_residual_distance_options() -> None:
-    from ad_lightning.models.feature_reconstruction import residual_distance
+    from ad_lightning.models.families.feature_reconstruction import residual_distance
 
     feats = torch.randn(2, 8, 4, 4)
     scaled = 3 * feats  # same direction, other magnitude

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ad_lightning.checks import choice
-from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.models.base import Scores
+from ad_lightning.models.families.gan import GANModule
 from ad_lightning.nn.dcgan import (
     DCGANDecoder,
     DCGANDiscriminator,
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 ANOGAN_SCORES = ("anogan", "residual", "discrimination")
 
 
-class AnoGAN(AnomalyModule):
+class AnoGAN(GANModule):
+    score_names = ANOGAN_SCORES
     #: the latent search needs autograd at test time
     score_needs_grad = True
     export_blocker = "its score searches a latent vector by gradient steps on each test image; an ONNX graph holds one forward pass"
@@ -55,18 +57,15 @@ class AnoGAN(AnomalyModule):
         latent_seed: int = 0,
         score: str = "anogan",
     ) -> None:
-        super().__init__()
+        super().__init__(lr, beta1, beta2)
         if latent_steps < 0:
             raise ValueError(f"model.latent_steps={latent_steps} must be >= 0")
         self.image_size = check_image_size(image_size)
         self.save_hyperparameters()
-        self.automatic_optimization = False
         self.generator = DCGANDecoder(image_size, channels, latent_dim, width)
         self.discriminator = DCGANDiscriminator(image_size, channels, width)
         init_dcgan_weights(self)
         self.latent_dim = latent_dim
-        self.lr = lr
-        self.betas = (beta1, beta2)
         self.latent_steps = latent_steps
         self.latent_lr = latent_lr
         self.score_lambda = score_lambda
@@ -80,19 +79,6 @@ class AnoGAN(AnomalyModule):
         return None
 
     # ---- DCGAN training -------------------------------------------------------------
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [
-            torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=self.betas),
-            torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas),
-        ]
-
-    def on_fit_start(self) -> None:
-        normalize = getattr(self.trainer.datamodule, "normalize", "half")
-        if normalize != "half":
-            log.warning(
-                "AnoGAN generates with tanh in [-1, 1] but data.normalize=%s; use half", normalize
-            )
-
     def sample_latent(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(n, self.latent_dim, 1, 1, device=self.device, generator=generator)
 

@@ -30,7 +30,7 @@ import torch
 
 from ad_lightning.checks import choice
 from ad_lightning.models.base import Scores, SingleObjective
-from ad_lightning.models.sgd import sgd_with_scaled_decay
+from ad_lightning.models.families.autoencoder import SGDAutoencoder
 from ad_lightning.nn.conv_ae import ConvAutoencoder, ConvDecoder, ConvEncoder, paper_widths
 from ad_lightning.nn.noise import image_seeds, per_image_normal
 from ad_lightning.nn.ssim import ssim_map, ssim_residual
@@ -42,25 +42,10 @@ AE_SCORES = ("l2", "ssim")
 VAE_SCORES = ("neg_elbo", "recon_nll")
 
 
-class _SGDModule(SingleObjective):
-    """DPAE's optimiser, shared by the baselines."""
-
-    lr: float
-    momentum: float
-    weight_decay: float
-    #: the paper's summed objective divided by this is what `loss` returns. The AE baselines
-    #: keep 1: their decay against a per-pixel mean loss is their own measured setting
-    #: (experiments/dpae); DPAE's pixel_mean objective divides its decay (models/dpae.py).
-    loss_divisor: float = 1.0
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return sgd_with_scaled_decay(
-            self, self.lr, self.momentum, self.weight_decay, self.loss_divisor
-        )
-
-
-class Autoencoder(_SGDModule):
+class Autoencoder(SingleObjective, SGDAutoencoder):
     """AE (L2) by default; `loss=ssim` (or the SSIMAutoencoder class) gives AE (SSIM)."""
+
+    score_names = AE_SCORES
 
     def __init__(
         self,
@@ -130,8 +115,10 @@ class SSIMAutoencoder(Autoencoder):
         super().__init__(*args, loss=loss, score=score, **kwargs)
 
 
-class VAE(_SGDModule):
+class VAE(SingleObjective, SGDAutoencoder):
     """Variational autoencoder on the same encoder (2 d outputs, no BatchNorm) and decoder."""
+
+    score_names = VAE_SCORES
 
     export_blocker = "its score samples z with a seed drawn from each image's file path"
 

@@ -19,16 +19,19 @@ import torch
 
 from ad_lightning.checks import choice
 from ad_lightning.models.base import Scores
-from ad_lightning.models.knn import KNNScorer, ResizableBuffers, StatisticsModule
+from ad_lightning.models.families.statistics import ResizableBuffers, StatisticsModule
+from ad_lightning.models.knn import KNNScorer
 
 
 class VariationModel(StatisticsModule, ResizableBuffers):
     """Per-pixel Gaussian of the normal images; score = sum of squared z-scores."""
 
+    score_names = ("z2_sum", "z2_max")
+
     def __init__(self, min_std: float = 0.01, score: str = "z2_sum") -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.primary_score = choice("model.score", score, ("z2_sum", "z2_max"))  # paper: z2_sum
+        self.primary_score = choice("model.score", score, self.score_names)  # paper: z2_sum
         self.min_std = min_std
         self.register_buffer("pixel_mean", torch.empty(0))
         self.register_buffer("pixel_std", torch.empty(0))
@@ -56,6 +59,8 @@ class VariationModel(StatisticsModule, ResizableBuffers):
 
 class NearestImage(StatisticsModule):
     """L2 distance to the closest training image."""
+
+    score_names = ("nn_l2",)
 
     export_blocker = (
         "its score is a scikit-learn neighbour search, which is not part of an ONNX graph"

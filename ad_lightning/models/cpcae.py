@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
 
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.checks import choice
 from ad_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ad_lightning.distributed import gather_rows
 from ad_lightning.models.base import Scores, SingleObjective
+from ad_lightning.models.families.autoencoder import AutoencoderModule
+from ad_lightning.models.families.training_images import training_images
 from ad_lightning.models.knn import KNNScorer
 from ad_lightning.nn.cpcae import ConditionalPatchAE
 from ad_lightning.nn.patches import PatchGrid, assemble_patches, extract_patches
@@ -37,7 +38,9 @@ from ad_lightning.nn.pooling import ParallelCascadedPooling
 log = logging.getLogger(__name__)
 
 
-class CPCAE(SingleObjective):
+class CPCAE(SingleObjective, AutoencoderModule):
+    #: knn: the method; reconstruction: its AE (L2) baseline
+    score_names = ("knn", "reconstruction")
     export_blocker = (
         "its score is a scikit-learn neighbour search, which is not part of an ONNX graph"
     )
@@ -63,8 +66,7 @@ class CPCAE(SingleObjective):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
-        # knn: the method; reconstruction: its AE (L2) baseline
-        self.primary_score = choice("model.score", score, ("knn", "reconstruction"))
+        self.primary_score = choice("model.score", score, self.score_names)
         self.backbone = backbone
         self.grid = PatchGrid(work_size, work_size, patch_size, patch_stride)
         self.autoencoder = ConditionalPatchAE(
@@ -144,24 +146,14 @@ class CPCAE(SingleObjective):
         gray = anomaly_map[:, None].expand(-1, 3, -1, -1)
         return self.pooling(self.backbone((gray - self.map_mean) / self.map_std))
 
-    def _training_images(self) -> DataLoader:
-        """The training split in evaluation form (no augmentation, no shuffle), this rank's share."""
-        loader = self.trainer.datamodule.train_eval_dataloader()
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        if world > 1:
-            share = Subset(loader.dataset, list(range(rank, len(loader.dataset), world)))
-            loader = DataLoader(share, batch_size=loader.batch_size, num_workers=loader.num_workers)
-        return loader
-
     @torch.no_grad()
     def fit_embeddings(self) -> None:
         """Embed the training images' anomaly maps with the trained AE and fit the kNN scorer."""
         was_training = self.training
         self.eval()
         rows = []
-        for batch in self._training_images():
-            images = batch["image"].to(self.device)
-            rows.append(self.embed(self.anomaly_map(images)[0]))
+        for batch in training_images(self, shard=True):
+            rows.append(self.embed(self.anomaly_map(batch["image"])[0]))
         self.scorer.fit(gather_rows(self, torch.cat(rows)))
         self.train(was_training)
         log.info(

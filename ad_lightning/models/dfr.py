@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ad_lightning.backbones.features import FeatureExtractor
-from ad_lightning.models.feature_reconstruction import FeatureReconstructionModule
+from ad_lightning.models.families.feature_reconstruction import FeatureReconstructionModule
 from ad_lightning.nn.pointwise_ae import PointwiseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,25 @@ class DFR(FeatureReconstructionModule):
         )
         self.hparams.latent_channels = latent
         self.autoencoder = PointwiseAutoencoder(self.backbone.out_channels, latent).to(self.device)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """A DFR built before its PCA (latent_channels=null) takes the fitted AE's size from the
+        state dict it loads: a model file rebuilds the fitted architecture from the config as
+        the run gave it. Its latent size is the narrowest 1x1 convolution's output."""
+        stored = [
+            v
+            for k, v in state_dict.items()
+            if k.startswith(f"{prefix}autoencoder.") and k.endswith(".weight") and v.dim() == 4
+        ]
+        if self.autoencoder is None and stored:
+            latent = min(int(w.shape[0]) for w in stored)
+            self.hparams.latent_channels = latent
+            self.autoencoder = PointwiseAutoencoder(self.backbone.out_channels, latent).to(
+                self.feature_mean.device
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"latent_channels": self.hparams.latent_channels}

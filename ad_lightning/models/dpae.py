@@ -45,8 +45,8 @@ import torch
 import torch.distributed as dist
 
 from ad_lightning.checks import choice
-from ad_lightning.models.base import AnomalyModule, Scores
-from ad_lightning.models.sgd import pixel_values, sgd_with_scaled_decay
+from ad_lightning.models.base import Scores
+from ad_lightning.models.families.autoencoder import SGDAutoencoder, pixel_values
 from ad_lightning.nn.conv_ae import ConvDecoder, ConvEncoder, paper_widths
 
 LOSSES = ("both", "reconstruction", "prototype")
@@ -54,7 +54,9 @@ SCORES = ("rlz", "rlx", "pl1", "pl2")
 REDUCTIONS = ("pixel_mean", "sum", "mean")
 
 
-class DPAE(AnomalyModule):
+class DPAE(SGDAutoencoder):
+    score_names = SCORES
+
     def __init__(
         self,
         image_size: int | Sequence[int] = 224,
@@ -171,11 +173,6 @@ class DPAE(AnomalyModule):
     def validation_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         x = batch["image"]
         return self.objective(self.loss_terms(x, *self(x)))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return sgd_with_scaled_decay(
-            self, self.lr, self.momentum, self.weight_decay, self.loss_divisor
-        )
 
     def score(self, batch: dict[str, Any]) -> Scores:
         x = batch["image"]

@@ -22,7 +22,7 @@ import torch
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.checks import choice
 from ad_lightning.models.base import Scores
-from ad_lightning.models.knn import ResizableBuffers, StatisticsModule
+from ad_lightning.models.families.statistics import ResizableBuffers, StatisticsModule
 from ad_lightning.nn.smoothing import upsample_and_smooth
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ def mahalanobis(
 class PaDiM(StatisticsModule, ResizableBuffers):
     """One Gaussian per feature position; score = Mahalanobis distance."""
 
+    score_names = ("max",)
+
     def __init__(
         self,
         backbone: FeatureExtractor,
@@ -76,7 +78,7 @@ class PaDiM(StatisticsModule, ResizableBuffers):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
-        self.primary_score = choice("model.score", score, ("max",))
+        self.primary_score = choice("model.score", score, self.score_names)
         if not 1 <= n_features <= backbone.out_channels:
             raise ValueError(
                 f"model.n_features={n_features}: backbone {backbone.alias} blocks {backbone.blocks} give {backbone.out_channels} channels; choose 1..{backbone.out_channels}"

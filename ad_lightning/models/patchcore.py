@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.checks import choice
 from ad_lightning.models.base import Scores
-from ad_lightning.models.knn import ResizableBuffers, StatisticsModule
+from ad_lightning.models.families.statistics import ResizableBuffers, StatisticsModule
 from ad_lightning.nn.smoothing import upsample_and_smooth
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,8 @@ def coreset_indices(
 
 class PatchCore(StatisticsModule, ResizableBuffers):
     """Memory bank of neighbourhood-aggregated patch features; score = nearest-patch distance."""
+
+    score_names = SCORES
 
     def __init__(
         self,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ad_lightning.backbones.features import FeatureExtractor
-from ad_lightning.models.feature_reconstruction import FeatureReconstructionModule
+from ad_lightning.models.families.feature_reconstruction import FeatureReconstructionModule
 from ad_lightning.nn.skip_ae import SkipAutoencoder
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ad_lightning.checks import choice
 from ad_lightning.models.base import Scores
-from ad_lightning.models.ganomaly import AdversarialReconstruction, mean_over_pixels
+from ad_lightning.models.families.gan import AdversarialReconstruction, mean_over_pixels
 from ad_lightning.nn.dcgan import DCGANDiscriminator, check_image_size
 from ad_lightning.nn.unet import UNetGenerator
 
@@ -36,6 +36,8 @@ SKIP_GANOMALY_SCORES = ("combined", "image_l1", "feature_l2")
 
 
 class SkipGanomaly(AdversarialReconstruction):
+    score_names = SKIP_GANOMALY_SCORES
+
     def __init__(
         self,
         image_size: int | Sequence[int],

@@ -1,4 +1,5 @@
-"""Shared by Skip-DFR and DFR: reconstruct frozen deep features, score by the residual.
+"""The feature-reconstruction family (Skip-DFR, DFR): reconstruct frozen deep features, score by
+the residual.
 
 FE(x) is the concatenation of the chosen backbone blocks; an autoencoder AE learns
 AE(FE(x)) ~ FE(x) on normal images with an L2 loss. The residual map is the per-position
@@ -30,6 +31,7 @@ from torch import nn
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.checks import choice
 from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.models.families.training_images import training_images
 from ad_lightning.nn.flops import flops_per_image
 from ad_lightning.nn.smoothing import upsample_and_smooth
 
@@ -75,6 +77,10 @@ def residual_distance(
 
 
 class FeatureReconstructionModule(AnomalyModule):
+    """Family base: an autoencoder over frozen backbone features, scored by the residual."""
+
+    family = "feature_reconstruction"
+    score_names = tuple(f"residual_{r}" for r in SCORE_REDUCTIONS)
     #: training and validation may read features from a FeatureStore (the backbone is frozen)
     reads_stored_features = True
 
@@ -93,9 +99,7 @@ class FeatureReconstructionModule(AnomalyModule):
         self.backbone = backbone
         self.autoencoder = autoencoder
         self.lr = lr
-        self.primary_score = choice(
-            "model.score", score, [f"residual_{r}" for r in SCORE_REDUCTIONS]
-        )
+        self.primary_score = choice("model.score", score, self.score_names)
         self.distance = choice("model.distance", distance, DISTANCES)
         self.standardize = standardize
         self.sigma = float(sigma)
@@ -154,8 +158,7 @@ class FeatureReconstructionModule(AnomalyModule):
     def training_features(self, max_images: int) -> torch.Tensor:
         """Raw features of up to `max_images` training images (one rank's view, unshuffled)."""
         feats, n = [], 0
-        for batch in self.trainer.datamodule.train_eval_dataloader():
-            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        for batch in training_images(self):
             feats.append(self.raw_features(batch).cpu())
             n += len(feats[-1])
             if n >= max_images:
