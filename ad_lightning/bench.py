@@ -20,7 +20,6 @@ timed calls. A method that fails is a row with its error; the others still run.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -44,6 +43,7 @@ import torch
 
 from ad_lightning.deploy.cli import parse_args, setup_logging
 from ad_lightning.deploy.engines import OPENVINO_PRECISIONS
+from ad_lightning.models.registry import list_methods, method_info
 
 log = logging.getLogger("ad_lightning.bench")
 
@@ -58,33 +58,9 @@ BACKBONE_GOAL = 1.3
 LARGE_BATCH = 32
 
 
-def method_configs() -> list[str]:
-    """The conf/model names (the registry of methods; models/registry.py will serve it)."""
-    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-
-
-@functools.cache
-def method_class(name: str) -> type:
-    """The class `model=<name>` builds (its `_target_`), for its capability flags."""
-    import hydra.utils
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={name}"])
-    return hydra.utils.get_class(cfg.model._target_)
-
-
 def is_preset(name: str) -> bool:
     """A paper's exact preset of a method that has its own config (skip_dfr_paper)."""
     return name.endswith(("_paper", "_original"))
-
-
-def trains_adversarially(cls: type) -> bool:
-    """A GAN: a generator trained against a discriminator, at the input's full size."""
-    from ad_lightning.models.anogan import AnoGAN
-    from ad_lightning.models.ganomaly import AdversarialReconstruction
-
-    return issubclass(cls, AdversarialReconstruction | AnoGAN)
 
 
 def default_models() -> list[str]:
@@ -93,9 +69,7 @@ def default_models() -> list[str]:
     cores (measured); `make bench` times them at 64 px in a second call (AnoGAN with 50 of
     its paper's 500 latent steps per test image)."""
     return [
-        name
-        for name in method_configs()
-        if not is_preset(name) and not trains_adversarially(method_class(name))
+        name for name in list_methods() if not is_preset(name) and method_info(name).family != "gan"
     ]
 
 
@@ -184,7 +158,7 @@ def time_per_image(call: Callable[[], Any], batch: int, args: BenchArgs, cuda: b
 
 def grad_context(needs_grad: bool) -> AbstractContextManager[Any]:
     """inference_mode for one-pass scoring; no_grad for methods whose score turns autograd on
-    itself (AnoGAN's latent search in `_score`, which inference_mode tensors would refuse)."""
+    itself (AnoGAN's latent search in `score_batch`, which inference_mode tensors would refuse)."""
     return torch.no_grad() if needs_grad else torch.inference_mode()
 
 
@@ -522,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
         row = measure_method(args.child, args, out / args.child)
         (out / args.child / "row.json").write_text(json.dumps(row, indent=2, default=str))
         return
-    unknown = sorted(set(args.models) - set(method_configs()))
+    unknown = sorted(set(args.models) - set(list_methods()))
     if unknown:
         raise SystemExit(f"ad_lightning.bench: no conf/model for {unknown}")
     out.mkdir(parents=True, exist_ok=True)

@@ -176,7 +176,7 @@ def score_in_batches(model, images: torch.Tensor, batches: list[list[int]]) -> d
             "path": [f"/data/test/good/{i:03d}.png" for i in rows],
             "index": torch.tensor(rows),
         }
-        for name, values in model._score(batch).image.items():
+        for name, values in model.score_batch(batch).image.items():
             scores = out.setdefault(name, [None] * len(images))
             for i, value in zip(rows, values.tolist(), strict=True):
                 scores[i] = value

@@ -235,7 +235,7 @@ def test_f1_optimal_threshold_from_a_labelled_split(tiny_folder) -> None:
     assert thresholds["f1_on_threshold_split"] == pytest.approx(1.0)
     assert thresholds["value"] == thresholds["f1_optimal"]
     # the stored threshold separates the labelled images (their scores are above 1 here)
-    scores, _ = score_loader(dm.threshold_dataloader(), model._score)
+    scores, _ = score_loader(dm.threshold_dataloader(), model.score_batch)
     labels = torch.tensor([s.label for s in dm.threshold_samples])
     assert scores["score"].max() > 1
     assert torch.equal((scores["score"] > thresholds["value"]).long(), labels)

@@ -14,12 +14,13 @@ from PIL import Image
 from test_predict_inputs import cheap_run, image
 from test_run import compose_cfg
 
-from ad_lightning.bench import is_preset, method_class, method_configs
+from ad_lightning.bench import is_preset
 from ad_lightning.deploy.bundle import Bundle, Preprocess, load_bundle
 from ad_lightning.deploy.engines import onnx_engine, openvino_model
 from ad_lightning.deploy.export import NotExportable, export_onnx
 from ad_lightning.deploy.export import main as export_main
 from ad_lightning.deploy.predict import main as predict_main
+from ad_lightning.models.registry import list_methods, method_info
 from ad_lightning.train import run
 
 
@@ -170,14 +171,13 @@ def fitted_bundle(
     return Bundle(model, pre, None, {}, Path("unused.pt")), datamodule
 
 
-# every method of conf/model (the papers' presets build the same classes) by its capability
+# every registered method (the papers' presets build the same classes) by its capability
 # flag: a new method gets its parity test or its named refusal without being listed here
-# (models/registry.py's list_methods() will serve this)
-METHODS = [name for name in method_configs() if not is_preset(name)]
-EXPORTABLE = [n for n in METHODS if not method_class(n).export_blocker] + [
+METHODS = [name for name in list_methods() if not is_preset(name)]
+EXPORTABLE = [n for n in METHODS if method_info(n).exportable] + [
     "ae_grayscale"  # one input channel
 ]
-NOT_EXPORTABLE = [n for n in METHODS if method_class(n).export_blocker]
+NOT_EXPORTABLE = [n for n in METHODS if not method_info(n).exportable]
 
 
 @pytest.mark.parametrize("name", EXPORTABLE)

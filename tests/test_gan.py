@@ -36,7 +36,7 @@ def untrained_auroc(model: AnomalyModule, dm: SyntheticDataModule) -> dict[str, 
     scores: dict[str, list[torch.Tensor]] = {}
     labels = []
     for batch in dm.test_dataloader():
-        for name, values in model._score(batch).image.items():
+        for name, values in model.score_batch(batch).image.items():
             scores.setdefault(name, []).append(values)
         labels.append(batch["label"])
     model.train()
@@ -69,7 +69,7 @@ def test_grayscale_images_work_end_to_end_through_each_model() -> None:
         SkipGanomaly(32, 1, width=4),
         AnoGAN(32, 1, width=4, latent_steps=2),
     ):
-        out = model.eval()._score(batch)
+        out = model.eval().score_batch(batch)
         assert out.map.shape == (2, 32, 32)
         assert all(torch.isfinite(v).all() for v in out.image.values())
 
@@ -200,9 +200,9 @@ def test_anogan_learns_on_texture_and_the_latent_search_fits(synthetic_root, fig
     assert figure("image_auroc_over_untrained", auroc - control["anogan"]) > 0.1, control
     # searching z lowers the mapping loss below that of the random start
     batch = next(iter(dm.test_dataloader()))
-    searched = model._score(batch).image["anogan"]
+    searched = model.score_batch(batch).image["anogan"]
     model.latent_steps = 0
-    lowered = (searched < model._score(batch).image["anogan"]).float().mean()
+    lowered = (searched < model.score_batch(batch).image["anogan"]).float().mean()
     assert figure("share_lowered_by_search", lowered) > 0.9
 
 

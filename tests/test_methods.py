@@ -72,7 +72,7 @@ def test_config_instantiates_the_registered_method(method: str, tmp_path: Path) 
 @pytest.mark.parametrize("method", NOT_EXPORTABLE)
 def test_a_method_that_cannot_be_exported_says_why(method: str, tmp_path: Path) -> None:
     from ad_lightning.deploy.bundle import Bundle, Preprocess
-    from ad_lightning.export import NotExportable, export_onnx
+    from ad_lightning.deploy.export import NotExportable, export_onnx
 
     info = method_info(method)
     model = hydra.utils.instantiate(compose_cfg(tmp_path, f"model={method}").model)
@@ -200,7 +200,7 @@ def test_export_matches_pytorch_or_is_refused_by_name(
     method: str, fitted: Path, tmp_path: Path
 ) -> None:
     from ad_lightning.deploy.bundle import load_bundle
-    from ad_lightning.export import NotExportable, export_onnx
+    from ad_lightning.deploy.export import NotExportable, export_onnx
 
     info = method_info(method)
     bundle = load_bundle(fitted)

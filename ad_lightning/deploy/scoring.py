@@ -1,9 +1,7 @@
 """The public way to score images with a method, and the scoring path as one module.
 
 `score_images` is what every deployed scorer calls (the scoring graph that predict runs and
-the ONNX export traces): the method's `score` with autograd on only for methods that need it
-(AnoGAN's latent search) and float32, detached outputs. It does what the base's test loop
-does around `score`, in the same operations and order, so deployed scores equal tested ones.
+the ONNX export traces): `AnomalyModule.score_batch`, the same call the test loop makes.
 """
 
 from __future__ import annotations
@@ -21,13 +19,9 @@ if TYPE_CHECKING:
 
 def score_images(model: AnomalyModule, batch: dict[str, Any]) -> Scores:
     """A batch (`image` normalised as in training, optional `path`) -> float32 scores [B]
-    by name and the anomaly map [B, H, W] if the method has one, detached."""
-    with torch.set_grad_enabled(model.score_needs_grad):
-        out = model.score(batch)
-    return Scores(
-        {k: v.detach().float().reshape(-1) for k, v in out.image.items()},
-        None if out.map is None else out.map.detach().float(),
-    )
+    by name and the anomaly map [B, H, W] if the method has one, detached: the model's own
+    `score_batch`, which its test loop runs too, so deployed scores equal tested ones."""
+    return model.score_batch(batch)
 
 
 class ScoringGraph(nn.Module):

@@ -146,7 +146,10 @@ class AnomalyModule(pl.LightningModule):
             )
 
     # ---- scoring -------------------------------------------------------------------
-    def _score(self, batch: dict[str, Any]) -> Scores:
+    def score_batch(self, batch: dict[str, Any]) -> Scores:
+        """The public way to score a batch, used by testing and every deployed scorer alike:
+        `score` with autograd only where the method needs it (AnoGAN's latent search), and
+        float32, detached outputs (image scores [B] by name, map [B, H, W] or None)."""
         with torch.set_grad_enabled(self.score_needs_grad):
             out = self.score(batch)
         return Scores(
@@ -165,12 +168,12 @@ class AnomalyModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.evaluation = self.new_evaluation()
         self.thresholds = self.evaluation.fit_thresholds(
-            self.trainer.datamodule, self._score, self._to_device
+            self.trainer.datamodule, self.score_batch, self._to_device
         )
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         assert self.evaluation is not None, "on_test_epoch_start starts the evaluation"
-        self.evaluation.step(batch, self._score, self.device)
+        self.evaluation.step(batch, self.score_batch, self.device)
 
     def on_test_epoch_end(self) -> None:
         assert self.evaluation is not None, "on_test_epoch_start starts the evaluation"

@@ -22,10 +22,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from ad_lightning.train import run  # noqa: E402
 from tests.test_determinism import MODELS, TINY  # noqa: E402  (the settings the suite uses)
 from tests.test_run import compose_cfg  # noqa: E402
-
-from ad_lightning.train import run  # noqa: E402
 
 
 def snapshot(model: str, folder: Path) -> dict[str, Any]:
