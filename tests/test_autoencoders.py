@@ -111,17 +111,21 @@ def test_ae_l2_learns_on_synthetic_object(synthetic_root, figure) -> None:
     ratio = figure("normal_l2_ratio", normal_score(results, "l2") / normal_score(untrained, "l2"))
     pixel = figure("pixel_auroc", results["metrics"]["pixel_auroc"])
     gain = figure("pixel_gain", gain)
-    assert auroc > 0.9 and margin > 0.05
-    assert ratio < 0.2
-    assert pixel > 0.9 and gain > 0.15
+    # measured over seeds 0-4 (experiments/learning_margins/README.md), untrained image 0.88:
+    assert auroc > 0.9  # 0.94 / 0.98 / 1.00 (min / median / max)
+    assert margin > 0.03  # 0.057 / 0.099 / 0.117 over the untrained control
+    assert ratio < 0.2  # normal images' L2 fell to 0.013 / 0.014 / 0.017 of the untrained
+    assert pixel > 0.85 and gain > 0.15  # pixel 0.912 / 0.964 / 0.981, gain 0.276 / 0.33 / 0.335
 
 
 @pytest.mark.slow
 @pytest.mark.learning
 def test_ae_ssim_learns_on_synthetic_object(synthetic_root, figure) -> None:
-    # 1 - SSIM summed over pixels saturates the output at lr 1e-3; the mean at lr 0.1 trains
+    # 1 - SSIM summed over pixels saturates the output at lr 1e-3; the mean at lr 0.1 trains.
+    # 80 epochs: at 40 the normal 1-SSIM ratio ranged 0.13-0.53 over seeds 0-4 (seed 0 the
+    # worst), at 80 0.11-0.27 (experiments/learning_margins/README.md).
     model = lambda: SSIMAutoencoder(**SMALL | {"lr": 0.1})  # noqa: E731
-    results, untrained = learns(model, object_data(synthetic_root), 40)
+    results, untrained = learns(model, object_data(synthetic_root), 80)
     scores, gain = aurocs(results), pixel_gain(results, untrained)
     ratio = normal_score(results, "ssim") / normal_score(untrained, "ssim")
     print(
@@ -130,16 +134,19 @@ def test_ae_ssim_learns_on_synthetic_object(synthetic_root, figure) -> None:
     assert results["primary_score"] == "ssim"
     # Image-level AUROC of AE(SSIM) on these 38 images is no evidence either way: the untrained
     # control already ranks them by structure (1.0), and after training it moves with the
-    # batch order and the library versions (0.42 to 0.9 measured; TODO-range below). It is
-    # recorded, not asserted. The learning shown is that normal images are reconstructed
-    # and that the defect maps gain over the untrained control.
+    # seed, batch order and library versions (0.42-0.96 at 40 epochs, 0.58-0.96 at 80, over
+    # seeds 0-4). It is recorded, not asserted. The learning shown is that normal images are
+    # reconstructed and that the defect maps gain over the untrained control.
     figure("image_auroc_not_asserted", scores["ssim"])
     ratio = figure("normal_ssim_ratio", ratio)
     pixel, gain = (
         figure("pixel_auroc", results["metrics"]["pixel_auroc"]),
         figure("pixel_gain", gain),
     )
-    assert ratio < 0.3  # normal images are reconstructed
+    # measured over seeds 0-4 (experiments/learning_margins/README.md), min / median / max:
+    # normal 1-SSIM ratio 0.108 / 0.128 / 0.266 (the untrained control is 1 by definition);
+    # pixel AUROC 0.944 / 0.99 / 0.992, gain over the untrained control 0.189 / 0.236 / 0.237
+    assert ratio < 0.4  # normal images are reconstructed
     assert pixel > 0.9 and gain > 0.15
 
 
@@ -162,8 +169,12 @@ def test_vae_learns_on_synthetic_object(synthetic_root, figure) -> None:
         figure("pixel_auroc", results["metrics"]["pixel_auroc"]),
         figure("pixel_gain", gain),
     )
-    assert elbo > 0.85 and nll > 0.85, scores
-    assert pixel > 0.9 and gain > 0.15
+    # measured over seeds 0-4 (experiments/learning_margins/README.md), min / median / max:
+    # image AUROC 0.841 / 0.88 / 0.891 for both scores, which an untrained AE (L2) already
+    # reaches (0.88): a sanity floor, not the evidence. The evidence is the defect maps:
+    # pixel AUROC 0.989 / 0.989 / 0.99, gain over the untrained control 0.342 / 0.347 / 0.379.
+    assert elbo > 0.8 and nll > 0.8, scores
+    assert pixel > 0.95 and gain > 0.25
 
 
 def score_in_batches(model, images: torch.Tensor, batches: list[list[int]]) -> dict[str, list]:

@@ -92,6 +92,8 @@ def test_cpcae_learns_on_synthetic_object(synthetic_root, figure) -> None:
     torch.testing.assert_close(model.scorer.bank.mean(0), torch.zeros(960), atol=1e-4, rtol=0)
     scores = {name: s["auroc"] for name, s in results["scores"].items()}
     print("cpcae object", results["metrics"], scores)
+    # seeds 0-4 (min / median / max): image 0.984 / 0.997 / 1.0, loss ratio to the untrained
+    # 0.173 / 0.187 / 0.319 (experiments/learning_margins/README.md)
     assert figure("image_auroc", results["metrics"]["image_auroc"]) > 0.9, results["metrics"]
     assert set(scores) == {"knn", "reconstruction"}
     with torch.no_grad():
@@ -121,6 +123,7 @@ def test_deep_knn_learns_on_synthetic(synthetic_root, figure, category: str, flo
     results = fit_and_test(model, dm, epochs=3)  # stops after the one pass it needs
     print("deep_knn", category, results["metrics"])
     assert model.current_epoch == 1 and model.scorer.bank.shape == (len(dm.train_samples), 320)
+    # seeds 0-4, image AUROC min / max: object 0.995 / 0.997, texture 0.909 / 0.919 (experiments/learning_margins/README.md)
     assert figure("image_auroc", results["metrics"]["image_auroc"]) > floor, results["metrics"]
 
 

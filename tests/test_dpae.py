@@ -177,15 +177,19 @@ def test_dpae_learns_on_synthetic_object(synthetic_root, figure) -> None:
     assert results["primary_score"] == "rlz"
     best = max(scores, key=scores.get)
     auroc = figure("best_score_auroc", scores[best])
-    margin = figure("best_score_over_untrained", scores[best] - before[best])
+    figure("best_score_over_untrained", scores[best] - before[best])
     pixel, gain = (
         figure("pixel_auroc", results["metrics"]["pixel_auroc"]),
         figure("pixel_gain", gain),
     )
-    assert auroc > 0.9, scores
-    assert margin > 0.05, (scores, before)  # learned, not luck of the init
-    # the map finds the defective pixels, which the untrained one does not
-    assert pixel > 0.9 and gain > 0.15
+    # Measured over seeds 0-4 (experiments/learning_margins/README.md), min / median / max:
+    # the best image score's AUROC 0.833 / 0.919 / 0.977, its gain over the untrained model
+    # -0.06 / 0.036 / 0.094: at image level on 38 synthetic images the untrained AE already
+    # ranks the visible defects (rlx 0.89), so the image gain is no evidence either way
+    # (recorded, not asserted) and the image AUROC only a sanity floor. The evidence that
+    # holds is the map: pixel AUROC 0.908 / 0.962 / 0.989, gain 0.262 / 0.339 / 0.355.
+    assert auroc > 0.75, scores
+    assert pixel > 0.85 and gain > 0.2
     assert set(results["scores"]["rlz"]["at_defect_ratio"]) >= {"precision", "tpr", "tnr", "f1"}
 
 

@@ -146,8 +146,11 @@ def test_ganomaly_learns_on_object(synthetic_root, figure) -> None:
     auroc = figure("image_auroc", results["metrics"]["image_auroc"])
     margin = figure("image_auroc_over_untrained", auroc - control["image_l1"])
     pixel = figure("pixel_auroc", results["metrics"]["pixel_auroc"])
+    # measured over seeds 0-4 (experiments/learning_margins/README.md), min / median / max:
+    # image AUROC 0.948 / 0.974 / 0.982, over the untrained 0.072 / 0.098 / 0.105,
+    # pixel AUROC 0.917 / 0.927 / 0.939
     assert auroc > 0.9, aurocs(results)
-    assert margin > 0.05, (aurocs(results), control)
+    assert margin > 0.04, (aurocs(results), control)
     assert pixel > 0.85, results["metrics"]
 
 
@@ -164,10 +167,11 @@ def test_ganomaly_learns_on_texture(synthetic_root, figure) -> None:
     scores = aurocs(results)
     print("trained", scores, "untrained", control)
     assert figure("untrained_best_auroc", max(control[k] for k in ("feature_l1", "image_l1"))) < 0.6
-    # GAN training moves with the batch order, so the floor sits below the measured range,
-    # well above the untrained control
-    assert figure("feature_l1_auroc", scores["feature_l1"]) > 0.75, scores
-    assert figure("image_l1_auroc", scores["image_l1"]) > 0.7, scores
+    # GAN training moves with the seed and batch order; measured over seeds 0-4
+    # (experiments/learning_margins/README.md), min / median / max: feature_l1 0.758 / 0.805 /
+    # 0.826, image_l1 0.685 / 0.732 / 0.828, the untrained control 0.479 / 0.479 / 0.539
+    assert figure("feature_l1_auroc", scores["feature_l1"]) > 0.7, scores
+    assert figure("image_l1_auroc", scores["image_l1"]) > 0.62, scores
 
 
 @pytest.mark.slow
@@ -180,7 +184,8 @@ def test_skip_ganomaly_learns_on_texture(synthetic_root, figure) -> None:
     results = fit_and_test(model, dm, epochs=60)
     print("trained", aurocs(results), "untrained", control)
     assert figure("untrained_auroc", control["combined"]) < 0.6, control
-    assert figure("image_auroc", results["metrics"]["image_auroc"]) > 0.75, aurocs(results)
+    # measured over seeds 0-4: 0.784 / 0.852 / 0.88 (untrained 0.474 / 0.477 / 0.482)
+    assert figure("image_auroc", results["metrics"]["image_auroc"]) > 0.7, aurocs(results)
     # the parts of A(x) were rescaled by their means on normal validation images
     assert not torch.allclose(model.part_scale, torch.ones(2))
 
@@ -196,6 +201,7 @@ def test_anogan_learns_on_texture_and_the_latent_search_fits(synthetic_root, fig
     print("trained", aurocs(results), "untrained", control)
     assert figure("untrained_auroc", control["anogan"]) < 0.6, control
     auroc = figure("image_auroc", results["metrics"]["image_auroc"])
+    # measured over seeds 0-4: 0.745 / 0.779 / 0.807, over the untrained 0.268 / 0.305 / 0.333
     assert auroc > 0.65, aurocs(results)
     assert figure("image_auroc_over_untrained", auroc - control["anogan"]) > 0.1, control
     # searching z lowers the mapping loss below that of the random start

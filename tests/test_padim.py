@@ -74,6 +74,7 @@ def test_padim_learns_on_synthetic(fitted, synthetic_root, figure) -> None:
         figure("image_auroc", metrics["image_auroc"]),
         figure("pixel_auroc", metrics["pixel_auroc"]),
     )
+    # seeds 0-4: image 1.0 / 1.0, pixel 0.956 / 0.957 (min / max) (experiments/learning_margins/README.md)
     assert image > 0.9 and pixel > 0.8, metrics
     assert tuple(model.mean.shape) == (100, 16 * 16)  # stride-4 grid of a 64 px image
     # Control 1, random backbone weights (measured: image 0.97, pixel 0.88 against 1.00 / 0.96):
@@ -81,7 +82,8 @@ def test_padim_learns_on_synthetic(fitted, synthetic_root, figure) -> None:
     # control passes the thresholds above; the ImageNet features must still localise better.
     random = fit_and_test(padim(False), synthetic_dm(synthetic_root, "object", 64), epochs=1)
     print("random backbone", random["metrics"])
-    assert figure("pixel_over_random_backbone", pixel - random["metrics"]["pixel_auroc"]) > 0.04
+    # measured over seeds 0-4 (the random init varies): 0.055 / 0.075 / 0.156
+    assert figure("pixel_over_random_backbone", pixel - random["metrics"]["pixel_auroc"]) > 0.03
     # Control 2, statistics that can fail: the Gaussians fitted on the defective test images
     # themselves, so the defects are part of what is "normal" and the normal test images, not
     # in the fit, are the unusual ones (measured: image 0.00, pixel 0.52).

@@ -26,6 +26,8 @@ def test_skip_dfr_learns_on_synthetic_object(synthetic_root, figure) -> None:
     untrained = fit_and_test(model, dm, epochs=0)["metrics"]["image_auroc"]  # control: ~0.5
     results = fit_and_test(model, dm, epochs=30)
     auroc = figure("image_auroc", results["metrics"]["image_auroc"])
+    # seeds 0-4 (min / median / max): image 1.0 / 1.0 / 1.0, over the untrained 0.336 / 0.539 /
+    # 0.589, pixel 0.98 / 0.98 / 0.98 (experiments/learning_margins/README.md)
     assert figure("image_auroc_over_untrained", auroc - untrained) > 0.25, (untrained, auroc)
     assert model.backbone.describe()["weights"].startswith("package:")  # real ImageNet weights
     assert auroc > 0.85, results["metrics"]
