@@ -1,6 +1,7 @@
 """Rerun the learning tests (pytest -m learning) under several seeds and tabulate each figure.
 
     .venv/bin/python experiments/learning_margins/measure.py SEEDS=0,1,2,3,4 OUT=outputs/margins
+    (MARK="learning and not realdata" leaves out the real-data fits; PYTHON= another venv's)
 
 Each seed is one pytest process (AD_LIGHTNING_TEST_SEED sets model init, validation split and
 batch order; tests record their figures through the `figure` fixture). Writes OUT/figures.jsonl,
@@ -19,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 
-def measure(seeds: list[int], out: Path, python: str) -> pd.DataFrame:
+def measure(seeds: list[int], out: Path, python: str, mark: str = "learning") -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     figures = out / "figures.jsonl"
     figures.unlink(missing_ok=True)
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> None:
     args = dict(a.split("=", 1) for a in argv)
     seeds = [int(s) for s in args.get("SEEDS", "0,1,2,3,4").split(",")]
     out = Path(args.get("OUT", "outputs/margins"))
-    stats = measure(seeds, out, args.get("PYTHON", sys.executable))
+    stats = measure(seeds, out, args.get("PYTHON", sys.executable), args.get("MARK", "learning"))
     text = stats.to_markdown(index=False)
     (out / "table.md").write_text(text + "\n")
     print(text)
