@@ -333,8 +333,23 @@ def write_csv(table: pd.DataFrame, corner: str, path: Path) -> None:
     table.rename_axis(index=corner, columns=None).to_csv(path)
 
 
-def log_to_wandb(runs: list[dict[str, Any]], tables: dict[str, pd.DataFrame], title: str) -> bool:
-    """Log the tables as W&B Tables when the runs logged to W&B (offline without an API key)."""
+def wandb_group(runs: list[dict[str, Any]], folders: list[str]) -> str | None:
+    """The W&B group the report joins: the one its runs logged under (recorded in their
+    config), else, for one sweep folder, its name (the group train.py gives a multirun's jobs);
+    None when the runs span several groups."""
+    groups = {lookup(r, "logger.wandb.group") for r in runs if lookup(r, "logger.wandb")}
+    if len(groups) == 1 and None not in groups:
+        return str(groups.pop())
+    if len(folders) == 1 and not groups - {None} and Path(folders[0]).is_dir():
+        return Path(folders[0]).name
+    return None
+
+
+def log_to_wandb(
+    runs: list[dict[str, Any]], tables: dict[str, pd.DataFrame], title: str, folders: list[str]
+) -> bool:
+    """Log the tables as W&B Tables when the runs logged to W&B (offline without an API key),
+    in the runs' group, so the sweep's dashboard shows its own table (job_type `report`)."""
     wandb_runs = [r for r in runs if isinstance(lookup(r, "logger.wandb"), dict)]
     if not wandb_runs:
         return False
@@ -344,11 +359,13 @@ def log_to_wandb(runs: list[dict[str, Any]], tables: dict[str, pd.DataFrame], ti
     out_dir = Path(wandb_runs[0]["_file"]).parent.parent
     run = wandb.init(
         project=conf.get("project", "ad_lightning"),
+        group=wandb_group(wandb_runs, folders),
         job_type="report",
         name=title,
         dir=str(out_dir),
         mode="online" if os.environ.get("WANDB_API_KEY") else "offline",
-        reinit=True,
+        config={"folders": folders, "n_runs": len(runs)},
+        reinit="finish_previous",
     )
     run.log(
         {
@@ -490,7 +507,7 @@ def main(argv: list[str] | None = None) -> str:
         print(f"CSV: {csv_path}")
         tables = {"report": table.rename_axis(index=args.rows, columns=None).reset_index()}
         title = f"report {args.metric} {args.rows} x {args.cols}"
-    if args.wandb and log_to_wandb(runs, tables, title):
+    if args.wandb and log_to_wandb(runs, tables, title, args.folders):
         print("table logged to W&B (job_type=report)")
     return markdown
 

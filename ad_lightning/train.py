@@ -36,6 +36,7 @@ from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
 from ad_lightning.interrupt import InterruptCheckpoint, interrupt_record, is_interrupt
 from ad_lightning.metrics.evaluation import require_threshold_split
 from ad_lightning.models.base import AnomalyModule, DivergenceError
+from ad_lightning.outputs import wandb_run
 from ad_lightning.outputs.artifacts import TestArtifacts, write_results
 from ad_lightning.outputs.timing import EpochTimer
 from ad_lightning.results import (
@@ -114,21 +115,39 @@ RECORDED_PACKAGES = (
 
 
 def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
+    """The config's loggers, writing into the run folder. W&B gets the flat resolved config, a
+    name, job_type and tags (`wandb_run.init_args`); what it was given is written back into
+    `cfg.logger.wandb` so results.json records the group and name the run logged under."""
     if not cfg.get("logger"):
         return []
     loggers = []
     for name, conf in cfg.logger.items():
         conf = OmegaConf.to_container(conf, resolve=True)
-        if "WandbLogger" in conf.get("_target_", "") and not conf.get("group"):
-            # jobs of one multirun share a W&B group: the sweep folder
-            conf["group"] = (
-                Path(HydraConfig.get().sweep.dir).name
-                if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
-                else None
-            )
-        loggers.append(hydra.utils.instantiate(conf, save_dir=str(out)))
+        if wandb_run.is_wandb(conf):
+            args = wandb_init_args(cfg, conf)
+            with open_dict(cfg):
+                for key in ("group", "job_type", "name"):
+                    cfg.logger[name][key] = args[key]
+            config = OmegaConf.to_container(cfg, resolve=True)
+            args["config"] = wandb_run.run_config(config, config_choices())
+            # built directly: instantiate would read `${` in a config value as interpolation
+            loggers.append(hydra.utils.get_class(args.pop("_target_"))(save_dir=str(out), **args))
+        else:
+            loggers.append(hydra.utils.instantiate(conf, save_dir=str(out)))
         log.info("logger %s -> %s", name, out)
     return loggers
+
+
+def wandb_init_args(cfg: DictConfig, conf: dict[str, Any]) -> dict[str, Any]:
+    """WandbLogger arguments; jobs of one multirun share a W&B group: the sweep folder's name."""
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+    return wandb_run.init_args(
+        conf,
+        OmegaConf.to_container(cfg, resolve=True),
+        config_choices(),
+        Path(HydraConfig.get().sweep.dir).name if multirun else None,
+        int(HydraConfig.get().job.num) if multirun else None,
+    )
 
 
 @dataclass
@@ -491,6 +510,26 @@ def write_model_file(job: Job) -> None:
     results.model_file = str(path)
 
 
+def log_to_wandb(job: Job) -> None:
+    """Summary (test metrics, best validation loss), per-image scores and, with
+    `logger.wandb.log_model_file`, model.pt into the W&B run; a failure is a warning."""
+    if not job.trainer.is_global_zero:
+        return
+    model_file = job.results.get("model_file")
+    try:
+        wandb_run.log_outcome(
+            job.loggers,
+            job.results,
+            job.model.test_results,
+            job.model.monitor,
+            Path(model_file) if model_file else None,
+            bool(OmegaConf.select(job.cfg, "logger.wandb.log_model_file", default=False)),
+        )
+    except Exception as err:  # noqa: BLE001 - recorded in results.json
+        log.exception("could not log the outcome to W&B")
+        job.results.warnings.append(f"W&B outcome not logged: {type(err).__name__}: {err}")
+
+
 class RunStatus:
     """results.json's status through every way a run ends, written in this one place:
     running once the job is built, then finished, diverged, interrupted or failed. A failure
@@ -588,6 +627,7 @@ def run(cfg: DictConfig) -> RunResults:
             fit(job, str(ckpt_dir / "last.ckpt") if mode == "resume" else None)
         test(job, choose_checkpoint(job, fitted=mode != "test"))
         write_model_file(job)
+        log_to_wandb(job)
         status.finished()
     log.info("results: %s", {k: round(v, 4) for k, v in job.results.metrics.items()})
     finish_loggers(job.loggers)

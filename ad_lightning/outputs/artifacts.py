@@ -149,7 +149,7 @@ class TestArtifacts(pl.Callback):
         names = list(results["scores"].keys())
         scores = {n: np.array([r[n] for r in records]) for n in names}
         curves = plot_curves(scores, labels, results["scores"], self.output_dir)
-        heat = []
+        heat, captions = [], []
         maps = results["maps"]
         if maps and self.n_heatmaps > 0:
             folder = self.output_dir / "heatmaps"
@@ -163,6 +163,7 @@ class TestArtifacts(pl.Callback):
             for i, r in enumerate(pick_heatmaps(records, primary, self.n_heatmaps)):
                 if r["path"] in maps:
                     image, mask = heatmap_frame(r["path"], datamodule)
+                    captions.append(heatmap_title(r, primary, thresholds.get("image")))
                     heat.append(
                         overlay(
                             image,
@@ -170,7 +171,7 @@ class TestArtifacts(pl.Callback):
                             vmin,
                             vmax,
                             folder / f"{i:02d}_{r['defect_type']}_{Path(r['path']).stem}.png",
-                            heatmap_title(r, primary, thresholds.get("image")),
+                            captions[-1],
                             mask=mask,
                             pixel_threshold=pixel_threshold,
                         )
@@ -179,4 +180,5 @@ class TestArtifacts(pl.Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_image("test/curves", [str(p) for p in curves])
                 if heat:
-                    logger.log_image("test/heatmaps", [str(p) for p in heat])
+                    # captioned as titled (file, label, score): W&B shows no title otherwise
+                    logger.log_image("test/heatmaps", [str(p) for p in heat], caption=captions)

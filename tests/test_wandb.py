@@ -1,0 +1,231 @@
+"""What a run leaves for W&B dashboards, read back from the offline run files.
+
+A `.wandb` file is a LevelDB-style log of `wandb_internal_pb2.Record` protobufs. wandb 0.31
+writes it from its Go core and no longer ships a Python reader (`wandb.sdk.internal.datastore`
+is gone), so `read_records` below reads the format itself: a 7-byte file header (`:W&B`,
+magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each with a 7-byte header
+(CRC-32 of type byte + data, length, type: full / first / middle / last).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict, read_write
+
+from ad_lightning.outputs.wandb_run import flat_config
+from ad_lightning.report import main as report
+from ad_lightning.report import wandb_group
+from ad_lightning.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK, HEADER = 32768, 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path) -> list[Any]:
+    """Every Record of a .wandb file, in order; a chunk whose CRC does not match fails."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:HEADER])
+    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), "not a W&B record log"
+    records, pending, pos = [], b"", HEADER
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # block trailer: too short for a header, zero-padded
+            pos += left
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if kind == 0:  # zero padding to the end of the block (or the file)
+            pos += left
+            continue
+        chunk = data[pos + HEADER : pos + HEADER + length]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"bad chunk at {pos}"
+        pos += HEADER + length
+        pending = chunk if kind in (FULL, FIRST) else pending + chunk
+        if kind in (FULL, LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def of_type(records: list[Any], kind: str) -> Iterator[Any]:
+    return (getattr(r, kind) for r in records if r.WhichOneof("record_type") == kind)
+
+
+def updates(items: Any) -> dict[tuple[str, ...], Any]:
+    """Summary/config/history items -> {key path: decoded value}."""
+    return {
+        tuple(u.nested_key) if u.nested_key else (u.key,): json.loads(u.value_json) for u in items
+    }
+
+
+def final_summary(records: list[Any]) -> dict[tuple[str, ...], Any]:
+    """The summary as W&B keeps it: every summary update applied in order."""
+    summary: dict[tuple[str, ...], Any] = {}
+    for record in of_type(records, "summary"):
+        summary |= updates(record.update)
+    return summary
+
+
+def history_values(records: list[Any], key: str) -> list[Any]:
+    return [
+        updates(h.item)[(key,)] for h in of_type(records, "history") if (key,) in updates(h.item)
+    ]
+
+
+def label(row: dict[str, str]) -> str:
+    """A scores.csv row's true label as a heat map names it."""
+    return "good" if row["label"] == "0" else row["defect_type"]
+
+
+def run_files(run_dir: Path) -> tuple[Path, list[Any]]:
+    """The one offline W&B run under a run folder: its folder and its records."""
+    (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return log.parent, read_records(log)
+
+
+@pytest.fixture(scope="module")
+def sweep_job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Job 1 of a multirun (sweep folder `sweep-wb`) as Hydra's launcher runs it: Skip-DFR at
+    32 px, 2 epochs (a validation loss per epoch), W&B offline with model.pt as an artifact."""
+    sweep = tmp_path_factory.mktemp("wb") / "sweep-wb"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            return_hydra_config=True,
+            overrides=[
+                "logger=wandb",
+                "logger.wandb.log_model_file=true",
+                "data.category=object",
+                "data.image_size=32",
+                "backbone.blocks=[1,2]",
+                "trainer.max_epochs=2",
+                "eval.n_heatmaps=2",
+                "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false",
+                "hydra.mode=MULTIRUN",
+                f"hydra.sweep.dir={sweep}",
+                "hydra.job.num=1",
+            ],
+        )
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(sweep / "1")
+    HydraConfig.instance().set_config(cfg)  # as hydra's run_job does, then the task config
+    task = copy.deepcopy(cfg)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    try:
+        results = run(task).to_json()
+    finally:
+        HydraConfig.instance().cfg = None
+    folder, records = run_files(sweep / "1")
+    return {"results": results, "folder": folder, "records": records, "sweep": sweep}
+
+
+def test_wandb_config_holds_the_flat_resolved_config(sweep_job: dict[str, Any]) -> None:
+    (init,) = of_type(sweep_job["records"], "run")
+    config = {key[0]: value for key, value in updates(init.config.update).items()}
+    assert config["backbone.name"] == "efficientnet_lite0"
+    assert config["backbone.blocks"] == [1, 2]
+    assert config["data.category"] == "object" and config["data.image_size"] == 32
+    assert config["seed"] == 0 and config["protocol"] == "leak_free"
+    assert config["trainer.max_epochs"] == 2
+    assert (
+        config["choices.model"] == "skip_dfr" and config["choices.backbone"] == "efficientnet_lite0"
+    )
+    assert config["model._target_"] == "ad_lightning.models.skip_dfr.SkipDFR"
+    # every key of the resolved config results.json records, with the same value
+    expected = flat_config(sweep_job["results"]["config"])
+    assert {k: config.get(k, "<missing>") for k in expected} == expected
+
+
+def test_wandb_run_is_grouped_named_and_tagged(sweep_job: dict[str, Any]) -> None:
+    (init,) = of_type(sweep_job["records"], "run")
+    assert init.run_group == "sweep-wb"  # the sweep folder: one group per multirun
+    assert init.job_type == "skip_dfr"
+    assert init.display_name == "skip_dfr-efficientnet_lite0-b12-object-s0-j1"
+    assert {"skip_dfr", "efficientnet_lite0", "blocks=12", "synthetic", "object"} <= set(init.tags)
+    # results.json says where the run logged, so the report can join the same group
+    wandb_conf = sweep_job["results"]["config"]["logger"]["wandb"]
+    assert wandb_conf["group"] == "sweep-wb" and wandb_conf["name"] == init.display_name
+
+
+def test_wandb_summary_holds_test_metrics_and_best_validation_loss(
+    sweep_job: dict[str, Any],
+) -> None:
+    records, results = sweep_job["records"], sweep_job["results"]
+    summary = final_summary(records)
+    assert summary[("test/image_auroc",)] == pytest.approx(results["metrics"]["image_auroc"])
+    assert summary[("test/pixel_auroc",)] == pytest.approx(results["metrics"]["pixel_auroc"])
+    logged = history_values(records, "val/loss")
+    assert len(logged) == 2  # one per epoch
+    best = results["checkpoint"]["best_score"]
+    assert best == pytest.approx(min(logged))
+    assert summary[("val/loss",)] == pytest.approx(best)
+    assert summary[("val/loss_best",)] == pytest.approx(best)
+
+
+def test_wandb_run_has_score_table_captioned_heatmaps_and_model_artifact(
+    sweep_job: dict[str, Any],
+) -> None:
+    records, results, folder = sweep_job["records"], sweep_job["results"], sweep_job["folder"]
+    summary = final_summary(records)
+    artifacts = {a.type: a for a in of_type(records, "artifact")}
+    # the per-image scores: a W&B table (logged as a run_table artifact), one row per image
+    assert "run_table" in artifacts
+    (table_file,) = folder.glob(f"files/{summary[('test/scores', 'path')]}")
+    table = json.loads(table_file.read_text())
+    assert {"path", "label", "defect_type", *results["scores"]} <= set(table["columns"])
+    assert len(table["data"]) == results["data"]["n_test"]
+    # heat maps captioned with the image's file, true label and score
+    with open(Path(results["run_dir"]) / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    primary = results["primary_score"]
+    captions = summary[("test/heatmaps", "captions")]
+    assert len(captions) == summary[("test/heatmaps", "count")] == 2
+    for caption in captions:  # "<file>   <good or defect type>   <score>=<value>..."
+        (row,) = [r for r in rows if caption.startswith(f"{Path(r['path']).name}   {label(r)}   ")]
+        assert f"{primary}={float(row[primary]):.4g}" in caption
+    # model.pt as a `model` artifact that references the run's own file
+    (entry,) = artifacts["model"].manifest.contents
+    assert entry.path == "model.pt"
+    assert Path(entry.local_path) == Path(results["model_file"])
+
+
+def test_report_table_joins_the_sweep_group(
+    sweep_job: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    sweep = sweep_job["sweep"]
+    report([str(sweep), "benchmark=true"])
+    logs = sorted(sweep.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    records = read_records(logs[0])
+    (init,) = of_type(records, "run")
+    assert init.run_group == "sweep-wb" and init.job_type == "report"
+    assert any(a.type == "run_table" for a in of_type(records, "artifact"))
+
+
+def test_report_group_is_the_runs_group_else_the_sweep_folder(tmp_path: Path) -> None:
+    def logged(group: str | None) -> dict[str, Any]:
+        return {"config": {"logger": {"wandb": {"project": "p", "group": group}}}}
+
+    sweep = tmp_path / "sweep-a"
+    sweep.mkdir()
+    assert wandb_group([logged("g1"), logged("g1")], [str(tmp_path)]) == "g1"
+    assert wandb_group([logged(None), logged(None)], [str(sweep)]) == "sweep-a"  # older runs
+    assert wandb_group([logged("g1"), logged("g2")], [str(sweep)]) is None
+    assert wandb_group([logged(None)], [str(sweep), str(tmp_path)]) is None
