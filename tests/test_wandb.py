@@ -13,6 +13,7 @@ import copy
 import csv
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,10 +92,22 @@ def label(row: dict[str, str]) -> str:
     return "good" if row["label"] == "0" else row["defect_type"]
 
 
+def finished_records(log: Path, timeout_s: float = 60.0) -> list[Any]:
+    """The records of a finished run: wandb's core process writes the log after `finish()`
+    returns (read at once, the file can still be empty), so wait for its `exit` record."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_records(log) if log.stat().st_size > HEADER else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{log}: no exit record after {timeout_s} s"
+        time.sleep(0.2)
+
+
 def run_files(run_dir: Path) -> tuple[Path, list[Any]]:
     """The one offline W&B run under a run folder: its folder and its records."""
     (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    return log.parent, read_records(log)
+    return log.parent, finished_records(log)
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +224,7 @@ def test_report_table_joins_the_sweep_group(
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     sweep = sweep_job["sweep"]
     report([str(sweep), "benchmark=true"])
-    logs = sorted(sweep.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(logs) == 1
-    records = read_records(logs[0])
+    _, records = run_files(sweep)
     (init,) = of_type(records, "run")
     assert init.run_group == "sweep-wb" and init.job_type == "report"
     assert any(a.type == "run_table" for a in of_type(records, "artifact"))
