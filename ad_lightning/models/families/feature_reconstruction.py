@@ -156,7 +156,14 @@ class FeatureReconstructionModule(AnomalyModule):
         return (feats - mean[:, None, None]) / std[:, None, None]
 
     def training_features(self, max_images: int) -> torch.Tensor:
-        """Raw features of up to `max_images` training images (one rank's view, unshuffled)."""
+        """Raw features of up to `max_images` training images (one rank's view, unshuffled).
+
+        Called from `setup()`, where Lightning already reports the run's device as
+        `self.device` (and `training_images` moves the batches there) but has not moved the
+        parameters yet: the backbone goes to that device first, else CUDA images meet a CPU
+        backbone when the feature store is off. The strategy moves the rest just after.
+        """
+        self.backbone.to(self.device)
         feats, n = [], 0
         for batch in training_images(self):
             feats.append(self.raw_features(batch).cpu())
