@@ -34,6 +34,7 @@ from ad_lightning.models.base import AnomalyModule, Scores
 from ad_lightning.models.families.training_images import training_images
 from ad_lightning.nn.flops import flops_per_image
 from ad_lightning.nn.smoothing import upsample_and_smooth
+from ad_lightning.precision import scoring_context
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,8 @@ class FeatureReconstructionModule(AnomalyModule):
                 else datamodule.train_eval_dataloader()
             )
             self.autoencoder.eval()
-            self.fit_distance_scale(loader)
+            with scoring_context(self):  # the scale the test residuals are divided by
+                self.fit_distance_scale(loader)
 
     # ---- training ----------------------------------------------------------------------
     def reconstruction_loss(self, feats: torch.Tensor) -> torch.Tensor:
