@@ -58,3 +58,26 @@ def test_setup_fits_run_the_backbone_on_the_images_device(method: str, tmp_path:
     assert seen, "setup() fitted nothing on training images"
     assert all(images == weights for images, weights in seen), seen
     assert bool(model.stats_fitted) and model.autoencoder is not None
+
+
+@pytest.mark.parametrize(("device", "pinned"), [(None, False), ("cpu", False), ("cuda:0", True)])
+def test_batches_are_pinned_when_the_trainer_runs_on_a_gpu(
+    synthetic_root: Path, device: str | None, pinned: bool
+) -> None:
+    from tests.conftest import synthetic_dm
+
+    datamodule = synthetic_dm(synthetic_root)
+    datamodule.setup("fit")
+    if device is not None:  # what Lightning attaches: the trainer, whose strategy has a device
+        datamodule.trainer = SimpleNamespace(
+            strategy=SimpleNamespace(root_device=torch.device(device))
+        )
+    loaders = [datamodule.train_dataloader(), datamodule.val_dataloader()]
+    loaders += [datamodule.test_dataloader(), datamodule.train_eval_dataloader()]
+    assert [loader.pin_memory for loader in loaders] == [pinned] * 4
+
+
+def test_trainer_gpu_loads_with_workers(tmp_path: Path) -> None:
+    assert compose_cfg(tmp_path, "trainer=cpu").data.num_workers == 0  # synthetic: in-process
+    assert compose_cfg(tmp_path, "trainer=gpu").data.num_workers == 8
+    assert compose_cfg(tmp_path, "trainer=gpu", "data.num_workers=3").data.num_workers == 3
