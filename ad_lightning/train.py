@@ -39,6 +39,7 @@ from ad_lightning.models.base import AnomalyModule, DivergenceError
 from ad_lightning.outputs import wandb_run
 from ad_lightning.outputs.artifacts import TestArtifacts, write_results
 from ad_lightning.outputs.timing import EpochTimer
+from ad_lightning.precision import check_precision
 from ad_lightning.results import (
     CheckpointChoice,
     DataSummary,
@@ -610,6 +611,7 @@ def run(cfg: DictConfig) -> RunResults:
     cfg, overrides = split_hydra(cfg)
     cfg, out, ckpt_dir, mode = resolve_out(cfg, overrides)
     validate(cfg)  # missing or out-of-range keys, named, before anything is built
+    check_precision(cfg.trainer)  # 16-mixed on the CPU, half precision throughout: refused
     rescore_of = Path(cfg.test_only) if mode == "test" else None
     out.mkdir(parents=True, exist_ok=True)
     previous = previous_results(rescore_of or out)

@@ -19,6 +19,7 @@ import torch
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.metrics.evaluation import EvalConfig, Evaluation, log_values
 from ad_lightning.metrics.postprocess import PostProcessor
+from ad_lightning.precision import scoring_context
 from ad_lightning.results import TestResults
 
 __all__ = ["AnomalyModule", "DivergenceError", "EvalConfig", "Scores", "SingleObjective"]
@@ -167,9 +168,10 @@ class AnomalyModule(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.evaluation = self.new_evaluation()
-        self.thresholds = self.evaluation.fit_thresholds(
-            self.trainer.datamodule, self.score_batch, self._to_device
-        )
+        with scoring_context(self):  # thresholds from scores computed as test_step's are
+            self.thresholds = self.evaluation.fit_thresholds(
+                self.trainer.datamodule, self.score_batch, self._to_device
+            )
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         assert self.evaluation is not None, "on_test_epoch_start starts the evaluation"

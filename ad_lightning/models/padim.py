@@ -24,6 +24,7 @@ from ad_lightning.checks import choice
 from ad_lightning.models.base import Scores
 from ad_lightning.models.families.statistics import ResizableBuffers, StatisticsModule
 from ad_lightning.nn.smoothing import upsample_and_smooth
+from ad_lightning.precision import full_precision
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,12 @@ def mahalanobis(
     """[B, D, P] embeddings -> [B, P] distances to each position's Gaussian.
 
     One batched matrix product over positions ([P, B, D] x [P, D, D]): a plain MatMul that
-    PyTorch and onnxruntime both run fast, where an einsum became a slow ONNX Einsum."""
-    delta = (embeddings - mean).permute(2, 0, 1)  # [P, B, D]
-    squared = (torch.bmm(delta, inv_covariance) * delta).sum(-1)  # [P, B]
+    PyTorch and onnxruntime both run fast, where an einsum became a slow ONNX Einsum.
+    In float32 under mixed precision too: an inverse covariance has eigenvalues up to 1/eps,
+    which bf16's 8-bit mantissa (autocast runs bmm in it) turns into distances off by percents."""
+    with full_precision(embeddings.device):
+        delta = (embeddings.float() - mean.float()).permute(2, 0, 1)  # [P, B, D]
+        squared = (torch.bmm(delta, inv_covariance.float()) * delta).sum(-1)  # [P, B]
     return squared.T.clamp_min(0).sqrt()
 
 

@@ -32,6 +32,7 @@ from ad_lightning.checks import choice
 from ad_lightning.models.base import Scores
 from ad_lightning.models.families.statistics import ResizableBuffers, StatisticsModule
 from ad_lightning.nn.smoothing import upsample_and_smooth
+from ad_lightning.precision import full_precision
 
 log = logging.getLogger(__name__)
 SCORES = ("max_patch", "map_max")
@@ -220,8 +221,11 @@ class PatchCore(StatisticsModule, ResizableBuffers):
     def nearest_by_matmul(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The same exact search in torch operations: what an exported ONNX graph holds
         (faiss is a library call a graph cannot contain)."""
-        bank = self.memory_bank.to(query)
-        sq_dist = query.square().sum(1, keepdim=True) - 2 * query @ bank.T + bank.square().sum(1)
+        with full_precision(query.device):  # squared norms minus a product: fp32 or nothing
+            query, bank = query.float(), self.memory_bank.to(query.device).float()
+            sq_dist = (
+                query.square().sum(1, keepdim=True) - 2 * query @ bank.T + bank.square().sum(1)
+            )
         sq_dist, idx = torch.topk(sq_dist, k, dim=1, largest=False)
         return sq_dist.clamp_min(0).sqrt(), idx
 

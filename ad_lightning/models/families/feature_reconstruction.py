@@ -34,6 +34,7 @@ from ad_lightning.models.base import AnomalyModule, Scores
 from ad_lightning.models.families.training_images import training_images
 from ad_lightning.nn.flops import flops_per_image
 from ad_lightning.nn.smoothing import upsample_and_smooth
+from ad_lightning.precision import scoring_context
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,14 @@ class FeatureReconstructionModule(AnomalyModule):
         return (feats - mean[:, None, None]) / std[:, None, None]
 
     def training_features(self, max_images: int) -> torch.Tensor:
-        """Raw features of up to `max_images` training images (one rank's view, unshuffled)."""
+        """Raw features of up to `max_images` training images (one rank's view, unshuffled).
+
+        Called from `setup()`, where Lightning already reports the run's device as
+        `self.device` (and `training_images` moves the batches there) but has not moved the
+        parameters yet: the backbone goes to that device first, else CUDA images meet a CPU
+        backbone when the feature store is off. The strategy moves the rest just after.
+        """
+        self.backbone.to(self.device)
         feats, n = [], 0
         for batch in training_images(self):
             feats.append(self.raw_features(batch).cpu())
@@ -203,7 +211,8 @@ class FeatureReconstructionModule(AnomalyModule):
                 else datamodule.train_eval_dataloader()
             )
             self.autoencoder.eval()
-            self.fit_distance_scale(loader)
+            with scoring_context(self):  # the scale the test residuals are divided by
+                self.fit_distance_scale(loader)
 
     # ---- training ----------------------------------------------------------------------
     def reconstruction_loss(self, feats: torch.Tensor) -> torch.Tensor:
