@@ -143,7 +143,7 @@ def test_gradient_family_trains_under_ddp(family: str, tmp_path: Path) -> None:
     (where the synthetic set can show it) learns beyond a one-step control."""
     method = representative(family)
     args = [f"model={method}", *COMMON, *SHORT[family]]
-    probe = f"+callbacks.rank_weights._target_={__name__}.RankWeights"
+    probe = "+callbacks.rank_weights._target_=tests.test_ddp_gradient.RankWeights"
     ddp = _run(
         [
             *args,
