@@ -32,6 +32,7 @@ from pytorch_lightning.loggers import WandbLogger
 import ad_lightning
 from ad_lightning.backbones.feature_store import serve_features
 from ad_lightning.config_check import validate
+from ad_lightning.ddp_checks import apply_ddp_rules
 from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
 from ad_lightning.interrupt import InterruptCheckpoint, interrupt_record, is_interrupt
 from ad_lightning.metrics.evaluation import require_threshold_split
@@ -612,6 +613,7 @@ def run(cfg: DictConfig) -> RunResults:
     cfg, out, ckpt_dir, mode = resolve_out(cfg, overrides)
     validate(cfg)  # missing or out-of-range keys, named, before anything is built
     check_precision(cfg.trainer)  # 16-mixed on the CPU, half precision throughout: refused
+    apply_ddp_rules(cfg)  # a -m sweep Lightning would multiply refused; GAN DDP strategy
     rescore_of = Path(cfg.test_only) if mode == "test" else None
     out.mkdir(parents=True, exist_ok=True)
     previous = previous_results(rescore_of or out)

@@ -183,6 +183,12 @@ def gather_pixels(
     return maps, masks
 
 
+def gather_maps(maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """All ranks' kept (small, fp16) maps by path: heat maps are drawn, and their colour range
+    taken, over every test image, not rank 0's share only."""
+    return {path: m for part in all_gather_objects(maps) for path, m in part.items()}
+
+
 # ---- maps ---------------------------------------------------------------------------------
 def kept_size(maps: torch.Tensor, size: int) -> torch.Tensor:
     """Maps [B, H, W] at most `size` on their longer side, aspect kept (for heat maps;
@@ -327,7 +333,7 @@ class Evaluation:
             test_label_metrics=test_label_metrics,
             scores=per_score,
             records=records,
-            maps=self.maps,
+            maps=gather_maps(self.maps),
             val_scores={k: v.tolist() for k, v in self.val_scores.items()},
             thresholds=self.thresholds,
             inference_ms_per_image=1000 * self.inference_s / max(self.n_scored, 1),

@@ -50,6 +50,9 @@ class AnomalyModule(pl.LightningModule):
     export_blocker: str | None = None
     #: True when training reads frozen-backbone features from a feature store (Skip-DFR, DFR)
     reads_stored_features: bool = False
+    #: True when a training step leaves some trainable parameters out of a backward pass
+    #: (the GAN family's alternating G / D steps): DDP must then look for unused parameters
+    ddp_find_unused_parameters: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -144,6 +147,7 @@ class AnomalyModule(pl.LightningModule):
                 self.check_finite(loss, "validation loss"),
                 prog_bar=True,
                 batch_size=len(batch["label"]),
+                sync_dist=True,  # under DDP the checkpoint is chosen on all ranks' images
             )
 
     # ---- scoring -------------------------------------------------------------------

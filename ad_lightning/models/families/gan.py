@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ad_lightning.distributed import broadcast_module
 from ad_lightning.models.base import AnomalyModule
 from ad_lightning.nn.dcgan import DCGANDiscriminator, init_dcgan_weights
 
@@ -25,6 +26,8 @@ class GANModule(AnomalyModule):
     """Family base: a generator and a discriminator trained by manual optimisation."""
 
     family = "gan"
+    #: each backward reaches only G's or only D's trainable parameters (toggle_optimizer)
+    ddp_find_unused_parameters = True
     generator: nn.Module
     discriminator: DCGANDiscriminator
 
@@ -118,8 +121,12 @@ class AdversarialReconstruction(GANModule):
         self.manual_backward(loss_d)
         opt_d.step()
         self.untoggle_optimizer(opt_d)
-        if loss_d.item() < self.reinit_d_below:
+        # one decision for all DDP ranks (on the mean loss), and rank 0's new weights on each
+        if float(self.trainer.strategy.reduce(loss_d.detach(), reduce_op="mean")) < (
+            self.reinit_d_below
+        ):
             init_dcgan_weights(self.discriminator)
+            broadcast_module(self.discriminator)
 
         n = len(x)
         self.log("train/loss_g", loss_g, prog_bar=True, batch_size=n)
