@@ -3,11 +3,13 @@
 import hydra
 from omegaconf import DictConfig
 
+from ad_lightning.launcher_env import configure_job
 from ad_lightning.train import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    cfg = configure_job(cfg)  # a parallel sweep's job: its thread share and device
     results = run(cfg)
     print(
         f"\n{results['model']} on {results['data']['category']}: "

@@ -10,6 +10,40 @@ def _wandb_offline() -> bool:
     return not os.environ.get("WANDB_API_KEY")
 
 
+def _tasks_per_node(devices: object) -> int:
+    """SLURM tasks per node for Lightning: one per device. Resolved when the launcher is built,
+    so a count only the node knows (-1, "auto") stops the sweep before anything is queued."""
+    from ad_lightning.launcher_env import device_count
+
+    count = device_count(devices)
+    if count is None:
+        raise ValueError(
+            f"trainer.devices={devices}: a SLURM job needs the device count as a number "
+            "(Lightning's SLURM mode needs tasks_per_node == trainer.devices), e.g. "
+            "trainer.devices=8"
+        )
+    return count
+
+
+def _gpus_per_node(devices: object, accelerator: str) -> int:
+    """GPUs to request per node: the trainer's devices. A CPU trainer is refused: the default
+    trainer is cpu, so it is nearly always a forgotten trainer=gpu that would queue GPU nodes
+    to train on their CPUs; CPU nodes are asked for with hydra.launcher.gpus_per_node=0."""
+    if accelerator in ("gpu", "cuda", "auto"):
+        return _tasks_per_node(devices)
+    raise ValueError(
+        f"hydra/launcher=slurm with trainer.accelerator={accelerator}: add trainer=gpu (or "
+        "trainer=ddp trainer.devices=N) to train on the nodes' GPUs, or "
+        "hydra.launcher.gpus_per_node=0 to run on CPU nodes on purpose"
+    )
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("ad.wandb_offline"):
-        OmegaConf.register_new_resolver("ad.wandb_offline", _wandb_offline)
+    resolvers = {
+        "ad.wandb_offline": _wandb_offline,
+        "ad.tasks_per_node": _tasks_per_node,
+        "ad.gpus_per_node": _gpus_per_node,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

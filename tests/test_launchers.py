@@ -1,0 +1,166 @@
+"""Hydra launchers: a local parallel sweep (joblib) shares the machine per job, the SLURM
+preset ties tasks and GPUs to trainer.devices, and both run a real sweep on this machine
+(SLURM's job shape through submitit's local executor)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf.errors import InterpolationResolutionError
+
+import ad_lightning  # noqa: F401 - registers the resolvers the presets use
+from ad_lightning.launcher_env import (
+    check_slurm_tasks,
+    claim_device,
+    cpu_count,
+    plan_joblib_job,
+    thread_share,
+)
+from tests.test_run import CONF, ROOT
+
+#: the fastest run: one statistics pass of the variation model on 32 px images
+TINY = (
+    "model=variation",
+    "data.image_size=32",
+    "logger=csv",
+    "eval.n_heatmaps=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+)
+
+
+def launcher_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_joblib_jobs_share_the_cpus() -> None:
+    assert thread_share(n_jobs=4, cpus=16) == 4
+    assert thread_share(n_jobs=3, cpus=2) == 1  # never zero
+    assert thread_share(n_jobs=-1, cpus=8) == 1  # joblib's -1: one job per CPU
+    assert thread_share(n_jobs=-2, cpus=8) == 1  # all CPUs but one: 7 jobs
+    assert plan_joblib_job(2, 5, "cpu", 1, cpus=16, n_gpus=0).threads == 8
+
+
+def test_joblib_job_number_picks_the_gpu_of_a_one_device_trainer() -> None:
+    assert [plan_joblib_job(4, n, "gpu", 1, 64, n_gpus=4).device for n in range(6)] == [
+        0,
+        1,
+        2,
+        3,
+        0,
+        1,
+    ]
+    assert plan_joblib_job(2, 3, "auto", 1, 64, n_gpus=2).device == 1  # auto on a GPU machine
+    assert plan_joblib_job(2, 3, "cpu", 1, 64, n_gpus=2).device is None
+    assert plan_joblib_job(2, 3, "gpu", 1, 64, n_gpus=1).device is None  # one GPU: nothing to pick
+    assert plan_joblib_job(2, 3, "gpu", 2, 64, n_gpus=4).device is None  # asks for two: kept
+    assert plan_joblib_job(2, 3, "gpu", [2], 64, n_gpus=4).device is None  # a chosen one: kept
+
+
+def test_a_busy_gpu_sends_the_job_to_a_free_one(tmp_path: Path) -> None:
+    """Jobs end out of order: job 2 may start while job 0's neighbour still holds GPU 0. Each
+    claim below opens its own lock, as another worker process would."""
+    from ad_lightning import launcher_env
+
+    held = []
+    try:
+        for expected in (0, 1, 2):
+            assert claim_device(tmp_path / "locks", n_gpus=3, preferred=0) == expected
+            held.append(launcher_env._held.pop(str(tmp_path / "locks")))
+        assert claim_device(tmp_path / "locks", n_gpus=3, preferred=1) == 1  # all busy: shared
+        os.close(held.pop(0)[1])  # the worker on GPU 0 ends
+        launcher_env._held.pop(str(tmp_path / "locks"), None)
+        assert claim_device(tmp_path / "locks", n_gpus=3, preferred=2) == 0
+        # a worker keeps its device for all its jobs
+        assert claim_device(tmp_path / "locks", n_gpus=3, preferred=1) == 0
+    finally:
+        for _, fd in held + [launcher_env._held.pop(str(tmp_path / "locks"), (0, -1))]:
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_slurm_preset_ties_tasks_and_gpus_to_the_trainer() -> None:
+    cfg = launcher_cfg(
+        "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2"
+    )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (8, 8, 2)
+    assert {"partition", "account", "setup"} <= set(launcher)
+    one = launcher_cfg("hydra/launcher=slurm", "trainer=gpu").hydra.launcher
+    assert (one.tasks_per_node, one.gpus_per_node, one.nodes) == (1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ((), "trainer.accelerator=cpu: add trainer=gpu"),  # the default trainer is cpu
+        (("trainer=ddp",), "trainer.devices=-1: a SLURM job needs the device count"),
+    ],
+)
+def test_slurm_preset_refuses_what_would_waste_or_hang_a_job(
+    overrides: tuple[str, ...], message: str
+) -> None:
+    cfg = launcher_cfg("hydra/launcher=slurm", *overrides)
+    with pytest.raises(InterpolationResolutionError, match=re.escape(message)):
+        _ = cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.tasks_per_node
+
+
+def test_slurm_job_stops_when_tasks_differ_from_devices() -> None:
+    check_slurm_tasks(4, 4)
+    check_slurm_tasks(2, [0, 1])
+    with pytest.raises(ValueError, match="tasks_per_node == trainer.devices"):
+        check_slurm_tasks(1, 4)
+
+
+def sweep_then_report(sweep: Path, launcher: str, *extra: str, jobs: int = 4) -> list[dict]:
+    """A sweep of `jobs` seeds through `launcher`, every job finished, and the report's table
+    of them."""
+    env = os.environ | {"WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "run.py", "-m", f"hydra/launcher={launcher}", *extra, *TINY]
+    seeds = list(range(jobs))
+    cmd += [f"seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((sweep / str(n) / "results.json").read_text()) for n in seeds]
+    assert [r["status"] for r in results] == ["finished"] * jobs
+    assert sorted(r["config"]["seed"] for r in results) == seeds
+    report = subprocess.run(
+        [sys.executable, "-m", "ad_lightning.report", f"folders=[{sweep}]"]
+        + ["rows=seed", "cols=model", "wandb=false"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    assert f"image_auroc ({jobs} runs)" in report.stdout
+    rows = [line.split("|")[1].strip() for line in report.stdout.splitlines() if "|" in line]
+    assert set(map(str, seeds)) <= set(rows)
+    return results
+
+
+@pytest.mark.slow
+def test_joblib_sweep_runs_two_jobs_at_a_time_each_with_its_thread_share(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    sweep_then_report(sweep, "joblib", "hydra.launcher.n_jobs=2")
+    share = max(1, cpu_count() // 2)
+    for n in range(4):  # each job says so in its log (run.log in its folder)
+        assert f"joblib job {n}: {share} torch threads" in (sweep / str(n) / "run.log").read_text()
+
+
+@pytest.mark.slow
+def test_slurm_job_shape_runs_through_submitits_local_executor(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    # two jobs: the local executor starts every job at once, each a fresh Python process
+    sweep_then_report(sweep, "slurm_local", jobs=2)
+    # submitit ran each job as its own process, with its own logs
+    assert len(list((sweep / ".submitit").glob("*/*_0_log.out"))) == 2
