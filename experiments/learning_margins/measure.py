@@ -35,7 +35,7 @@ def measure(seeds: list[int], out: Path, python: str, mark: str = "learning") ->
             "pytest",
             "-q",
             "-m",
-            "learning",
+            mark,
             "-p",
             "no:cacheprovider",
             "--durations=30",
