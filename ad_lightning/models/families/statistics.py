@@ -11,6 +11,7 @@ without N ranks repeating the same selection on N copies of all rows (`fit_on_ra
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ad_lightning.models.base import AnomalyModule
+
+log = logging.getLogger(__name__)
 
 
 class ResizableBuffers(nn.Module):
@@ -159,6 +162,11 @@ class StatisticsModule(AnomalyModule):
         index = gather_rows_to_rank_zero(self, torch.cat(self._indices))
         self._collected, self._indices = [], []
         if rows is not None:  # rank 0 (or one process) fits once
-            self.finalise(drop_padding_duplicates(rows, index))
+            rows = drop_padding_duplicates(rows, index)
+            self.finalise(rows)
+            rank, world = _world(self)
+            log.info(
+                "%s fitted on %d rows on rank %d of %d", type(self).__name__, len(rows), rank, world
+            )
         broadcast_fitted_state(self, self)
         self.trainer.should_stop = True
