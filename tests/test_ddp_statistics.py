@@ -137,3 +137,35 @@ def test_feature_store_is_computed_in_shares_and_spilled_per_rank(
         torch.testing.assert_close(
             seen["train"], reference.stores["train"].features, rtol=1e-3, atol=1e-2
         )
+
+
+@pytest.mark.slow
+def test_cpcae_knn_bank_fitted_on_rank_zero_scores_like_one_process(tmp_path: Path) -> None:
+    """CPCAE trained briefly in one process, its checkpoint tested on 2 gloo ranks (test_only):
+    the kNN bank is refitted for the loaded weights from both ranks' shares of the training
+    images, on rank 0 alone (one 'kNN scorer fitted' line in both ranks' logs), broadcast, and
+    every test image scores as one process scores it."""
+    common = [
+        "run.py",
+        "model=cpcae",
+        "data=synthetic",
+        "data.category=object",
+        "data.image_size=64",
+        "model.work_size=64",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+    ]
+    run([*common, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'one'}"])
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    ddp.append("trainer.sync_batchnorm=false")  # see the module docstring
+    run([*common, *ddp, f"test_only={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'hydra'}"])
+    rescore = tmp_path / "one" / "rescore-1"
+    # both ranks log into the Hydra folder: run.log (rank 0), train_ddp_process_1.log (rank 1)
+    logs = (tmp_path / "hydra" / "run.log").read_text()
+    logs += (tmp_path / "hydra" / "train_ddp_process_1.log").read_text()
+    fitted = [line for line in logs.splitlines() if "kNN scorer fitted" in line]
+    assert len(fitted) == 1, fitted
+    one, two = scores(tmp_path / "one"), scores(rescore)
+    assert one.keys() == two.keys() and one
+    for path, values in one.items():
+        assert two[path] == pytest.approx(values, rel=1e-4, abs=1e-5), path

@@ -155,8 +155,11 @@ class CPCAE(SingleObjective, AutoencoderModule):
         for batch in training_images(self, shard=True):
             rows.append(self.embed(self.anomaly_map(batch["image"])[0]))
         # under DDP: rows gathered on rank 0, fitted there, the bank broadcast to every rank
-        fit_on_rank_zero(self, torch.cat(rows), self.scorer.fit, self.scorer)
+        fit_on_rank_zero(self, torch.cat(rows), self._fit_scorer, self.scorer)
         self.train(was_training)
+
+    def _fit_scorer(self, embeddings: torch.Tensor) -> None:
+        self.scorer.fit(embeddings)
         log.info(
             "CPCAE: kNN scorer fitted on %d training embeddings of size %d", *self.scorer.bank.shape
         )
