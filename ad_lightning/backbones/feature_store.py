@@ -7,6 +7,12 @@ split and keeps the features in fp16, in memory up to a budget and beyond it in 
 file in the run folder. `FeatureDataModule` wraps any image DataModule so that its training and
 validation batches carry `features` instead of `image` during fit; the test split (and the
 validation split scored after fit) stays images, since scoring measures the path from pixels.
+
+Under DDP the backbone pass is sharded: rank r computes the features of images r, r + W, ...
+(W ranks), and each batch of features is all-gathered, so the pass costs 1/W of the time per
+rank. Every rank then holds all rows, because DistributedSampler deals each rank a different
+share of the shuffled training images every epoch. A spilled store is one file per rank
+(`train.rank1.npy`), so no rank opens, truncates or writes another rank's file.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.data.sampling import training_batches
+from ad_lightning.distributed import all_gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,30 @@ class FeatureStore:
         return row if isinstance(row, torch.Tensor) else torch.from_numpy(np.array(row))
 
     @classmethod
+    def allocate(
+        cls, n: int, row_shape: tuple[int, ...], memory_bytes: int, spill_path: Path
+    ) -> FeatureStore:
+        """Empty fp16 rows: in memory within the budget, else a memory-mapped file of its own."""
+        shape = (n, *row_shape)
+        nbytes = int(np.prod(shape)) * 2
+        if nbytes <= memory_bytes:
+            return cls(torch.empty(shape, dtype=torch.float16))
+        spill_path.parent.mkdir(parents=True, exist_ok=True)
+        log.info(
+            "feature store: %.2f GB > budget %.2f GB, memory-mapped at %s",
+            nbytes / 2**30,
+            memory_bytes / 2**30,
+            spill_path,
+        )
+        return cls(np.lib.format.open_memmap(spill_path, mode="w+", dtype=np.float16, shape=shape))
+
+    def write(self, index: torch.Tensor, feats: torch.Tensor) -> None:
+        if isinstance(self.features, torch.Tensor):
+            self.features[index] = feats
+        else:
+            self.features[index.numpy()] = feats.numpy()
+
+    @classmethod
     @torch.no_grad()
     def build(
         cls,
@@ -57,39 +88,42 @@ class FeatureStore:
         memory_bytes: int,
         spill_path: Path,
         device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> FeatureStore:
-        """One backbone pass over `loader` (unshuffled, so batch order = dataset index order)."""
-        n = len(loader.dataset)
-        store: torch.Tensor | np.memmap | None = None
-        for batch in loader:
-            images = batch["image"].to(device)
-            feats = extractor(images).half().cpu()
-            if store is None:
-                shape = (n, *feats.shape[1:])
-                nbytes = int(np.prod(shape)) * 2
-                if nbytes <= memory_bytes:
-                    store = torch.empty(shape, dtype=torch.float16)
-                else:
-                    spill_path.parent.mkdir(parents=True, exist_ok=True)
-                    log.info(
-                        "feature store: %.2f GB > budget %.2f GB, memory-mapped at %s",
-                        nbytes / 2**30,
-                        memory_bytes / 2**30,
-                        spill_path,
-                    )
-                    store = np.lib.format.open_memmap(
-                        spill_path, mode="w+", dtype=np.float16, shape=shape
-                    )
-            index = torch.as_tensor(batch["index"]).long()
-            if isinstance(store, torch.Tensor):
-                store[index] = feats
-            else:
-                store[index.numpy()] = feats.numpy()
+        """One backbone pass over `loader`'s dataset, rows by dataset index.
+
+        With world_size > 1 this rank runs the backbone on its share (every world_size-th
+        image from `rank`) and receives the other shares' features batch by batch, so all
+        ranks must call it together; `spill_path` must then be this rank's own file."""
+        dataset = loader.dataset
+        n = len(dataset)
+        if world_size > 1:
+            share = Subset(dataset, list(range(rank, n, world_size)))
+            loader = DataLoader(share, batch_size=loader.batch_size, num_workers=loader.num_workers)
+        # every rank takes part in every exchange, also after its own share ran out
+        steps = max(all_gather_objects(len(loader))) if world_size > 1 else len(loader)
+        batches = iter(loader)
+        store: FeatureStore | None = None
+        for _ in range(steps):
+            batch = next(batches, None)
+            mine = None
+            if batch is not None:
+                feats = extractor(batch["image"].to(device)).half().cpu()
+                mine = (torch.as_tensor(batch["index"]).long(), feats)
+            parts = all_gather_objects(mine) if world_size > 1 else [mine]
+            for part in parts:
+                if part is None:
+                    continue
+                index, feats = part
+                if store is None:
+                    store = cls.allocate(n, tuple(feats.shape[1:]), memory_bytes, spill_path)
+                store.write(index, feats)
         if store is None:
             raise ValueError("feature store: the split is empty")
-        if isinstance(store, np.memmap):
-            store.flush()
-        return cls(store)
+        if isinstance(store.features, np.memmap):
+            store.features.flush()
+        return store
 
 
 class StoredFeatures(Dataset):
@@ -146,6 +180,18 @@ class FeatureDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
+    def _rank(self) -> tuple[int, int]:
+        """(global rank, world size) of this process; (0, 1) outside DDP."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def spill_path(self, split: str) -> Path:
+        """One file per split and rank: ranks never share (and so never truncate) a file."""
+        rank, world = self._rank()
+        return self.spill_dir / (f"{split}.npy" if world == 1 else f"{split}.rank{rank}.npy")
+
     def prepare_data(self) -> None:
         self.images.prepare_data()
 
@@ -164,7 +210,7 @@ class FeatureDataModule(pl.LightningDataModule):
             if loader is None:
                 continue
             store = FeatureStore.build(
-                self.extractor, loader, budget, self.spill_dir / f"{split}.npy", device
+                self.extractor, loader, budget, self.spill_path(split), device, *self._rank()
             )
             budget = max(0, budget - store.nbytes) if store.in_memory else budget
             self.stores[split] = store

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.checks import choice
 from ad_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ad_lightning.distributed import gather_rows
 from ad_lightning.models.base import Scores, SingleObjective
 from ad_lightning.models.families.autoencoder import AutoencoderModule
+from ad_lightning.models.families.statistics import fit_on_rank_zero
 from ad_lightning.models.families.training_images import training_images
 from ad_lightning.models.knn import KNNScorer
 from ad_lightning.nn.cpcae import ConditionalPatchAE
@@ -154,8 +154,12 @@ class CPCAE(SingleObjective, AutoencoderModule):
         rows = []
         for batch in training_images(self, shard=True):
             rows.append(self.embed(self.anomaly_map(batch["image"])[0]))
-        self.scorer.fit(gather_rows(self, torch.cat(rows)))
+        # under DDP: rows gathered on rank 0, fitted there, the bank broadcast to every rank
+        fit_on_rank_zero(self, torch.cat(rows), self._fit_scorer, self.scorer)
         self.train(was_training)
+
+    def _fit_scorer(self, embeddings: torch.Tensor) -> None:
+        self.scorer.fit(embeddings)
         log.info(
             "CPCAE: kNN scorer fitted on %d training embeddings of size %d", *self.scorer.bank.shape
         )

@@ -2,17 +2,27 @@
 
 PaDiM, PatchCore, the deep-feature kNN and the classic baselines share the pass
 (`StatisticsModule`) and buffers whose shapes are only known once fitted (`ResizableBuffers`).
+
+Under DDP each rank collects the rows of its share; the rows go to rank 0 alone, which runs
+the fit (PatchCore's coreset selection, PaDiM's covariances and their inverses, a kNN bank's
+standardisation) once, and broadcasts the fitted buffers, so every rank holds the same bank
+without N ranks repeating the same selection on N copies of all rows (`fit_on_rank_zero`).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ad_lightning.distributed import gather_rows
 from ad_lightning.models.base import AnomalyModule
+
+log = logging.getLogger(__name__)
 
 
 class ResizableBuffers(nn.Module):
@@ -32,12 +42,81 @@ class ResizableBuffers(nn.Module):
         """Drop caches derived from the buffers."""
 
 
+def _world(module: pl.LightningModule) -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside DDP."""
+    trainer = module._trainer
+    if trainer is None or trainer.world_size == 1 or not dist.is_initialized():
+        return 0, 1
+    return trainer.global_rank, trainer.world_size
+
+
+def gather_rows_to_rank_zero(module: pl.LightningModule, rows: torch.Tensor) -> torch.Tensor | None:
+    """All ranks' [n_r, ...] rows concatenated in rank order on rank 0, None on the others
+    (a gather, not an all-gather: only the rank that fits holds all rows)."""
+    rank, world = _world(module)
+    if world == 1:
+        return rows
+    counts = module.all_gather(torch.tensor(len(rows), device=rows.device)).reshape(-1)
+    padded = rows.new_zeros(int(counts.max()), *rows.shape[1:])
+    padded[: len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, parts, dst=0)
+    if rank != 0:
+        return None
+    return torch.cat([part[: int(n)] for part, n in zip(parts, counts, strict=True)])
+
+
+def broadcast_fitted_state(module: pl.LightningModule, holder: nn.Module) -> None:
+    """Copy `holder`'s buffers (a fitted bank, Gaussians...) from rank 0 to every rank; the
+    receivers resize theirs (`ResizableBuffers`) and drop caches derived from the old ones.
+    Parameters and the frozen backbone are the same on every rank already and stay out."""
+    rank, world = _world(module)
+    if world == 1:
+        return
+    state = None
+    if rank == 0:
+        params = {name for name, _ in holder.named_parameters()}
+        state = {
+            k: v.detach().cpu()
+            for k, v in holder.state_dict().items()
+            if k not in params and not k.startswith("backbone.")
+        }
+    state = module.trainer.strategy.broadcast(state, src=0)
+    if rank != 0:
+        holder.load_state_dict(state, strict=False)
+
+
+def fit_on_rank_zero(
+    module: pl.LightningModule,
+    rows: torch.Tensor,
+    fit: Callable[[torch.Tensor], None],
+    holder: nn.Module,
+) -> None:
+    """Gather this rank's `rows` to rank 0, `fit(all rows)` there once, and broadcast
+    `holder`'s fitted buffers to the other ranks. On one process: `fit(rows)`."""
+    gathered = gather_rows_to_rank_zero(module, rows)
+    if gathered is not None:
+        fit(gathered)
+    broadcast_fitted_state(module, holder)
+
+
+def drop_padding_duplicates(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by dataset index with the repeats DistributedSampler pads with dropped
+    (rows without an index, -1, are all kept)."""
+    order = torch.argsort(index, stable=True)
+    rows, index = rows[order], index[order]
+    keep = torch.ones_like(index, dtype=torch.bool)
+    keep[1:] = (index[1:] != index[:-1]) | (index[1:] < 0)
+    return rows[keep]
+
+
 class StatisticsModule(AnomalyModule):
     """Family base: a method whose 'training' collects statistics of the normal images in one pass.
 
     training_step hands each batch to `collect`; at epoch end the collected rows of all
-    DDP ranks are gathered, the duplicates DistributedSampler pads with are dropped (by
-    dataset index), and `finalise` turns the rows into buffers. No optimiser, and the
+    DDP ranks are gathered on rank 0, the duplicates DistributedSampler pads with are dropped
+    (by dataset index), `finalise` turns the rows into buffers there, and those buffers are
+    broadcast to the other ranks. No optimiser, and the
     fit stops after that one pass whatever trainer.max_epochs says (more passes would
     only collect the same statistics again).
     """
@@ -79,12 +158,15 @@ class StatisticsModule(AnomalyModule):
         )
 
     def on_train_epoch_end(self) -> None:
-        rows = gather_rows(self, torch.cat(self._collected))
-        index = gather_rows(self, torch.cat(self._indices))
+        rows = gather_rows_to_rank_zero(self, torch.cat(self._collected))
+        index = gather_rows_to_rank_zero(self, torch.cat(self._indices))
         self._collected, self._indices = [], []
-        order = torch.argsort(index, stable=True)
-        rows, index = rows[order], index[order]
-        keep = torch.ones_like(index, dtype=torch.bool)
-        keep[1:] = (index[1:] != index[:-1]) | (index[1:] < 0)
-        self.finalise(rows[keep])
+        if rows is not None:  # rank 0 (or one process) fits once
+            rows = drop_padding_duplicates(rows, index)
+            self.finalise(rows)
+            rank, world = _world(self)
+            log.info(
+                "%s fitted on %d rows on rank %d of %d", type(self).__name__, len(rows), rank, world
+            )
+        broadcast_fitted_state(self, self)
         self.trainer.should_stop = True
