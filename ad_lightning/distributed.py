@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import pytorch_lightning as pl
-import torch
 import torch.distributed as dist
 from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
@@ -34,19 +32,6 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src)
-
-
-def gather_rows(module: pl.LightningModule, rows: torch.Tensor) -> torch.Tensor:
-    """Concatenate [n_r, ...] tensors of all DDP ranks (n_r may differ), through the
-    strategy's collective (on the module's device); identity on one process."""
-    trainer = module._trainer
-    if trainer is None or trainer.world_size == 1:
-        return rows
-    counts = module.all_gather(torch.tensor(len(rows), device=rows.device)).reshape(-1)
-    padded = rows.new_zeros(int(counts.max()), *rows.shape[1:])
-    padded[: len(rows)] = rows
-    parts = module.all_gather(padded)  # [world, n_max, ...]
-    return torch.cat([part[: int(n)] for part, n in zip(parts, counts, strict=True)])
 
 
 #: the BatchNorm classes synchronised exactly; subclasses (timm's BatchNormAct2d) carry more

@@ -4,10 +4,8 @@ feature store and the frozen backbones: what one process computes, two ranks com
 Every run is a subprocess: Lightning's DDP launcher starts rank 1 by re-running the command
 (run.py, or tests/ddp_probe.py), which under pytest would re-run pytest.
 
-`trainer.sync_batchnorm=false` / `sync_batchnorm=False` throughout: `trainer=ddp` sets it true,
-and on the CPU Lightning's conversion stops with "SyncBatchNorm layers only work with GPU
-modules" until the LayerSync plugin that converts only trainable modules lands (ddpgrad helper,
-ad_lightning/distributed.py). Then the features test should also run with sync_batchnorm=True.
+`trainer=ddp` runs as configured: its LayerSync plugin (ad_lightning.distributed.
+TrainableSyncBatchNorm) never converts a frozen backbone, and converts nothing on the CPU.
 """
 
 from __future__ import annotations
@@ -67,7 +65,6 @@ def test_statistics_method_under_ddp_scores_like_one_process(method: str, tmp_pa
         "trainer.enable_progress_bar=false",
     ]
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-    ddp.append("trainer.sync_batchnorm=false")  # see the module docstring
     run([*common, f"hydra.run.dir={tmp_path / 'one'}"])
     run([*common, *ddp, f"hydra.run.dir={tmp_path / 'ddp'}"])
     logs = (tmp_path / "ddp" / "run.log").read_text()
@@ -157,7 +154,6 @@ def test_cpcae_knn_bank_fitted_on_rank_zero_scores_like_one_process(tmp_path: Pa
     ]
     run([*common, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'one'}"])
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-    ddp.append("trainer.sync_batchnorm=false")  # see the module docstring
     run([*common, *ddp, f"test_only={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'hydra'}"])
     rescore = tmp_path / "one" / "rescore-1"
     # both ranks log into the Hydra folder: run.log (rank 0), train_ddp_process_1.log (rank 1)
