@@ -1,6 +1,7 @@
 """DDP for the gradient-trained families: BatchNorm sync that spares frozen backbones, and one
 representative method per family (from the registry) trained end to end from run.py on 2 gloo
-ranks: it finishes, learns, and both ranks end with the same weights."""
+ranks: it finishes, learns, and both ranks end with the same weights; DPAE's prototypes (buffers
+that DDP does not average) stay identical across ranks."""
 
 from __future__ import annotations
 
