@@ -28,8 +28,12 @@ run: $(STAMP)
 	$(BIN)/python run.py -m experiment=quickstart data.category=texture,object
 	$(BIN)/python -m ad_lightning.report "$$(ls -td outputs/multirun/*/ | head -1)" metric=image_auroc rows=data.category cols=model
 
+# two pytest workers, one per core (each test process runs torch on one thread: tests/conftest.py);
+# a file's tests stay on one worker, so module fixtures are built once
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --durations=10
+	$(BIN)/python -m pytest -q -x $(PYTEST_PARALLEL) --durations=10
 
 # the suite without the tests marked slow (those that train for more than a few seconds)
 test-fast: $(STAMP)
@@ -47,7 +51,7 @@ latest-venv:
 test-latest: LATEST_PIP := PIP_CONFIG_FILE=/dev/null
 test-latest: latest-venv
 	$(LATEST)/bin/python -c "import torch, pytorch_lightning, timm, numpy; print('torch', torch.__version__, 'lightning', pytorch_lightning.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__)"
-	$(LATEST)/bin/python -m pytest -q --durations=10
+	$(LATEST)/bin/python -m pytest -q $(PYTEST_PARALLEL) --durations=10
 
 # re-resolve to the newest versions this machine's pip installs (its configuration applies, so
 # `make install` can install the lock here) and write them to the lock; then `make test`
