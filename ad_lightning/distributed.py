@@ -11,8 +11,6 @@ from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 from typing_extensions import override
 
-from ad_lightning.backbones.features import FeatureExtractor
-
 log = logging.getLogger(__name__)
 
 
@@ -44,13 +42,9 @@ def _is_trainable(module: nn.Module) -> bool:
 
 
 def _frozen_roots(model: nn.Module) -> list[str]:
-    """Names of the subtrees never synchronised: frozen feature extractors and modules with no
-    trainable parameter (their BatchNorms run on fixed statistics)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if name and (isinstance(module, FeatureExtractor) or not _is_trainable(module))
-    ]
+    """Names of the subtrees never synchronised: modules with no trainable parameter, frozen
+    feature extractors among them (their BatchNorms run on fixed statistics)."""
+    return [name for name, module in model.named_modules() if name and not _is_trainable(module)]
 
 
 def _runs_on_cpu(model: nn.Module) -> bool:
