@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,21 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def run_py(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` from the repository root in a process of its own (what DDP needs:
+    Lightning starts the other ranks by re-running the command), W&B offline, one torch thread."""
+    env = os.environ | {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "run.py", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

@@ -6,9 +6,6 @@ that DDP does not average) stay identical across ranks."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import ad_lightning.distributed as distributed
 from ad_lightning.backbones import FeatureExtractor
 from ad_lightning.distributed import TrainableSyncBatchNorm
 from ad_lightning.models.registry import list_methods, method_info
+from tests.conftest import run_py
 
 ROOT = Path(__file__).resolve().parents[1]
 GRADIENT_FAMILIES = ("feature_reconstruction", "autoencoder", "gan")
@@ -150,18 +148,6 @@ COMMON = ["data.image_size=32", "data.category=object", *RUN]
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    env = os.environ | {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "run.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 class RankWeights(pl.Callback):
     """Saves each rank's state at the start and the end of fit and at the start of test
     (start<r>.pt, end<r>.pt, test<r>.pt in `folder`): {"parameters": ..., "buffers": ...}.
@@ -212,7 +198,7 @@ def test_gradient_family_trains_under_ddp(family: str, tmp_path: Path) -> None:
     learning = LEARNING[family]
     args = [f"model={representative(family)}", *RUN, *learning.args]
     probe = "+callbacks.rank_weights._target_=tests.test_ddp_gradient.RankWeights"
-    ddp = _run(
+    ddp = run_py(
         [
             *args,
             *DDP,
@@ -232,7 +218,7 @@ def test_gradient_family_trains_under_ddp(family: str, tmp_path: Path) -> None:
     )
     assert_same(end[0], end[1])
     assert any(not torch.equal(start[0][k], end[0][k]) for k in end[0])  # it trained
-    control = _run([*args, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'control'}"])
+    control = run_py([*args, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'control'}"])
     assert control.returncode == 0, control.stderr[-3000:]
     untrained = json.loads((tmp_path / "control" / "results.json").read_text())["metrics"]
     trained = saved["metrics"]
@@ -246,7 +232,7 @@ def test_gradient_family_trains_under_ddp(family: str, tmp_path: Path) -> None:
 def test_sweep_with_lightning_started_ranks_stops_at_once(tmp_path: Path) -> None:
     """-m with trainer=ddp on 2 devices: every rank Lightning starts would re-run the sweep; the
     run stops before building anything, naming the launchers to use."""
-    proc = _run(
+    proc = run_py(
         [
             "-m",
             "model=ae",
@@ -267,7 +253,7 @@ def test_dpae_prototypes_agree_across_ranks(tmp_path: Path) -> None:
     all-reduced batch means: run.py fit + test on 2 gloo ranks finishes, and both ranks end fit
     with the same weights and the same moved v_p, v_p_hat, and score with the same state."""
     weights = tmp_path / "weights"
-    proc = _run(
+    proc = run_py(
         [
             "model=dpae",
             *COMMON,

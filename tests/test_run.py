@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 
 from ad_lightning.models.base import DivergenceError
 from ad_lightning.train import run
+from tests.conftest import run_py
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -226,7 +227,6 @@ def test_ddp_on_two_cpu_processes_scores_like_one_process(tmp_path: Path) -> Non
 def test_ddp_scores_a_gradient_trained_model_like_one_process(tmp_path: Path) -> None:
     """Skip-DFR trained in one process, then its checkpoint tested on 2 gloo ranks
     (test_only): each test image is scored once and exactly as one process scores it."""
-    env = os.environ | {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     common = [
         "data.image_size=64",
         "data.category=object",
@@ -244,14 +244,7 @@ def test_ddp_scores_a_gradient_trained_model_like_one_process(tmp_path: Path) ->
         f"hydra.run.dir={tmp_path / 'ddp_hydra'}",
     ]
     for args in (train, ddp):
-        proc = subprocess.run(
-            [sys.executable, "run.py", *args],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = run_py(args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         if args is train:
             single = _scores_by_path(tmp_path / "single", "residual_max")
