@@ -1,0 +1,297 @@
+"""Skip-DFR ablation on the shared real categories, on cached backbone features.
+
+The backbone is frozen, so its block maps of every train / validation / test image are
+computed once per category (the pipeline's DataModule, split and transforms, seed 0) and
+cached; each variant then trains only the AE and scores from the cache, which makes a cell
+of the ablation table cost the AE's training instead of a whole run. The protocol follows
+`python run.py model=skip_dfr`: standardisation from training features, Adam on random
+batches of the training features, the checkpoint with the lowest validation loss (checked
+once per epoch), combined-distance scales from the validation maps, maps upsampled to the
+image and smoothed, pixel AUROC over the test masks as the loader gives them.
+
+    python experiments/skip_dfr/ablate.py cache                       # once per machine
+    python experiments/skip_dfr/ablate.py run NAME key=value ...      # one variant, 3 categories
+    python experiments/skip_dfr/ablate.py table                       # every variant run so far
+
+Results: outputs/skip_dfr_ablation/<NAME>.json (one row per category).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from ad_lightning.metrics.evaluator import pixel_auroc
+from ad_lightning.models.skip_dfr import widths_for
+from ad_lightning.nn.skip_ae import SkipAutoencoder
+from ad_lightning.nn.smoothing import upsample_and_smooth
+from torchmetrics.functional.classification import binary_auroc
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "datasets"
+OUT = ROOT / "outputs" / "skip_dfr_ablation"
+CATEGORIES = {
+    "tire": "mvtec3d_rgb",
+    "juice_bottle": "mvtec_loco_partial",
+    "magnetic_tile": "magnetic_tile",
+}
+
+DEFAULTS: dict[str, Any] = {
+    "steps": 1000,  # Adam steps
+    "batch": 8,
+    "lr": 1e-3,
+    "feature_size": 32,
+    "pool": 0,  # k x k average pooling of each block's map before resizing (0 = off)
+    "width_ratio": 0.5,
+    "skips": "partial",
+    "noise": 0.0,  # training-only Gaussian noise on the AE input, in standardised units
+    "hard_mining": 0.0,  # fraction of best-reconstructed positions whose loss is down-weighted x0.1
+    "norm": "mean",  # combined-distance parts over their validation mean | quantile (q0.9..q0.995)
+    "distance": "combined",
+    "sigma": 4.0,
+    "global_weight": 0.0,  # weight of a Mahalanobis score of pooled features (0 = off)
+    "seed": 0,
+}
+
+
+# ---- caching --------------------------------------------------------------------------------
+def cache(category: str) -> Path:
+    path = OUT / "cache" / f"{category}.pt"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            [
+                "model=skip_dfr",
+                "data=folder",
+                f"data.root={DATA / CATEGORIES[category]}",
+                f"data.category={category}",
+                "data.num_workers=0",
+            ],
+        )
+    torch.manual_seed(0)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    backbone = instantiate(cfg.backbone).eval()
+    out: dict[str, Any] = {}
+    for split, loader in (
+        ("train", dm.train_eval_dataloader()),
+        ("val", dm.val_dataloader()),
+        ("test", dm.test_dataloader()),
+    ):
+        blocks: list[list[torch.Tensor]] = []
+        labels, masks = [], []
+        start = time.perf_counter()
+        for batch in loader:
+            with torch.no_grad():
+                x = batch["image"].contiguous(memory_format=torch.channels_last)
+                maps = backbone.net(x)
+            blocks.append([m.float().contiguous() for m in maps])
+            labels.append(torch.as_tensor(batch["label"]))
+            masks.extend(m.bool() for m in batch["mask"])
+        out[split] = {
+            "blocks": [torch.cat([b[i] for b in blocks]) for i in range(len(blocks[0]))],
+            "labels": torch.cat(labels),
+            "masks": masks if split == "test" else None,
+            "seconds": time.perf_counter() - start,
+            "image_hw": tuple(batch["image"].shape[-2:]),
+        }
+        print(category, split, [tuple(b.shape) for b in out[split]["blocks"]], flush=True)
+    torch.save(out, path)
+    return path
+
+
+# ---- one variant ----------------------------------------------------------------------------
+def features(blocks: list[torch.Tensor], size: int, pool: int) -> torch.Tensor:
+    maps = []
+    for m in blocks:
+        if pool > 1:
+            m = F.avg_pool2d(m, pool, 1, pool // 2, count_include_pad=False)
+        if m.shape[-1] != size:
+            m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
+        maps.append(m)
+    return torch.cat(maps, 1)
+
+
+def parts(rec: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """[2, B, h, w]: l2 and cosine residual."""
+    l2 = (rec - feats).pow(2).sum(1).sqrt()
+    cos = 1 - F.cosine_similarity(rec, feats, dim=1, eps=1e-6)
+    return torch.stack([l2, cos])
+
+
+def batched(ae: torch.nn.Module, feats: torch.Tensor, n: int = 64) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([parts(ae(feats[i : i + n]), feats[i : i + n]) for i in range(0, len(feats), n)], 1)
+
+
+def loss_fn(rec: torch.Tensor, feats: torch.Tensor, hard: float) -> torch.Tensor:
+    err = (rec - feats).pow(2)
+    if hard <= 0:
+        return err.mean()
+    pos = err.mean(1)  # [B, h, w]
+    cut = torch.quantile(pos.detach().flatten(), hard)
+    weight = torch.where(pos.detach() >= cut, 1.0, 0.1)
+    return (pos * weight).sum() / weight.sum()
+
+
+def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
+    data = torch.load(cache(category), weights_only=False)
+    torch.manual_seed(p["seed"])
+    t0 = time.perf_counter()
+    train, val, test = (features(data[s]["blocks"], p["feature_size"], p["pool"]) for s in ("train", "val", "test"))
+    stats = train[:512].double().transpose(0, 1).flatten(1)
+    mean, std = stats.mean(1).float(), stats.std(1, unbiased=False).float()
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    train, val, test = ((f - mean[:, None, None]) / std[:, None, None] for f in (train, val, test))
+    c = train.shape[1]
+    ae = SkipAutoencoder(c, widths_for(c, p["width_ratio"], 3), p["skips"])
+    opt = torch.optim.Adam(ae.parameters(), lr=p["lr"])
+    per_epoch = math.ceil(len(train) / p["batch"])
+    best, best_state, step = math.inf, None, 0
+    gen = torch.Generator().manual_seed(p["seed"])
+    while step < p["steps"]:
+        ae.train()
+        order = torch.randperm(len(train), generator=gen)
+        for i in range(0, len(train), p["batch"]):
+            x = train[order[i : i + p["batch"]]]
+            if len(x) < 2:
+                continue
+            noisy = x + p["noise"] * torch.randn_like(x) if p["noise"] > 0 else x
+            loss = loss_fn(ae(noisy), x, p["hard_mining"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= p["steps"]:
+                break
+        ae.eval()
+        with torch.no_grad():
+            vloss = float(sum(F.mse_loss(ae(val[i : i + 64]), val[i : i + 64], reduction="sum") for i in range(0, len(val), 64)) / val.numel())
+        if vloss < best:
+            best, best_state = vloss, {k: v.clone() for k, v in ae.state_dict().items()}
+    ae.load_state_dict(best_state)
+    ae.eval()
+    fit_s = time.perf_counter() - t0
+    hw = data["test"]["image_hw"]
+
+    def maps_of(feats: torch.Tensor) -> torch.Tensor:
+        pr = batched(ae, feats)
+        if p["distance"] != "combined":
+            grid = pr[0 if p["distance"] == "l2" else 1]
+        else:
+            grid = (pr - ref_low[:, None, None, None]) / ref_scale[:, None, None, None]
+            grid = grid.sum(0)
+        return torch.cat([upsample_and_smooth(grid[i : i + 32], hw, p["sigma"]) for i in range(0, len(grid), 32)])
+
+    vparts = batched(ae, val)
+    if p["norm"] == "mean":
+        ref_low = torch.zeros(2)
+        ref_scale = vparts.double().mean((1, 2, 3)).float()
+    else:  # quantiles of the (upsampled, smoothed) normal validation part maps
+        ups = torch.stack([torch.cat([upsample_and_smooth(vparts[j, i : i + 32], hw, p["sigma"]) for i in range(0, vparts.shape[1], 32)]) for j in range(2)])
+        flat = ups.flatten(1)
+        sample = flat[:, torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(0))[:2_000_000]]
+        q = torch.quantile(sample, torch.tensor([0.9, 0.995]), dim=1)  # [2 quantiles, 2 parts]
+        ref_low, ref_scale = q[0], (q[1] - q[0]).clamp_min(1e-8)
+    t1 = time.perf_counter()
+    test_maps = maps_of(test)
+    val_maps = maps_of(val)
+    infer_ms = 1000 * (time.perf_counter() - t1) / (len(test) + len(val))
+    labels = data["test"]["labels"]
+    flat = test_maps.flatten(1)
+    k1 = max(1, flat.shape[1] // 100)
+    k01 = max(1, flat.shape[1] // 1000)
+    scores = {
+        "max": flat.amax(1),
+        "mean": flat.mean(1),
+        "top1pct": flat.topk(k1, 1).values.mean(1),
+        "top01pct": flat.topk(k01, 1).values.mean(1),
+    }
+    if p["global_weight"] > 0:
+        g = global_scores(data, mean, std)
+        vflat = val_maps.flatten(1).amax(1)
+        zmap = (scores["max"] - vflat.mean()) / vflat.std()
+        scores["max_global"] = zmap + p["global_weight"] * g
+        scores["global"] = g
+    row: dict[str, Any] = {"category": category, "fit_s": round(fit_s, 1), "steps": step, "val_loss": best}
+    for name, s in scores.items():
+        row[f"image_{name}"] = float(binary_auroc(unit(s), labels.long()))
+    masks = data["test"]["masks"]
+    mflat = torch.cat([m.flatten() for m in masks])
+    mp = torch.cat([F.interpolate(test_maps[i][None, None], size=m.shape, mode="bilinear", align_corners=False).flatten() if m.shape != test_maps[i].shape else test_maps[i].flatten() for i, m in enumerate(masks)])
+    row["pixel_auroc"] = pixel_auroc(mp, mflat)
+    row["ae_ms_per_image"] = round(infer_ms, 2)
+    return row
+
+
+def global_scores(data: dict, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance of pooled block features, z-scored on the validation normals."""
+    from sklearn.covariance import LedoitWolf
+
+    def pooled(split: str) -> torch.Tensor:
+        return torch.cat([torch.cat([b.mean((2, 3)), b.amax((2, 3))], 1) for b in data[split]["blocks"]], 1)
+
+    tr, va, te = pooled("train"), pooled("val"), pooled("test")
+    mu, sd = tr.mean(0), tr.std(0).clamp_min(1e-6)
+    lw = LedoitWolf().fit(((tr - mu) / sd).numpy())
+    d = lambda x: torch.as_tensor(lw.mahalanobis(((x - mu) / sd).numpy())).float().sqrt()  # noqa: E731
+    dv = d(va)
+    return (d(te) - dv.mean()) / dv.std()
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    v = v.double()
+    return (v - v.min()) / (v.max() - v.min()) if v.max() > v.min() else torch.zeros_like(v)
+
+
+# ---- entry ----------------------------------------------------------------------------------
+def parse(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    cmd = sys.argv[1]
+    if cmd == "cache":
+        for category in CATEGORIES:
+            cache(category)
+        return
+    if cmd == "run":
+        name = sys.argv[2]
+        p = DEFAULTS | {k: parse(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}
+        cats = p.pop("categories", list(CATEGORIES))
+        rows = []
+        for category in cats:
+            row = run_category(category, p)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / f"{name}.json").write_text(json.dumps({"params": p, "rows": rows}, indent=1))
+        return
+    if cmd == "table":
+        for f in sorted(OUT.glob("*.json"), key=lambda f: f.stat().st_mtime):
+            r = json.loads(f.read_text())
+            cells = " | ".join(
+                f"{x['category'][:5]} {x['image_max']:.3f}/{x['image_top01pct']:.3f}/{x['pixel_auroc']:.3f} {x['fit_s']:.0f}s"
+                for x in r["rows"]
+            )
+            print(f"{f.stem:24s} {cells}")
+
+
+if __name__ == "__main__":
+    main()
