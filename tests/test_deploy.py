@@ -54,7 +54,8 @@ def test_model_file_scores_like_the_run_without_data_config_or_weight_package(
     paths = sorted(expected)[:12]
     images = torch.stack([bundle.preprocess.load(p) for p in paths])
     with torch.no_grad():
-        score, amap = bundle.graph()(images)
+        out = bundle.graph()(images)
+    score, amap = out["score"], out["map"]
     assert amap.shape == (12, 256, 256)
     torch.testing.assert_close(
         score, torch.tensor([expected[p] for p in paths]), rtol=1e-4, atol=1e-4
@@ -197,19 +198,20 @@ def test_onnx_export_scores_like_pytorch(name: str, synthetic_root: Path, tmp_pa
     images = torch.stack([bundle.preprocess.load(p) for p in paths])
     with torch.no_grad():
         expected = bundle.graph()(images)
-    scores, maps = onnx_engine(tmp_path / "model.onnx")(images, paths)
-    score_diff = float((torch.from_numpy(scores) - expected[0]).abs().max())
-    scale = float(expected[0].abs().max())
+    scored = onnx_engine(tmp_path / "model.onnx")(images, paths)
+    scores, maps = scored.score, scored.map
+    score_diff = float((torch.from_numpy(scores) - expected["score"]).abs().max())
+    scale = float(expected["score"].abs().max())
     print(
         f"{name}: max |onnx - torch| score {score_diff:.3g} (of {scale:.3g}), random-input check {figures}"
     )
     assert score_diff <= 1e-4 * scale + 1e-6
-    assert (maps is None) == (len(expected) == 1)
+    assert (maps is None) == ("map" not in expected)
     if maps is not None:
-        map_diff = float((torch.from_numpy(maps) - expected[1]).abs().max())
-        assert map_diff <= 1e-4 * float(expected[1].abs().max()) + 1e-6
+        map_diff = float((torch.from_numpy(maps) - expected["map"]).abs().max())
+        assert map_diff <= 1e-4 * float(expected["map"].abs().max()) + 1e-6
     # the parity survives a batch size other than the traced one
-    single = onnx_engine(tmp_path / "model.onnx")(images[:1], paths[:1])[0]
+    single = onnx_engine(tmp_path / "model.onnx")(images[:1], paths[:1]).score
     assert float(abs(single[0] - scores[0])) <= 1e-4 * scale + 1e-6
 
 
@@ -341,7 +343,7 @@ def test_predict_from_a_run_of_each_family_scores_like_its_test(case: str, tmp_p
         assert float(row["score"]) == pytest.approx(expected[path], rel=1e-4, abs=1e-5)
     # maps or not, from the model itself (not from predict's CSV): one image through its graph
     with torch.no_grad():
-        with_maps = len(bundle.graph()(bundle.preprocess.load(path)[None], [path])) > 1
+        with_maps = "map" in bundle.graph()(bundle.preprocess.load(path)[None], [path])
     for kind in ("overlays", "masks"):
         written = sorted((tmp_path / "p" / kind).rglob("*.png"))
         expected_files = {f"{Path(p).parent.name}/{Path(p).name}.png" for p in rows}
