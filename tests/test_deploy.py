@@ -226,8 +226,8 @@ def test_the_exported_graph_decides_as_pytorchs_score_above_the_threshold(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
     """With thresholds in its post-processor, the model's graph and its ONNX export output
-    `verdict` = score > image threshold and `pixel_verdict` = map > pixel threshold; set
-    between test images' scores, both verdicts occur. The scores do not move, and an engine
+    `verdict` = score > image threshold and `pixel_verdict` = map > pixel threshold (set
+    between test images' scores, both verdicts occur) and the min/max-normalised score. The scores do not move, and an engine
     whose verdicts disagree fails the export's check."""
     bundle, datamodule = fitted_bundle("padim", synthetic_root)
     datamodule.setup("test")
@@ -241,9 +241,9 @@ def test_the_exported_graph_decides_as_pytorchs_score_above_the_threshold(
     assert ranked[middle] - ranked[middle - 1] > 1e-4  # room for ONNX's rounding
     threshold = float(ranked[middle - 1] + ranked[middle]) / 2
     pixel = float(before["map"].double().median())
-    bundle.model.post_processor.set_thresholds(
-        {"image": {"value": threshold}, "pixel": {"value": pixel}}
-    )
+    post = bundle.model.post_processor
+    post.set_thresholds({"image": {"value": threshold}, "pixel": {"value": pixel}})
+    post.set_normalisation(float(ranked[0]), float(ranked[-1]))
     with torch.no_grad():
         after = bundle.graph()(images)
     assert torch.equal(after["score"], before["score"]) and torch.equal(after["map"], before["map"])
@@ -251,6 +251,8 @@ def test_the_exported_graph_decides_as_pytorchs_score_above_the_threshold(
     assert 0 < int(expected.sum()) < len(paths)
     assert torch.equal(after["verdict"], expected)
     assert torch.equal(after["pixel_verdict"], before["map"].double() > pixel)
+    normalized = (before["score"].double() - ranked[0]) / (ranked[-1] - ranked[0])
+    torch.testing.assert_close(after["score_normalized"], normalized)
 
     figures = export_onnx(bundle, tmp_path / "model.onnx")
     assert figures["verdict_disagreements"] == 0 == figures["pixel_verdict_disagreements"]
@@ -258,6 +260,7 @@ def test_the_exported_graph_decides_as_pytorchs_score_above_the_threshold(
     scored = engine(images, paths)
     assert scored.verdict.dtype == np.bool_
     np.testing.assert_array_equal(scored.verdict, expected.numpy())
+    np.testing.assert_allclose(scored.score_normalized, normalized.numpy(), atol=1e-5)
     # pixels closer to the threshold than ONNX's map differs from PyTorch's may go either way
     maps = before["map"].double()
     margin = float((torch.from_numpy(scored.map).double() - maps).abs().max())
@@ -306,6 +309,33 @@ def test_a_model_file_from_before_the_post_processor_gets_its_thresholds_as_buff
     np.testing.assert_array_equal(
         scored.verdict, scored.score.astype(np.float64) > post.value("image_threshold")
     )
+
+
+def test_predict_refuses_a_graph_that_decides_at_another_threshold(tmp_path: Path) -> None:
+    """A model.onnx exported before the model file's threshold changed decides at the old
+    threshold: predict (engine=onnx) says so instead of writing verdicts that contradict its
+    scores' `score > threshold`."""
+    run_dir = cheap_run(tmp_path)  # an untrained AE with an image threshold of 0.05
+    image(tmp_path / "in" / "0.png", 40, 30, 0)
+    export_main([f"model={run_dir}"])
+    bundle = load_bundle(run_dir)
+    with torch.no_grad():
+        score = float(
+            bundle.graph()(bundle.preprocess.load(tmp_path / "in" / "0.png")[None])["score"][0]
+        )
+    path = run_dir / "model.pt"
+    payload = torch.load(path, weights_only=True)
+    # a new threshold on the other side of the image's score than the graph's 0.05
+    payload["thresholds"]["image"]["value"] = score + 1 if score > 0.05 else score / 2
+    torch.save(payload, path)
+    args = [f"model={run_dir}", f"input={tmp_path / 'in'}", "engine=onnx"]
+    with pytest.raises(SystemExit, match="not exported from this model file"):
+        predict_main([*args, f"out={tmp_path / 'out'}"])
+    # at a threshold given on the command line the graph's verdicts are not predict's
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main([*args, f"out={tmp_path / 'given'}", "threshold=-1"])
+    assert exit_info.value.code == 0
+    assert {r["verdict"] for r in read_predictions(tmp_path / "given").values()} == {"anomalous"}
 
 
 class Permuted(torch.nn.Module):
