@@ -281,7 +281,7 @@ def measure_method(method: str, args: BenchArgs, folder: Path) -> dict[str, Any]
     """Train `method` briefly into folder/run, then time it; the row for the table."""
     from ad_lightning.backbones.features import FeatureExtractor
     from ad_lightning.deploy.bundle import load_bundle
-    from ad_lightning.deploy.engines import onnx_engine
+    from ad_lightning.deploy.engines import onnx_engine, onnx_outputs
     from ad_lightning.deploy.export import NotExportable, export_onnx, trace_to_onnx
     from ad_lightning.train import run
 
@@ -327,10 +327,10 @@ def measure_method(method: str, args: BenchArgs, folder: Path) -> dict[str, Any]
                 if isinstance(backbone, FeatureExtractor):
                     example = torch.rand(2, 3, *pre.image_size)
                     trace_to_onnx(backbone.cpu(), example, run_dir / "backbone.onnx", ["features"])
-                    backbone_engine = onnx_engine(run_dir / "backbone.onnx")
+                    backbone_graph = onnx_outputs(run_dir / "backbone.onnx")  # no scores
                     measure_batches(
                         "backbone_onnx",
-                        lambda x: backbone_engine(x, []),
+                        backbone_graph,
                         (3, *pre.image_size),
                         args,
                         row,

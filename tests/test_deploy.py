@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -18,8 +19,14 @@ from test_run import compose_cfg
 
 from ad_lightning.bench import is_preset
 from ad_lightning.deploy.bundle import Bundle, Preprocess, load_bundle
-from ad_lightning.deploy.engines import onnx_engine, openvino_model
-from ad_lightning.deploy.export import NotExportable, export_onnx
+from ad_lightning.deploy.engines import Scored, onnx_engine, openvino_model
+from ad_lightning.deploy.export import (
+    NotExportable,
+    check_parity,
+    export_onnx,
+    parity,
+    trace_to_onnx,
+)
 from ad_lightning.deploy.export import main as export_main
 from ad_lightning.deploy.predict import main as predict_main
 from ad_lightning.models.registry import list_methods, method_info
@@ -54,7 +61,8 @@ def test_model_file_scores_like_the_run_without_data_config_or_weight_package(
     paths = sorted(expected)[:12]
     images = torch.stack([bundle.preprocess.load(p) for p in paths])
     with torch.no_grad():
-        score, amap = bundle.graph()(images)
+        out = bundle.graph()(images)
+    score, amap = out["score"], out["map"]
     assert amap.shape == (12, 256, 256)
     torch.testing.assert_close(
         score, torch.tensor([expected[p] for p in paths]), rtol=1e-4, atol=1e-4
@@ -197,20 +205,183 @@ def test_onnx_export_scores_like_pytorch(name: str, synthetic_root: Path, tmp_pa
     images = torch.stack([bundle.preprocess.load(p) for p in paths])
     with torch.no_grad():
         expected = bundle.graph()(images)
-    scores, maps = onnx_engine(tmp_path / "model.onnx")(images, paths)
-    score_diff = float((torch.from_numpy(scores) - expected[0]).abs().max())
-    scale = float(expected[0].abs().max())
+    scored = onnx_engine(tmp_path / "model.onnx")(images, paths)
+    scores, maps = scored.score, scored.map
+    score_diff = float((torch.from_numpy(scores) - expected["score"]).abs().max())
+    scale = float(expected["score"].abs().max())
     print(
         f"{name}: max |onnx - torch| score {score_diff:.3g} (of {scale:.3g}), random-input check {figures}"
     )
     assert score_diff <= 1e-4 * scale + 1e-6
-    assert (maps is None) == (len(expected) == 1)
+    assert (maps is None) == ("map" not in expected)
     if maps is not None:
-        map_diff = float((torch.from_numpy(maps) - expected[1]).abs().max())
-        assert map_diff <= 1e-4 * float(expected[1].abs().max()) + 1e-6
+        map_diff = float((torch.from_numpy(maps) - expected["map"]).abs().max())
+        assert map_diff <= 1e-4 * float(expected["map"].abs().max()) + 1e-6
     # the parity survives a batch size other than the traced one
-    single = onnx_engine(tmp_path / "model.onnx")(images[:1], paths[:1])[0]
+    single = onnx_engine(tmp_path / "model.onnx")(images[:1], paths[:1]).score
     assert float(abs(single[0] - scores[0])) <= 1e-4 * scale + 1e-6
+
+
+def test_the_exported_graph_decides_as_pytorchs_score_above_the_threshold(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """With thresholds in its post-processor, the model's graph and its ONNX export output
+    `verdict` = score > image threshold and `pixel_verdict` = map > pixel threshold (set
+    between test images' scores, both verdicts occur) and the min/max-normalised score. The scores do not move, and an engine
+    whose verdicts disagree fails the export's check."""
+    bundle, datamodule = fitted_bundle("padim", synthetic_root)
+    datamodule.setup("test")
+    paths = [str(s.path) for s in datamodule.test_samples[::2]]
+    images = torch.stack([bundle.preprocess.load(p) for p in paths])
+    with torch.no_grad():
+        before = bundle.graph()(images)
+    assert set(before) == {"score", "map"}  # no thresholds: no verdicts
+    ranked = before["score"].double().sort().values
+    middle = len(ranked) // 2
+    assert ranked[middle] - ranked[middle - 1] > 1e-4  # room for ONNX's rounding
+    threshold = float(ranked[middle - 1] + ranked[middle]) / 2
+    pixel = float(before["map"].double().median())
+    post = bundle.model.post_processor
+    post.set_thresholds({"image": {"value": threshold}, "pixel": {"value": pixel}})
+    post.set_normalisation(float(ranked[0]), float(ranked[-1]))
+    with torch.no_grad():
+        after = bundle.graph()(images)
+    assert torch.equal(after["score"], before["score"]) and torch.equal(after["map"], before["map"])
+    expected = before["score"].double() > threshold
+    assert 0 < int(expected.sum()) < len(paths)
+    assert torch.equal(after["verdict"], expected)
+    assert torch.equal(after["pixel_verdict"], before["map"].double() > pixel)
+    normalized = (before["score"].double() - ranked[0]) / (ranked[-1] - ranked[0])
+    torch.testing.assert_close(after["score_normalized"], normalized)
+
+    figures = export_onnx(bundle, tmp_path / "model.onnx")
+    assert figures["verdict_disagreements"] == 0 == figures["pixel_verdict_disagreements"]
+    engine = onnx_engine(tmp_path / "model.onnx")
+    scored = engine(images, paths)
+    assert scored.verdict.dtype == np.bool_
+    np.testing.assert_array_equal(scored.verdict, expected.numpy())
+    np.testing.assert_allclose(scored.score_normalized, normalized.numpy(), atol=1e-5)
+    # pixels closer to the threshold than ONNX's map differs from PyTorch's may go either way
+    maps = before["map"].double()
+    margin = float((torch.from_numpy(scored.map).double() - maps).abs().max())
+    clear = ((maps - pixel).abs() > margin).numpy()
+    assert clear.mean() > 0.99
+    expected_pixels = (maps > pixel).numpy()
+    assert 0 < expected_pixels[clear].mean() < 1
+    np.testing.assert_array_equal(scored.pixel_verdict[clear], expected_pixels[clear])
+
+    def flipped(images: torch.Tensor, paths: list[str]) -> Scored:
+        out = engine(images, paths)
+        return replace(out, verdict=~out.verdict)
+
+    wrong = parity(bundle, flipped, images)
+    assert wrong["verdict_disagreements"] == len(paths)
+    with pytest.raises(RuntimeError, match="disagrees with PyTorch's image verdicts"):
+        check_parity(wrong, "PaDiM", tolerance=1e-3)
+
+
+def test_a_model_file_from_before_the_post_processor_gets_its_thresholds_as_buffers(
+    tmp_path: Path,
+) -> None:
+    """A model file whose state dict lacks the post_processor.* buffers (written before they
+    existed) loads strictly, its post-processor takes the file's thresholds dict, and its
+    export decides: a `verdict` output that is score > the file's threshold."""
+    run_dir = cheap_run(tmp_path)
+    path = run_dir / "model.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"] = {
+        k: v for k, v in payload["state_dict"].items() if not k.startswith("post_processor.")
+    }
+    torch.save(payload, path)
+    bundle = load_bundle(run_dir)
+    post = bundle.model.post_processor
+    assert post.thresholds == payload["thresholds"]
+    assert post.value("image_threshold") == payload["thresholds"]["image"]["value"]
+    assert post.value("pixel_threshold") == payload["thresholds"]["pixel"]["value"]
+    assert post.value("score_min") is None  # the file never held the normalisation
+
+    export_onnx(bundle, run_dir / "model.onnx")
+    images = torch.rand(
+        3, 3, *bundle.preprocess.image_size, generator=torch.Generator().manual_seed(2)
+    )
+    scored = onnx_engine(run_dir / "model.onnx")(images, [])
+    assert scored.score_normalized is None
+    np.testing.assert_array_equal(
+        scored.verdict, scored.score.astype(np.float64) > post.value("image_threshold")
+    )
+
+
+def test_predict_refuses_a_graph_that_decides_at_another_threshold(tmp_path: Path) -> None:
+    """A model.onnx exported before the model file's threshold changed decides at the old
+    threshold: predict (engine=onnx) says so instead of writing verdicts that contradict its
+    scores' `score > threshold`."""
+    run_dir = cheap_run(tmp_path)  # an untrained AE with an image threshold of 0.05
+    image(tmp_path / "in" / "0.png", 40, 30, 0)
+    export_main([f"model={run_dir}"])
+    bundle = load_bundle(run_dir)
+    with torch.no_grad():
+        score = float(
+            bundle.graph()(bundle.preprocess.load(tmp_path / "in" / "0.png")[None])["score"][0]
+        )
+    path = run_dir / "model.pt"
+    payload = torch.load(path, weights_only=True)
+    # a new threshold on the other side of the image's score than the graph's 0.05
+    payload["thresholds"]["image"]["value"] = score + 1 if score > 0.05 else score / 2
+    torch.save(payload, path)
+    args = [f"model={run_dir}", f"input={tmp_path / 'in'}", "engine=onnx"]
+    with pytest.raises(SystemExit, match="not exported from this model file"):
+        predict_main([*args, f"out={tmp_path / 'out'}"])
+    # at a threshold given on the command line the graph's verdicts are not predict's
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main([*args, f"out={tmp_path / 'given'}", "threshold=-1"])
+    assert exit_info.value.code == 0
+    assert {r["verdict"] for r in read_predictions(tmp_path / "given").values()} == {"anomalous"}
+
+
+class Permuted(torch.nn.Module):
+    """A graph whose outputs come in another order than the scoring graph's."""
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        score = images.sum((1, 2, 3))
+        return images[:, 0] * 2, score.double() > 10.0, score
+
+
+def test_engines_take_the_graphs_outputs_by_name_not_by_position(tmp_path: Path) -> None:
+    """onnxruntime and OpenVINO read `score`, `map` and `verdict` by their names from a graph
+    that returns them as (map, verdict, score); a graph without `score` is refused by name."""
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "permuted.onnx"
+    trace_to_onnx(Permuted(), images, path, ["map", "verdict", "score"])
+    scored = onnx_engine(path)(images, [])
+    np.testing.assert_allclose(scored.score, images.sum((1, 2, 3)).numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(scored.map, (images[:, 0] * 2).numpy())
+    np.testing.assert_array_equal(scored.verdict, (images.sum((1, 2, 3)).double() > 10).numpy())
+    # OpenVINO in a process of its own (see MEASURE_OPENVINO)
+    done = subprocess.run(
+        [sys.executable, "-c", OPENVINO_BY_NAME, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    openvino = json.loads(done.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(openvino["score"], scored.score, rtol=1e-6)
+    assert openvino["map"] == scored.map.tolist() and openvino["verdict"] == scored.verdict.tolist()
+    unnamed = tmp_path / "unnamed.onnx"
+    trace_to_onnx(Permuted(), images, unnamed, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="no output named 'score'"):
+        onnx_engine(unnamed)
+
+
+OPENVINO_BY_NAME = """
+import json, sys
+import torch
+from ad_lightning.deploy.engines import openvino_engine
+images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+out = openvino_engine(sys.argv[1])(images, [])
+print(json.dumps({k: getattr(out, k).tolist() for k in ("score", "map", "verdict")}))
+"""
 
 
 def test_the_capability_flags_split_the_methods_as_measured() -> None:
@@ -341,7 +512,7 @@ def test_predict_from_a_run_of_each_family_scores_like_its_test(case: str, tmp_p
         assert float(row["score"]) == pytest.approx(expected[path], rel=1e-4, abs=1e-5)
     # maps or not, from the model itself (not from predict's CSV): one image through its graph
     with torch.no_grad():
-        with_maps = len(bundle.graph()(bundle.preprocess.load(path)[None], [path])) > 1
+        with_maps = "map" in bundle.graph()(bundle.preprocess.load(path)[None], [path])
     for kind in ("overlays", "masks"):
         written = sorted((tmp_path / "p" / kind).rglob("*.png"))
         expected_files = {f"{Path(p).parent.name}/{Path(p).name}.png" for p in rows}

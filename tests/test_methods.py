@@ -189,7 +189,7 @@ def test_model_file_scores_as_the_test_did(method: str, fitted: Path) -> None:
     paths = [r["path"] for r in rows]
     images = torch.stack([bundle.preprocess.load(p) for p in paths])
     with torch.no_grad():
-        got = bundle.graph()(images, paths)[0]
+        got = bundle.graph()(images, paths)["score"]
     expected = torch.tensor([float(r[info.primary_score]) for r in rows])
     torch.testing.assert_close(got.double(), expected.double(), rtol=1e-4, atol=1e-6)
 

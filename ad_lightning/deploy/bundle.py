@@ -197,6 +197,18 @@ def bundle_path(model: str | Path) -> Path:
     return path
 
 
+def restore_thresholds(model: AnomalyModule, thresholds: dict[str, Any] | None) -> None:
+    """Give the loaded model's post-processor the file's thresholds dict. A file written before
+    the post-processor existed has no threshold buffers in its state dict, only the dict: its
+    buffers are set from the dict, so that its graph decides (and exports verdicts) too. A newer
+    file's buffers are the ones it was tested with and stay as loaded."""
+    post = model.post_processor
+    if post.is_set("image_threshold") or post.is_set("pixel_threshold"):
+        post.thresholds = thresholds
+    else:
+        post.set_thresholds(thresholds)
+
+
 def load_bundle(model: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the method from a model file (or a run folder holding one) in eval mode."""
     path = bundle_path(model)
@@ -208,6 +220,7 @@ def load_bundle(model: str | Path, device: str | torch.device = "cpu") -> Bundle
     config = trusted_model_config(payload.get("model_config"), path)  # before anything is built
     built = hydra.utils.instantiate(_mark_backbones_bundled(config))
     built.load_state_dict(payload["state_dict"], strict=True)
+    restore_thresholds(built, payload["thresholds"])
     pre = payload["preprocess"]
     preprocess = Preprocess(
         tuple(pre["image_size"]),

@@ -1,12 +1,16 @@
 """Export a trained model's whole scoring path to ONNX: `python -m ad_lightning.deploy.export
 model=RUN_DIR format=onnx` (also `python -m ad_lightning.export`).
 
-The graph takes `images` [B, C, H, W] in [0, 1] at the model's input size and returns
-`score` [B] (the primary image score) and, for methods with maps, `map` [B, H, W]:
-normalisation, backbone, method and reduction all inside. Thresholds and the input size
-ride along as metadata. After writing, the export (run by onnxruntime) is checked against
-PyTorch on the same inputs and the largest absolute differences are printed and stored in
-the metadata; an export that disagrees beyond `tolerance` is an error, not a file left behind.
+The graph takes `images` [B, C, H, W] in [0, 1] at the model's input size and returns, by
+name, `score` [B] (the primary image score), for methods with maps `map` [B, H, W], and what
+the model's post-processor decides with the buffers it carries: `score_normalized` [B]
+(float64), `verdict` [B] (bool, score > image threshold) and `pixel_verdict` [B, H, W] (bool,
+map > pixel threshold). Normalisation, backbone, method, reduction and thresholds are all
+inside; a model without thresholds gives a graph without verdicts. Thresholds, the input size
+and the output names ride along as metadata too. After writing, the export (run by
+onnxruntime) is checked against PyTorch on the same inputs: the largest absolute differences
+are printed and stored in the metadata, and an export whose scores disagree beyond
+`tolerance`, or whose verdicts disagree with PyTorch's, is an error, not a file left behind.
 Methods whose score is not one forward pass (AnoGAN's latent search, the scikit-learn
 kNN methods, VAE's path-seeded sampling) say so and export nothing.
 """
@@ -53,19 +57,65 @@ def spread(values: torch.Tensor) -> float:
     return span if span > 0 else float(values.abs().max())
 
 
+def disagreements(
+    verdict: np.ndarray | None, values: torch.Tensor, threshold: torch.Tensor, margin: float
+) -> int:
+    """How many of an engine's verdicts differ from PyTorch's `values > threshold`, counting
+    only values farther from the threshold than `margin` (the engine's largest difference from
+    PyTorch there: closer, either side is right). A missing verdict disagrees everywhere."""
+    expected = values.double() > threshold
+    if verdict is None:
+        return int(expected.numel())
+    clear = (values.double() - threshold).abs() > margin
+    return int(((torch.from_numpy(verdict) != expected) & clear).sum())
+
+
 def parity(bundle: Bundle, engine: Engine, images: torch.Tensor) -> dict[str, float]:
-    """Largest |engine - PyTorch| of scores and maps on `images`, and their spreads."""
+    """Largest |engine - PyTorch| of scores and maps on `images`, their spreads, and how many
+    of the engine's verdicts disagree with PyTorch's `score > image threshold` (and pixel
+    verdicts with `map > pixel threshold`) where the model has those thresholds."""
     with torch.no_grad():
         expected = bundle.graph()(images)
-    scores, maps = engine(images, [])
-    result = {
-        "max_abs_diff_score": float(np.abs(scores - expected[0].numpy()).max()),
-        "score_range": spread(expected[0]),
+    got = engine(images, [])
+    score = expected["score"]
+    result: dict[str, float] = {
+        "max_abs_diff_score": float(np.abs(got.score - score.numpy()).max()),
+        "score_range": spread(score),
     }
-    if maps is not None:
-        result["max_abs_diff_map"] = float(np.abs(maps - expected[1].numpy()).max())
-        result["map_range"] = spread(expected[1])
+    if got.map is not None:
+        result["max_abs_diff_map"] = float(np.abs(got.map - expected["map"].numpy()).max())
+        result["map_range"] = spread(expected["map"])
+    post = bundle.model.post_processor
+    if post.is_set("image_threshold"):
+        margin = float((torch.from_numpy(got.score).double() - score.double()).abs().max())
+        result["verdict_disagreements"] = disagreements(
+            got.verdict, score, post.image_threshold, margin
+        )
+    if "map" in expected and post.is_set("pixel_threshold"):
+        theirs = torch.from_numpy(got.map).double() if got.map is not None else None
+        margin = float((theirs - expected["map"].double()).abs().max()) if theirs is not None else 0
+        result["pixel_verdict_disagreements"] = disagreements(
+            got.pixel_verdict, expected["map"], post.pixel_threshold, margin
+        )
     return result
+
+
+def check_parity(figures: dict[str, float], method: str, tolerance: float) -> None:
+    """Raise when the export's scores or maps differ from PyTorch's beyond `tolerance` of their
+    range, or when any of its verdicts disagrees with PyTorch's."""
+    for part in ("score", "map"):
+        if f"max_abs_diff_{part}" not in figures:
+            continue
+        worst = figures[f"max_abs_diff_{part}"] / max(figures[f"{part}_range"], 1e-12)
+        if worst > tolerance:
+            raise RuntimeError(
+                f"the ONNX export of {method} disagrees with PyTorch: {part}s differ by {figures[f'max_abs_diff_{part}']:.3g} ({worst:.2%} of their range, tolerance {tolerance:.2%}); nothing written"
+            )
+    for part, threshold in (("verdict", "image"), ("pixel_verdict", "pixel")):
+        if figures.get(f"{part}_disagreements"):
+            raise RuntimeError(
+                f"the ONNX export of {method} disagrees with PyTorch's {threshold} verdicts (value > {threshold} threshold) on {figures[f'{part}_disagreements']:.0f} values; nothing written"
+            )
 
 
 def trace_to_onnx(
@@ -105,8 +155,7 @@ def export_onnx(
         2, pre.channels, *pre.image_size, generator=torch.Generator().manual_seed(0)
     )
     with torch.no_grad():
-        has_map = len(graph(example)) > 1
-    outputs = ["score", "map"] if has_map else ["score"]
+        outputs = list(graph(example))  # by name, in the order the graph returns them
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.onnx")
     trace_to_onnx(graph, example, tmp, outputs, opset)
@@ -114,15 +163,11 @@ def export_onnx(
         check_images, pre.channels, *pre.image_size, generator=torch.Generator().manual_seed(1)
     )
     figures = parity(bundle, onnx_engine(tmp), checked)
-    for part in ("score", "map"):
-        if f"max_abs_diff_{part}" not in figures:
-            continue
-        worst = figures[f"max_abs_diff_{part}"] / max(figures[f"{part}_range"], 1e-12)
-        if worst > tolerance:
-            tmp.unlink()
-            raise RuntimeError(
-                f"the ONNX export of {type(model).__name__} disagrees with PyTorch: {part}s differ by {figures[f'max_abs_diff_{part}']:.3g} ({worst:.2%} of their range, tolerance {tolerance:.2%}); nothing written"
-            )
+    try:
+        check_parity(figures, type(model).__name__, tolerance)
+    except RuntimeError:
+        tmp.unlink()
+        raise
     proto = onnx.load(str(tmp))
     metadata = {
         "ad_lightning": json.dumps(
@@ -136,6 +181,7 @@ def export_onnx(
                 if pre.reference is not None
                 else False,
                 "thresholds": bundle.thresholds,
+                "outputs": outputs,
                 "parity": figures,
             }
         )

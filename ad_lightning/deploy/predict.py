@@ -36,7 +36,7 @@ from ad_lightning.data.audit import find_odd_images
 from ad_lightning.data.io import ImageInfo
 from ad_lightning.deploy.bundle import Bundle, load_bundle
 from ad_lightning.deploy.cli import parse_args, setup_logging
-from ad_lightning.deploy.engines import Engine, graph_engine, torch_engine
+from ad_lightning.deploy.engines import Engine, Scored, graph_engine, torch_engine
 from ad_lightning.deploy.inputs import InputImages, collate, find_inputs
 from ad_lightning.deploy.overlays import Writer
 
@@ -82,6 +82,8 @@ class Decision:
     threshold: float
     pixel: float | None
     median: float | None  # normal images' median pixel score: blue on the overlays
+    #: the model's own image threshold, which its scoring graph's `verdict` output is taken at
+    graph_threshold: float | None = None
 
 
 @dataclass
@@ -107,7 +109,21 @@ def decision(args: PredictArgs, bundle: Bundle) -> Decision:
         )
     pixel = args.pixel_threshold if args.pixel_threshold is not None else bundle.pixel_threshold()
     median = ((bundle.thresholds or {}).get("pixel") or {}).get("normal_median")
-    return Decision(threshold, pixel, median)
+    return Decision(threshold, pixel, median, bundle.model.post_processor.value("image_threshold"))
+
+
+def check_graph_verdicts(scored: Scored, decide: Decision, paths: list[Path]) -> None:
+    """The graph's own verdicts, where it has them and predict decides at the same threshold,
+    must be predict's `score > threshold`: a graph that decides otherwise carries another
+    threshold (a model.onnx exported before the model file was rewritten) and is refused."""
+    if scored.verdict is None or decide.graph_threshold != decide.threshold:
+        return
+    ours = scored.score.astype(np.float64) > decide.threshold
+    wrong = [str(p) for p, a, b in zip(paths, ours, scored.verdict, strict=True) if a != bool(b)]
+    if wrong:
+        raise SystemExit(
+            f"the scoring graph's verdicts disagree with score > {decide.threshold:.6g} on {len(wrong)} images ({', '.join(wrong[:3])}): it was not exported from this model file; export it again: python -m ad_lightning.deploy.export"
+        )
 
 
 def exported_graph(args: PredictArgs, bundle: Bundle) -> Path:
@@ -149,7 +165,9 @@ def score_batch(
         outcome.fail(path, error, f"cannot score {path}: {error}")
     if batch["images"] is None:
         return
-    scores, maps = engine(batch["images"], [str(p) for p in batch["paths"]])
+    scored = engine(batch["images"], [str(p) for p in batch["paths"]])
+    check_graph_verdicts(scored, decide, batch["paths"])
+    scores, maps = scored.score, scored.map
     for i, path in enumerate(batch["paths"]):
         outcome.infos[path] = batch["infos"][i]
         if not np.isfinite(scores[i]):  # never a silent "normal" on the line
@@ -159,7 +177,9 @@ def score_batch(
         row = {
             "file": str(path),
             "score": float(scores[i]),
-            "verdict": "anomalous" if scores[i] > decide.threshold else "normal",
+            # in float64, as the graph's verdict: a float32 score against a float32-rounded
+            # threshold could decide otherwise at the threshold itself
+            "verdict": "anomalous" if float(scores[i]) > decide.threshold else "normal",
             "threshold": decide.threshold,
             "score_name": name,
         }

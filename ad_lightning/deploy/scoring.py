@@ -24,10 +24,18 @@ def score_images(model: AnomalyModule, batch: dict[str, Any]) -> Scores:
     return model.score_batch(batch)
 
 
+#: every output a scoring graph can have, in their order; a graph has `score` always, `map`
+#: for methods with maps, and the post-processor's outputs for the buffers that are set
+OUTPUTS = ("score", "map", "score_normalized", "verdict", "pixel_verdict")
+
+
 class ScoringGraph(nn.Module):
     """The whole scoring path as one module: [B, C, H, W] images in [0, 1] at the model's
-    size -> normalisation -> method -> (image score [B], anomaly map [B, H, W] if any).
-    Predict runs it, and the ONNX export traces it."""
+    size -> normalisation -> method -> post-processing, as outputs by name: `score` [B], `map`
+    [B, H, W] if the method has one, and what the model's post-processor decides with its set
+    buffers (`score_normalized`, `verdict`, `pixel_verdict`). Predict runs it, and the ONNX
+    export traces it, so the exported graph carries the thresholds and decides as PyTorch
+    does; callers take outputs by name, never by position."""
 
     def __init__(self, model: AnomalyModule, preprocess: Preprocess) -> None:
         super().__init__()
@@ -40,11 +48,13 @@ class ScoringGraph(nn.Module):
 
     def forward(
         self, images: torch.Tensor, paths: list[str] | None = None
-    ) -> tuple[torch.Tensor, ...]:
+    ) -> dict[str, torch.Tensor]:
         x = (images - self.mean) / self.std if self.normalised else images
         batch: dict[str, Any] = {"image": x}
         if paths is not None:  # methods that seed noise per image seed it by path, as in testing
             batch["path"] = paths
         out = score_images(self.model, batch)
-        score = out.image[self.model.primary_score]
-        return (score, out.map) if out.map is not None else (score,)
+        named = {"score": out.image[self.model.primary_score]}
+        if out.map is not None:
+            named["map"] = out.map
+        return {**named, **self.model.post_processor.outputs(named["score"], out.map)}

@@ -88,6 +88,22 @@ class PostProcessor(nn.Module):
             return out
         return (*out, anomaly_map.double() > self.pixel_threshold)
 
+    def outputs(
+        self, score: torch.Tensor, anomaly_map: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """What the set buffers decide, by the exported graph's output names: `score_normalized`
+        (with min and max), `verdict` (with the image threshold) and `pixel_verdict` (with a map
+        and the pixel threshold). Unset buffers give no output, so a graph traced from a model
+        without thresholds has no verdicts rather than verdicts against nothing."""
+        out: dict[str, torch.Tensor] = {}
+        if self.is_set("score_min") and self.is_set("score_max"):
+            out["score_normalized"] = self.normalise(score)
+        if self.is_set("image_threshold"):
+            out["verdict"] = score.double() > self.image_threshold
+        if anomaly_map is not None and self.is_set("pixel_threshold"):
+            out["pixel_verdict"] = anomaly_map.double() > self.pixel_threshold
+        return out
+
     # ---- loading ---------------------------------------------------------------------
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
