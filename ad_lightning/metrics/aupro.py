@@ -101,8 +101,7 @@ def aupro(
         ]
     )
     pro_weight = torch.cat([torch.zeros(normal.numel(), dtype=torch.float64), share])
-    order = torch.argsort(scores, descending=True)
-    scores = scores[order]
+    scores, order = torch.sort(scores, descending=True)
     # the last pixel of each run of tied scores closes that threshold's point
     ends = torch.nonzero(scores[1:] != scores[:-1]).flatten()
     ends = torch.cat([ends, torch.tensor([scores.numel() - 1])])
