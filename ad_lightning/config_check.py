@@ -109,6 +109,7 @@ RULES: tuple[Rule, ...] = (
     Rule("eval.false_alarm_rate", float, 0, 1, open_low=True, open_high=True),
     Rule("eval.n_heatmaps", int, 0),
     Rule("eval.kept_map_size", int, 1),
+    Rule("eval.aupro_fpr_limit", float, 0, 1, open_low=True),
     Rule("feature_store.memory_gb", float, 0),
     Rule("seed", int, 0, 2**32 - 1),
 )

@@ -17,8 +17,8 @@ holds runs that did not finish says so (`0.900 (+1 failed)`), and those runs are
 their error under the table.
 
 `benchmark=true` instead compares methods (config group `model`) across `data.category`: a
-summary, one table per metric (image / pixel AUROC, fit seconds, ms per image), the runs that
-did not finish with their error, and CSVs of all of it.
+summary, one table per metric (image / pixel AUROC, pixel AUPRO when a run has it, fit seconds,
+ms per image), the runs that did not finish with their error, and CSVs of all of it.
 """
 
 from __future__ import annotations
@@ -46,9 +46,12 @@ ROW, COL, STATUS = "_row", "_col", "status"
 BENCHMARK_METRICS: dict[str, tuple[str, str, str]] = {
     "image_auroc": ("image AUROC", "metrics.image_auroc", ".3f"),
     "pixel_auroc": ("pixel AUROC", "metrics.pixel_auroc", ".3f"),
+    "pixel_aupro": ("pixel AUPRO", "metrics.pixel_aupro", ".3f"),
     "fit_s": ("fit s", "timings.fit_s", ".1f"),
     "ms_per_image": ("ms/image", "timings.inference_ms_per_image", ".2f"),
 }
+#: benchmark columns shown only when some run has them (runs written before pixel AUPRO)
+BENCHMARK_OPTIONAL = ("pixel_aupro",)
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -400,11 +403,16 @@ def benchmark(
 ) -> tuple[str, dict[str, pd.DataFrame]]:
     """Methods (model config choice) x categories: a summary of per-method means over the
     categories, then one table per metric, then the runs that failed. Writes benchmark_*.csv."""
+    shown = {
+        name: entry
+        for name, entry in BENCHMARK_METRICS.items()
+        if name not in BENCHMARK_OPTIONAL or any(lookup(r, entry[1]) is not None for r in runs)
+    }
     frame = runs_frame(
         runs,
         "model",
         "data.category",
-        {name: key for name, (_, key, _) in BENCHMARK_METRICS.items()},
+        {name: key for name, (_, key, _) in shown.items()},
         split=ROW,  # a method run with other settings is another method row
     )
     methods = list(pd.unique(frame[ROW]))
@@ -414,7 +422,7 @@ def benchmark(
         index=methods,
     )
     tables: dict[str, pd.DataFrame] = {}
-    for name, (heading, _, spec) in BENCHMARK_METRICS.items():
+    for name, (heading, _, spec) in shown.items():
         grid = pivot(frame, name, spec)
         tables[name] = with_mean_column(grid, spec)
         summary.insert(len(summary.columns) - 1, heading, margin(grid.mean, 1, spec))
@@ -423,8 +431,7 @@ def benchmark(
         + to_markdown(summary, "method")
     ]
     sections += [
-        f"{BENCHMARK_METRICS[name][0]}\n\n" + to_markdown(table, "method")
-        for name, table in tables.items()
+        f"{shown[name][0]}\n\n" + to_markdown(table, "method") for name, table in tables.items()
     ]
     sections += [
         text for text in (split_note(frame), failed_runs(frame, find_unreported(folders))) if text
@@ -456,8 +463,8 @@ class ReportArgs:
     choice), backbone, backbone.blocks, data.contamination.
     csv: CSV path (default: report_<metric>.csv in the first folder); with benchmark=true the
     folder for benchmark_*.csv.
-    benchmark: methods x data.category: image / pixel AUROC, fit s, ms/image, failed runs
-    (metric, rows and cols are not used).
+    benchmark: methods x data.category: image / pixel AUROC (and AUPRO), fit s, ms/image,
+    failed runs (metric, rows and cols are not used).
     wandb: log the table to W&B when the runs logged there.
     """
 

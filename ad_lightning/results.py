@@ -21,7 +21,8 @@ class TestResults:
 
     #: the name in the method's scores that `metrics.image_auroc` reports
     primary_score: str
-    #: headline metrics: image_auroc, image_ap, f1_at_false_alarm_rate, pixel_auroc, ...
+    #: headline metrics: image_auroc, image_ap, f1_at_false_alarm_rate, pixel_auroc,
+    #: pixel_aupro (FPR <= eval.aupro_fpr_limit), ...
     metrics: dict[str, float]
     #: metrics that peek at the test labels (defect-ratio F1), kept apart under leak_free
     test_label_metrics: dict[str, float]

@@ -336,7 +336,11 @@ def prepare(cfg: DictConfig, out: Path, ckpt_dir: Path | None = None) -> Job:
     check_preconditions(cfg, datamodule)
     model: AnomalyModule = hydra.utils.instantiate(cfg.model)
     model.configure_evaluation(
-        cfg.protocol, cfg.eval.false_alarm_rate, cfg.eval.kept_map_size, cfg.eval.threshold
+        cfg.protocol,
+        cfg.eval.false_alarm_rate,
+        cfg.eval.kept_map_size,
+        cfg.eval.threshold,
+        cfg.eval.get("aupro_fpr_limit", 0.3),  # absent from the config of a run saved before it
     )
     loggers = build_loggers(cfg, out)
     ckpt_dir = ckpt_dir or out / "checkpoints"

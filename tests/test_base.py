@@ -13,6 +13,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from ad_lightning import distributed
+from ad_lightning.metrics.aupro import aupro
 from ad_lightning.metrics.evaluation import score_loader
 from ad_lightning.metrics.evaluator import unit_scale
 from ad_lightning.models.base import AnomalyModule, Scores
@@ -151,6 +152,32 @@ def test_ddp_padding_counts_each_image_pixels_once(monkeypatch: pytest.MonkeyPat
     assert len(ddp["records"]) == 5
     assert ddp["metrics"]["pixel_auroc"] == pytest.approx(reference)
     assert ddp["metrics"]["image_auroc"] == pytest.approx(single["metrics"]["image_auroc"])
+
+
+def test_pixel_aupro_takes_regions_per_image_whatever_the_batching_or_ranks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """AUPRO from the per-image maps and masks, each once: the same for any batching and for
+    two ranks with DDP padding. Images 0 and 1 have defects on their touching edges (last row
+    of 0, first row of 1): masks stacked into one would merge them into one region."""
+    gen = torch.Generator().manual_seed(1)
+    maps = torch.rand(4, 6, 6, generator=gen)
+    masks = torch.zeros(4, 6, 6, dtype=torch.long)
+    masks[0, 5, :3] = masks[1, 0, :3] = masks[2, 2:4, 2:4] = 1
+    maps[0][masks[0] == 1] += 1.0  # image 0's defect is found, image 1's is missed
+    reference = aupro(list(maps), list(masks.bool()))
+    merged = aupro([maps.reshape(24, 6)], [masks.bool().reshape(24, 6)])
+    assert abs(merged - reference) > 1e-3  # the case separates per-image regions
+
+    for batches in ([[0, 1, 2, 3]], [[3], [1, 0], [2]]):
+        results = evaluate(maps, masks, batches)
+        assert results["metrics"]["pixel_aupro"] == pytest.approx(reference, abs=1e-12)
+    rank1 = TwoRanks(1)
+    monkeypatch.setattr(distributed, "dist", rank1)
+    evaluate(maps, masks, [[1, 3]])
+    monkeypatch.setattr(distributed, "dist", TwoRanks(0, rank1.sent))
+    ddp = evaluate(maps, masks, [[0, 2, 1]])  # image 1 twice: padding
+    assert ddp["metrics"]["pixel_aupro"] == pytest.approx(reference, abs=1e-12)
 
 
 class ChannelMean(AnomalyModule):

@@ -67,6 +67,7 @@ def test_missing_category_on_the_command_line_is_one_short_message(tmp_path: Pat
         (["trainer.max_steps=0"], "trainer.max_steps=0: must be an integer >= 1 or -1"),
         (["trainer.max_epochs=2.5"], "trainer.max_epochs=2.5: must be an integer >= 1 or -1"),
         (["eval.false_alarm_rate=1.5"], "eval.false_alarm_rate=1.5: must be a number in (0, 1)"),
+        (["eval.aupro_fpr_limit=0"], "eval.aupro_fpr_limit=0: must be a number in (0, 1]"),
         (
             ["model=patchcore", "model.coreset_ratio=0"],
             "model.coreset_ratio=0: must be a number in (0, 1]",

@@ -187,6 +187,31 @@ def test_benchmark_tables_methods_by_category_and_lists_failed_runs(tmp_path: Pa
     ]
 
 
+def test_benchmark_shows_pixel_aupro_beside_pixel_auroc_when_runs_have_it(tmp_path: Path) -> None:
+    """Runs written since pixel AUPRO get its column and table; an older run's cell is empty."""
+    sweep = tmp_path / "multirun"
+    bench_run(sweep / "0", "padim", "bottle", 0.99, 0.97, 10.0)  # written before pixel_aupro
+    fake_run(
+        sweep / "1",
+        "wood",
+        "efficientnet_lite0",
+        0.9,
+        model="PaDiM",
+        choices={"model": "padim", "data": "folder"},
+        metrics={"image_auroc": 0.9, "pixel_auroc": 0.95, "pixel_aupro": 0.81},
+        timings={"fit_s": 1.0, "test_s": 1.0, "inference_ms_per_image": 0.1},
+    )
+    md = main([str(sweep), "benchmark=true", "wandb=false"])
+    summary, _, _, aupro, _, _ = (cells(t) for t in md.split("\n\n") if t.startswith("|"))
+    assert summary[0] == ["method", "image AUROC", "pixel AUROC", "pixel AUPRO", "fit s"] + [
+        "ms/image",
+        "runs",
+    ]
+    assert summary[1][3] == "0.810 (1/2)"
+    assert aupro == [["method", "bottle", "wood", "mean"], ["padim", "—", "0.810", "0.810 (1/2)"]]
+    assert (sweep / "benchmark_pixel_aupro.csv").exists()
+
+
 def test_report_reads_test_label_metrics_of_new_and_older_runs(tmp_path: Path) -> None:
     """Leak-free runs keep f1_at_defect_ratio out of `metrics` (it uses the test labels' defect
     ratio); results.json written before that held it in `metrics`. One key reads both."""

@@ -45,6 +45,7 @@ def test_single_run_writes_complete_results(tmp_path: Path) -> None:
     assert saved["status"] == "finished"
     assert saved["metrics"]["image_auroc"] == pytest.approx(results["metrics"]["image_auroc"])
     assert 0.0 <= saved["metrics"]["image_auroc"] <= 1.0 and "pixel_auroc" in saved["metrics"]
+    assert 0.0 <= saved["metrics"]["pixel_aupro"] <= 1.0
     assert saved["config"]["model"]["_target_"] == "ad_lightning.models.skip_dfr.SkipDFR"
     assert saved["config"]["model"]["distance"] == "combined"  # model/skip_dfr.yaml's default
     assert saved["config"]["trainer"]["max_epochs"] == 3 and saved["checkpoint"]["epochs"] == 3

@@ -2,6 +2,7 @@
 post-processing module (thresholds and normalisation as buffers), computed once for every
 method."""
 
+from ad_lightning.metrics.aupro import aupro
 from ad_lightning.metrics.evaluation import EvalConfig, Evaluation, require_threshold_split
 from ad_lightning.metrics.evaluator import evaluate_scores, pixel_auroc, threshold_stats
 from ad_lightning.metrics.postprocess import PostProcessor
@@ -15,6 +16,7 @@ __all__ = [
     "EvalConfig",
     "Evaluation",
     "PostProcessor",
+    "aupro",
     "defect_ratio_threshold",
     "evaluate_scores",
     "f1_optimal_threshold",

@@ -3,7 +3,7 @@
 The model's Lightning hooks hand each piece to an `Evaluation`: before the test epoch it scores
 the normal validation images (and the labelled `data.threshold_split`) and fits the thresholds a
 model ships with; per test batch it times the scoring and keeps the per-image records, the
-full-size maps and masks (for an exact pixel AUROC) and small maps for heat maps; at the end it
+full-size maps and masks (for an exact pixel AUROC and AUPRO) and small maps for heat maps; at the end it
 gathers all ranks, computes the metrics and the normalisation, and returns `TestResults`.
 It knows a method only as a function from a batch to its scores.
 """
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ad_lightning.checks import choice
 from ad_lightning.distributed import all_gather_objects
+from ad_lightning.metrics.aupro import aupro
 from ad_lightning.metrics.evaluator import evaluate_scores, flatten, pixel_auroc
 from ad_lightning.metrics.thresholds import f1_optimal_threshold, false_alarm_threshold
 from ad_lightning.results import TestResults
@@ -53,6 +54,8 @@ class EvalConfig:
     false_alarm_rate: float = 0.01
     kept_map_size: int = 128
     threshold: str = "false_alarm_rate"
+    #: pixel AUPRO integrates the PRO curve up to this false-positive rate (MVTec AD: 0.3)
+    aupro_fpr_limit: float = 0.3
 
     @classmethod
     def checked(
@@ -61,15 +64,19 @@ class EvalConfig:
         false_alarm_rate: float = 0.01,
         kept_map_size: int = 128,
         threshold: str = "false_alarm_rate",
+        aupro_fpr_limit: float = 0.3,
     ) -> EvalConfig:
         """The run's `protocol` and `eval.*` keys, each checked (a typo fails before fit)."""
         if not 0 <= false_alarm_rate < 1:
             raise ValueError(f"eval.false_alarm_rate={false_alarm_rate} must be in [0, 1)")
+        if not 0 < aupro_fpr_limit <= 1:
+            raise ValueError(f"eval.aupro_fpr_limit={aupro_fpr_limit} must be in (0, 1]")
         return cls(
             choice("protocol", protocol, PROTOCOLS),
             float(false_alarm_rate),
             int(kept_map_size),
             choice("eval.threshold", threshold, THRESHOLD_RULES),
+            float(aupro_fpr_limit),
         )
 
 
@@ -169,8 +176,9 @@ def gather_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def gather_pixels(
     pixels: dict[str, tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """All ranks' maps and masks, one piece per image path: DistributedSampler pads its last
+) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """All ranks' full-size maps and masks, one of each per image path (sorted by path), kept
+    per image (AUPRO finds regions within each mask): DistributedSampler pads its last
     batches with images another rank also scores, whose pixels must count once."""
     unique: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for part in all_gather_objects(pixels):
@@ -178,9 +186,20 @@ def gather_pixels(
     if not unique:
         return None
     paths = sorted(unique)
-    maps = torch.cat([unique[p][0].flatten() for p in paths])
-    masks = torch.cat([unique[p][1].flatten() for p in paths])
-    return maps, masks
+    return [unique[p][0] for p in paths], [unique[p][1] for p in paths]
+
+
+def pixel_metrics(
+    maps: list[torch.Tensor], masks: list[torch.Tensor], fpr_limit: float
+) -> dict[str, float]:
+    """Pixel AUROC over every pixel at once, and AUPRO up to `fpr_limit` (when the masks hold
+    both a defect region and a normal pixel, without which its curve is undefined)."""
+    flat_maps = torch.cat([m.flatten() for m in maps])
+    flat_masks = torch.cat([k.flatten() for k in masks])
+    metrics = {"pixel_auroc": pixel_auroc(flat_maps, flat_masks)}
+    if flat_masks.any() and not flat_masks.all():
+        metrics["pixel_aupro"] = aupro(maps, masks, fpr_limit)
+    return metrics
 
 
 def gather_maps(maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -326,7 +345,7 @@ class Evaluation:
         pixels = gather_pixels(self.pixels) if self.has_masks else None
         self.pixels = {}
         if pixels is not None:
-            metrics["pixel_auroc"] = pixel_auroc(*pixels)
+            metrics |= pixel_metrics(*pixels, self.config.aupro_fpr_limit)
         return TestResults(
             primary_score=self.primary_score,
             metrics=metrics,

@@ -102,8 +102,11 @@ class AnomalyModule(pl.LightningModule):
         false_alarm_rate: float = 0.01,
         kept_map_size: int = 128,
         threshold: str = "false_alarm_rate",
+        aupro_fpr_limit: float = 0.3,
     ) -> None:
-        self.eval_config = EvalConfig.checked(protocol, false_alarm_rate, kept_map_size, threshold)
+        self.eval_config = EvalConfig.checked(
+            protocol, false_alarm_rate, kept_map_size, threshold, aupro_fpr_limit
+        )
 
     # ---- checkpoints ----------------------------------------------------------------
     def frozen_prefixes(self) -> tuple[str, ...]:
