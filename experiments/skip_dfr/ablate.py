@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from ad_lightning.metrics.aupro import aupro
 from ad_lightning.metrics.evaluator import pixel_auroc
 from ad_lightning.models.skip_dfr import widths_for
 from ad_lightning.nn.skip_ae import SkipAutoencoder
@@ -158,7 +159,6 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
     c = train.shape[1]
     ae = SkipAutoencoder(c, widths_for(c, p["width_ratio"], 3), p["skips"])
     opt = torch.optim.Adam(ae.parameters(), lr=p["lr"])
-    per_epoch = math.ceil(len(train) / p["batch"])
     best, best_state, step = math.inf, None, 0
     gen = torch.Generator().manual_seed(p["seed"])
     while step < p["steps"]:
@@ -196,43 +196,46 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
         return torch.cat([upsample_and_smooth(grid[i : i + 32], hw, p["sigma"]) for i in range(0, len(grid), 32)])
 
     vparts = batched(ae, val)
-    if p["norm"] == "mean":
-        ref_low = torch.zeros(2)
-        ref_scale = vparts.double().mean((1, 2, 3)).float()
-    else:  # quantiles of the (upsampled, smoothed) normal validation part maps
-        ups = torch.stack([torch.cat([upsample_and_smooth(vparts[j, i : i + 32], hw, p["sigma"]) for i in range(0, vparts.shape[1], 32)]) for j in range(2)])
-        flat = ups.flatten(1)
-        sample = flat[:, torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(0))[:2_000_000]]
-        q = torch.quantile(sample, torch.tensor([0.9, 0.995]), dim=1)  # [2 quantiles, 2 parts]
-        ref_low, ref_scale = q[0], (q[1] - q[0]).clamp_min(1e-8)
-    t1 = time.perf_counter()
-    test_maps = maps_of(test)
-    val_maps = maps_of(val)
-    infer_ms = 1000 * (time.perf_counter() - t1) / (len(test) + len(val))
     labels = data["test"]["labels"]
-    flat = test_maps.flatten(1)
-    k1 = max(1, flat.shape[1] // 100)
-    k01 = max(1, flat.shape[1] // 1000)
-    scores = {
-        "max": flat.amax(1),
-        "mean": flat.mean(1),
-        "top1pct": flat.topk(k1, 1).values.mean(1),
-        "top01pct": flat.topk(k01, 1).values.mean(1),
-    }
-    if p["global_weight"] > 0:
-        g = global_scores(data, mean, std)
-        vflat = val_maps.flatten(1).amax(1)
-        zmap = (scores["max"] - vflat.mean()) / vflat.std()
-        scores["max_global"] = zmap + p["global_weight"] * g
-        scores["global"] = g
-    row: dict[str, Any] = {"category": category, "fit_s": round(fit_s, 1), "steps": step, "val_loss": best}
-    for name, s in scores.items():
-        row[f"image_{name}"] = float(binary_auroc(unit(s), labels.long()))
     masks = data["test"]["masks"]
-    mflat = torch.cat([m.flatten() for m in masks])
-    mp = torch.cat([F.interpolate(test_maps[i][None, None], size=m.shape, mode="bilinear", align_corners=False).flatten() if m.shape != test_maps[i].shape else test_maps[i].flatten() for i, m in enumerate(masks)])
-    row["pixel_auroc"] = pixel_auroc(mp, mflat)
-    row["ae_ms_per_image"] = round(infer_ms, 2)
+    row: dict[str, Any] = {"category": category, "fit_s": round(fit_s, 1), "steps": step, "val_loss": best}
+    for norm in ("mean", "quantile"):
+        if norm == "mean":
+            ref_low = torch.zeros(2)
+            ref_scale = vparts.double().mean((1, 2, 3)).float()
+        else:  # quantiles of the (upsampled, smoothed) normal validation part maps
+            ups = torch.stack([torch.cat([upsample_and_smooth(vparts[j, i : i + 32], hw, p["sigma"]) for i in range(0, vparts.shape[1], 32)]) for j in range(2)])
+            flat = ups.flatten(1)
+            sample = flat[:, torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(0))[:2_000_000]]
+            q = torch.quantile(sample, torch.tensor([0.9, 0.995]), dim=1)  # [2 quantiles, 2 parts]
+            ref_low, ref_scale = q[0], (q[1] - q[0]).clamp_min(1e-8)
+        t1 = time.perf_counter()
+        test_maps = maps_of(test)
+        infer_ms = 1000 * (time.perf_counter() - t1) / len(test)
+        val_maps = maps_of(val)
+        flat = test_maps.flatten(1)
+        k1 = max(1, flat.shape[1] // 100)
+        k01 = max(1, flat.shape[1] // 1000)
+        scores = {
+            "max": flat.amax(1),
+            "mean": flat.mean(1),
+            "top1pct": flat.topk(k1, 1).values.mean(1),
+            "top01pct": flat.topk(k01, 1).values.mean(1),
+        }
+        if p["global_weight"] > 0:
+            g = global_scores(data, mean, std)
+            vmax = val_maps.flatten(1).amax(1)
+            zmap = (scores["max"] - vmax.mean()) / vmax.std()
+            scores["max_global"] = zmap + p["global_weight"] * g
+            scores["global"] = g
+        pre = "" if norm == p["norm"] else f"{norm}_"
+        for name, s in scores.items():
+            row[f"{pre}image_{name}"] = float(binary_auroc(unit(s), labels.long()))
+        full = [F.interpolate(test_maps[i][None, None], size=m.shape, mode="bilinear", align_corners=False)[0, 0] if m.shape != test_maps[i].shape else test_maps[i] for i, m in enumerate(masks)]
+        row[f"{pre}pixel_auroc"] = pixel_auroc(torch.cat([m.flatten() for m in full]), torch.cat([m.flatten() for m in masks]))
+        if not pre:
+            row["pixel_aupro"] = aupro(full, masks, 0.3)
+            row["ae_ms_per_image"] = round(infer_ms, 2)
     return row
 
 
@@ -287,7 +290,7 @@ def main() -> None:
         for f in sorted(OUT.glob("*.json"), key=lambda f: f.stat().st_mtime):
             r = json.loads(f.read_text())
             cells = " | ".join(
-                f"{x['category'][:5]} {x['image_max']:.3f}/{x['image_top01pct']:.3f}/{x['pixel_auroc']:.3f} {x['fit_s']:.0f}s"
+                f"{x['category'][:5]} {x['image_max']:.3f}/{x['image_top01pct']:.3f}/{x['pixel_auroc']:.3f}/{x.get('pixel_aupro', 0):.3f} {x['fit_s']:.0f}s"
                 for x in r["rows"]
             )
             print(f"{f.stem:24s} {cells}")
