@@ -70,3 +70,47 @@ def test_standardisation_uses_training_statistics_and_is_saved() -> None:
     fresh = SkipDFR(FeatureExtractor("efficientnet_lite0", feature_size=8), standardize=True)
     fresh.load_state_dict(model.state_dict(), strict=False)
     torch.testing.assert_close(fresh.features({"features": feats}), z)
+
+
+@pytest.mark.parametrize("norm", ["mean", "tail"])
+def test_combined_distance_parts_are_scaled_by_their_normal_mean_or_tail_spread(norm) -> None:
+    """`distance_norm=tail` divides each part by q0.995 - q0.9 of the image-sized, smoothed
+    normal maps (computed here directly, every pixel: a 64 x 64 map is under the sample size),
+    `mean` by the part's mean on the feature grid."""
+    from ad_lightning.models.families.feature_reconstruction import residual_distance
+    from ad_lightning.nn.smoothing import upsample_and_smooth
+
+    torch.manual_seed(0)
+    model = SkipDFR(
+        FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8),
+        distance_norm=norm,
+    ).eval()
+    c = model.backbone.out_channels
+    loader = [
+        {"features": torch.randn(3, c, 8, 8), "image": torch.zeros(3, 3, 64, 64)}
+        for _ in range(2)
+    ]
+    model.fit_distance_scale(loader)
+    expected = []
+    with torch.no_grad():
+        for i, how in enumerate(("l2", "cosine")):
+            grids = [
+                residual_distance(model.autoencoder(b["features"]), b["features"], how)
+                for b in loader
+            ]
+            if norm == "mean":
+                expected.append(torch.cat(grids).double().mean())
+            else:
+                maps = torch.cat([upsample_and_smooth(g, (64, 64), model.sigma) for g in grids])
+                q = torch.quantile(maps.double().flatten(), torch.tensor([0.9, 0.995]).double())
+                expected.append(q[1] - q[0])
+    torch.testing.assert_close(model.distance_scale, torch.stack(expected).float())
+    assert bool(model.scale_fitted)
+
+
+def test_an_unknown_distance_norm_is_named() -> None:
+    with pytest.raises(ValueError, match="model.distance_norm"):
+        SkipDFR(
+            FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8),
+            distance_norm="median",
+        )

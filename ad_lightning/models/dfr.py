@@ -45,6 +45,7 @@ class DFR(FeatureReconstructionModule):
         standardize: bool = False,
         sigma: float = 0.0,
         stats_images: int = 512,
+        distance_norm: str = "mean",
     ) -> None:
         autoencoder = (
             PointwiseAutoencoder(backbone.out_channels, latent_channels)
@@ -52,7 +53,15 @@ class DFR(FeatureReconstructionModule):
             else None
         )
         super().__init__(
-            backbone, autoencoder, lr, score, distance, standardize, sigma, stats_images
+            backbone,
+            autoencoder,
+            lr,
+            score,
+            distance,
+            standardize,
+            sigma,
+            stats_images,
+            distance_norm,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.pca_variance = pca_variance

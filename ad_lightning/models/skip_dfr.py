@@ -40,11 +40,20 @@ class SkipDFR(FeatureReconstructionModule):
         standardize: bool = True,
         sigma: float = 4.0,
         stats_images: int = 512,
+        distance_norm: str = "mean",
     ) -> None:
         widths = list(widths) if widths else widths_for(backbone.out_channels, width_ratio, levels)
         autoencoder = SkipAutoencoder(backbone.out_channels, widths, skips)
         super().__init__(
-            backbone, autoencoder, lr, score, distance, standardize, sigma, stats_images
+            backbone,
+            autoencoder,
+            lr,
+            score,
+            distance,
+            standardize,
+            sigma,
+            stats_images,
+            distance_norm,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.skips = skips

@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "sigma": 4.0,
     "global_weight": 0.0,  # weight of a Mahalanobis score of pooled features (0 = off)
     "seed": 0,
+    "sched": "none",  # none | cosine (learning rate annealed to 0 over the steps)
 }
 
 
@@ -159,6 +160,11 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
     c = train.shape[1]
     ae = SkipAutoencoder(c, widths_for(c, p["width_ratio"], 3), p["skips"])
     opt = torch.optim.Adam(ae.parameters(), lr=p["lr"])
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, p["steps"])
+        if p["sched"] == "cosine"
+        else None
+    )
     best, best_state, step = math.inf, None, 0
     gen = torch.Generator().manual_seed(p["seed"])
     while step < p["steps"]:
@@ -173,6 +179,8 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             step += 1
             if step >= p["steps"]:
                 break

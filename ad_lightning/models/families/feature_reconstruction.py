@@ -13,7 +13,11 @@ Three choices make the residual hold on real data, each a config key:
   `combined`, both divided by their mean on normal validation images (set before testing)
   and summed: on our three real categories neither alone holds on all (l2 fails on tire,
   cosine on magnetic tile; experiments/benchmark/README.md);
-- `sigma`: Gaussian smoothing of the upsampled map (input pixels) before the image score.
+- `sigma`: Gaussian smoothing of the upsampled map (input pixels) before the image score;
+- `distance_norm` (with `combined`): what each part is divided by, its `mean` over the normal
+  validation maps, or its `tail` spread there, q0.995 - q0.9 of the upsampled, smoothed maps
+  (EfficientAD's quantile map normalisation, arXiv 2303.14535): a max score lives in the tail
+  of the normal residuals, which the mean does not measure (experiments/skip_dfr/README.md).
 
 Because FE is frozen, training reads features computed once per image from a
 `FeatureStore` (backbones/feature_store.py) when the batch carries them.
@@ -40,6 +44,11 @@ log = logging.getLogger(__name__)
 
 SCORE_REDUCTIONS = ("max", "mean", "top1pct")
 DISTANCES = ("l2", "cosine", "combined")
+DISTANCE_NORMS = ("mean", "tail")
+#: quantiles of the normal validation maps whose spread `distance_norm=tail` divides by
+TAIL_QUANTILES = (0.9, 0.995)
+#: pixels sampled per validation map for those quantiles
+TAIL_PIXELS_PER_MAP = 16384
 
 
 def reduce_map(residual: torch.Tensor, how: str) -> torch.Tensor:
@@ -95,6 +104,7 @@ class FeatureReconstructionModule(AnomalyModule):
         standardize: bool = False,
         sigma: float = 0.0,
         stats_images: int = 512,
+        distance_norm: str = "mean",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -102,6 +112,7 @@ class FeatureReconstructionModule(AnomalyModule):
         self.lr = lr
         self.primary_score = choice("model.score", score, self.score_names)
         self.distance = choice("model.distance", distance, DISTANCES)
+        self.distance_norm = choice("model.distance_norm", distance_norm, DISTANCE_NORMS)
         self.standardize = standardize
         self.sigma = float(sigma)
         self.stats_images = stats_images
@@ -118,6 +129,7 @@ class FeatureReconstructionModule(AnomalyModule):
         facts: dict[str, Any] = {
             "backbone": self.backbone.describe(),
             "distance": self.distance,
+            "distance_norm": self.distance_norm,
             "standardize": self.standardize,
             "sigma": self.sigma,
         }
@@ -190,17 +202,48 @@ class FeatureReconstructionModule(AnomalyModule):
 
     @torch.no_grad()
     def fit_distance_scale(self, loader: Any) -> None:
-        """Mean l2 and cosine residual over the maps of normal images (the scored checkpoint)."""
-        sums, n = torch.zeros(2, dtype=torch.float64), 0
+        """Per part (l2, cosine), the scale of its maps on normal images (the scored checkpoint):
+        their mean (`distance_norm=mean`), or the spread q0.995 - q0.9 of the image-sized,
+        smoothed maps that scores and thresholds are taken from (`tail`)."""
+        if self.distance_norm == "tail":
+            scale = self.tail_spread(loader)
+        else:
+            sums, n = torch.zeros(2, dtype=torch.float64), 0
+            for batch in loader:
+                batch = {
+                    k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()
+                }
+                feats = self.features(batch)
+                rec = self.autoencoder(feats)
+                for i, how in enumerate(("l2", "cosine")):
+                    sums[i] += residual_distance(rec, feats, how).double().mean((1, 2)).sum().cpu()
+                n += len(feats)
+            scale = sums / max(n, 1)
+        self.distance_scale = scale.clamp_min(1e-8).float().to(self.device)
+        self.scale_fitted = torch.tensor(True, device=self.device)
+
+    def tail_spread(self, loader: Any) -> torch.Tensor:
+        """q0.995 - q0.9 of each part's upsampled, smoothed normal maps, on a fixed random
+        sample of pixels per map (float64 [2])."""
+        generator = torch.Generator().manual_seed(0)
+        samples: list[list[torch.Tensor]] = [[], []]
         for batch in loader:
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             feats = self.features(batch)
             rec = self.autoencoder(feats)
+            size = tuple(batch["image"].shape[-2:])
             for i, how in enumerate(("l2", "cosine")):
-                sums[i] += residual_distance(rec, feats, how).double().mean((1, 2)).sum().cpu()
-            n += len(feats)
-        self.distance_scale = (sums / max(n, 1)).clamp_min(1e-8).float().to(self.device)
-        self.scale_fitted = torch.tensor(True, device=self.device)
+                maps = upsample_and_smooth(residual_distance(rec, feats, how), size, self.sigma)
+                flat = maps.flatten(1).cpu()
+                n = min(TAIL_PIXELS_PER_MAP, flat.shape[1])
+                pick = torch.randperm(flat.shape[1], generator=generator)[:n]
+                samples[i].append(flat[:, pick].flatten())
+        levels = torch.tensor(TAIL_QUANTILES, dtype=torch.float64)
+        spreads = []
+        for part in samples:
+            low, high = torch.quantile(torch.cat(part).double(), levels)
+            spreads.append(high - low)
+        return torch.stack(spreads)
 
     def on_test_start(self) -> None:
         if self.distance == "combined" and not bool(self.scale_fitted):
