@@ -295,14 +295,34 @@ def main() -> None:
         (OUT / f"{name}.json").write_text(json.dumps({"params": p, "rows": rows}, indent=1))
         return
     if cmd == "table":
-        for f in sorted(OUT.glob("*.json"), key=lambda f: f.stat().st_mtime):
-            r = json.loads(f.read_text())
-            cells = " | ".join(
-                f"{x['category'][:5]} {x['image_max']:.3f}/{x['image_top01pct']:.3f}/{x['pixel_auroc']:.3f}/{x.get('pixel_aupro', 0):.3f} {x['fit_s']:.0f}s"
-                for x in r["rows"]
-            )
-            print(f"{f.stem:24s} {cells}")
+        print(table(sys.argv[2:]))
 
+
+def table(names: list[str]) -> str:
+    """Markdown: per variant (and its tail-normalised twin) image / pixel AUROC / AUPRO per
+    category, the mean image AUROC, fit seconds and AE + map ms per image."""
+    files = [OUT / f"{n}.json" for n in names] or sorted(OUT.glob("*.json"), key=lambda f: f.stat().st_mtime)
+    head = "| variant | norm | " + " | ".join(f"{c} img / pix / AUPRO" for c in CATEGORIES)
+    head += " | mean img | fit s | AE+map ms/img |\n|" + "---|" * (len(CATEGORIES) + 5)
+    lines = [head]
+    for f in files:
+        r = json.loads(f.read_text())
+        rows = {x["category"]: x for x in r["rows"]}
+        for norm, pre in (("mean", ""), ("tail", "quantile_")):
+            cells, imgs = [], []
+            for c in CATEGORIES:
+                x = rows.get(c)
+                if x is None:
+                    cells.append("-")
+                    continue
+                imgs.append(x[f"{pre}image_max"])
+                aupro_cell = f"{x['pixel_aupro']:.3f}" if not pre else "-"
+                cells.append(f"{x[f'{pre}image_max']:.3f} / {x[f'{pre}pixel_auroc']:.3f} / {aupro_cell}")
+            mean = f"{sum(imgs) / len(imgs):.3f}" if len(imgs) == len(CATEGORIES) else "-"
+            fit = " / ".join(f"{rows[c]['fit_s']:.0f}" if c in rows else "-" for c in CATEGORIES)
+            ms = " / ".join(f"{rows[c]['ae_ms_per_image']:.1f}" if c in rows else "-" for c in CATEGORIES)
+            lines.append(f"| {f.stem} | {norm} | " + " | ".join(cells) + f" | {mean} | {fit} | {ms} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
