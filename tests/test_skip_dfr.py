@@ -255,3 +255,39 @@ def test_global_branch_unfitted_or_negative_is_refused() -> None:
     batch = _feature_batch(torch.randn(2, model.backbone.out_channels, 8, 8))
     with pytest.raises(RuntimeError, match="global"):
         model.score(batch)
+
+
+def test_global_branch_runs_through_fit_and_test(synthetic_root) -> None:
+    """Fit (setup fits the branch) and test (on_test_start fits its validation statistics):
+    the results carry the pure `global` score beside the combined ones."""
+    dm = synthetic_dm(synthetic_root, "object", 64)
+    model = SkipDFR(
+        FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8),
+        global_weight=1.0,
+        stats_images=16,
+    )
+    results = fit_and_test(model, dm, epochs=0)
+    assert model.global_precision.shape == (2 * model.backbone.out_channels,) * 2
+    assert model.global_val.shape == (2,) and model.score_val_std.shape == (3,)
+    assert {"global", "residual_max"} <= set(results["scores"])
+
+
+def test_global_branch_exports_to_onnx_with_parity(tmp_path) -> None:
+    """The distance is plain matrix algebra: the exported graph scores as PyTorch does
+    (export_onnx raises on a disagreement beyond its tolerance)."""
+    from pathlib import Path
+
+    from ad_lightning.deploy.bundle import Bundle, Preprocess
+    from ad_lightning.deploy.export import export_onnx
+
+    model = _small_skip_dfr(global_weight=1.0)
+    generator = torch.Generator().manual_seed(2)
+    images = [torch.rand(8, 3, 64, 64, generator=generator) for _ in range(3)]
+    with torch.no_grad():
+        train = torch.cat([model.backbone(x) for x in images[:2]])
+    model.training_features = lambda n: train[:n]
+    model.setup("fit")
+    model.fit_global_scale([{"image": images[2]}])
+    bundle = Bundle(model, Preprocess((64, 64), 3, "none"), None, {}, Path("unused.pt"))
+    figures = export_onnx(bundle, tmp_path / "model.onnx")
+    assert figures["max_abs_diff_score"] <= 1e-3 * figures["score_range"] + 1e-6, figures

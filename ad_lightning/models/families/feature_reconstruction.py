@@ -276,8 +276,8 @@ class FeatureReconstructionModule(AnomalyModule):
                 scores[name].append(out.image[name].double().cpu())
         g = torch.cat(distances)
         stds = torch.stack([torch.cat(s).std(unbiased=False) for s in scores.values()])
-        self.global_val = torch.stack([g.mean(), g.std(unbiased=False).clamp_min(1e-8)])
-        self.global_val = self.global_val.float().to(self.device)
+        g_val = torch.stack([g.mean(), g.std(unbiased=False).clamp_min(1e-8)])
+        self.global_val = g_val.float().to(self.device)
         self.score_val_std = stds.clamp_min(1e-8).float().to(self.device)
 
     def _load_from_state_dict(
