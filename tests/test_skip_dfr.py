@@ -114,3 +114,181 @@ def test_an_unknown_distance_norm_is_named() -> None:
             FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8),
             distance_norm="median",
         )
+
+
+# ---- global branch (model.global_weight, issue 20) ----------------------------------------
+
+
+def _small_skip_dfr(**kw) -> SkipDFR:
+    torch.manual_seed(0)
+    backbone = FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8)
+    return SkipDFR(backbone, distance="l2", **kw).eval()
+
+
+def _feature_batch(feats: torch.Tensor) -> dict:
+    return {"features": feats, "image": torch.zeros(len(feats), 3, 32, 32)}
+
+
+def _fitted_global_model(weight: float) -> tuple[SkipDFR, torch.Tensor]:
+    """A small Skip-DFR with the global branch fitted as a run fits it (setup, then on the
+    normal validation images); also returns other normal features."""
+    model = _small_skip_dfr(global_weight=weight)
+    c = model.backbone.out_channels
+    generator = torch.Generator().manual_seed(1)
+    scale = torch.linspace(0.5, 3, c)[:, None, None]
+    train, val, normal = (
+        torch.randn(n, c, 8, 8, generator=generator) * scale + 2 for n in (64, 24, 6)
+    )
+    model.training_features = lambda n: train[:n]  # what setup reads, without a trainer
+    model.setup("fit")
+    model.fit_global_scale([_feature_batch(val[i : i + 8]) for i in range(0, len(val), 8)])
+    return model, normal
+
+
+def test_global_distance_is_the_ledoit_wolf_mahalanobis_distance_of_standardised_descriptors():
+    import numpy as np
+    from sklearn.covariance import LedoitWolf
+
+    from ad_lightning.models.families.global_branch import fit_global_gaussian, global_distance
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(40, 12)) @ rng.normal(size=(12, 12)) * rng.uniform(0.1, 5, 12) + 3
+    query = rng.normal(size=(5, 12)) * 2 + 3
+    mean, std, precision = fit_global_gaussian(torch.from_numpy(train))
+    got = global_distance(torch.from_numpy(query).float(), mean, std, precision)
+
+    mu, sd = train.mean(0), train.std(0)
+    lw = LedoitWolf().fit((train - mu) / sd)
+    inverse = np.linalg.inv(lw.covariance_)
+    expected = []
+    for x in query:
+        d = (x - mu) / sd
+        expected.append(
+            np.sqrt(sum(d[i] * inverse[i, j] * d[j] for i in range(12) for j in range(12)))
+        )
+    np.testing.assert_allclose(got.numpy(), np.array(expected), rtol=1e-4)
+
+
+def test_global_weight_zero_scores_as_before_and_old_state_dicts_load_strictly() -> None:
+    from ad_lightning.models.families.feature_reconstruction import (
+        GLOBAL_BUFFERS,
+        SCORE_REDUCTIONS,
+        reduce_map,
+        residual_distance,
+    )
+    from ad_lightning.nn.smoothing import upsample_and_smooth
+
+    plain, off = _small_skip_dfr(standardize=True), _small_skip_dfr(global_weight=0.0)
+    c = plain.backbone.out_channels
+    feats = torch.randn(4, c, 8, 8) * 2 + 1
+    plain.fit_feature_statistics(feats)
+    old = {k: v for k, v in plain.state_dict().items() if k not in GLOBAL_BUFFERS}
+    assert len(old) == len(plain.state_dict()) - len(GLOBAL_BUFFERS)
+    off.load_state_dict(old, strict=True)  # a file written before the branch
+    assert all(getattr(off, name).numel() == 0 for name in GLOBAL_BUFFERS)
+    batch = _feature_batch(torch.randn(3, c, 8, 8))
+    with torch.no_grad():
+        a, b = plain.score(batch), off.score(batch)
+        z = plain.features(batch)  # the score as it was computed before the branch
+        reference = upsample_and_smooth(
+            residual_distance(plain.autoencoder(z), z, "l2", plain.distance_scale), (32, 32), 4.0
+        )
+    assert set(a.image) == set(b.image) == set(plain.score_names)
+    assert torch.equal(a.map, b.map) and torch.equal(a.map, reference)
+    for how in SCORE_REDUCTIONS:
+        name = f"residual_{how}"
+        assert torch.equal(a.image[name], b.image[name])
+        assert torch.equal(a.image[name], reduce_map(reference, how))
+
+
+def test_global_weight_raises_the_score_of_globally_shifted_features_not_the_map() -> None:
+    on, normal = _fitted_global_model(1.0)
+    off = _small_skip_dfr(global_weight=0.0)
+    off.load_state_dict(on.state_dict(), strict=True)
+    assert on.global_precision.shape == (2 * normal.shape[1],) * 2
+    batch_normal, batch_shifted = _feature_batch(normal), _feature_batch(normal + 1.0)
+    with torch.no_grad():
+        on_normal, on_shifted = on.score(batch_normal), on.score(batch_shifted)
+        off_shifted = off.score(batch_shifted)
+    assert torch.equal(on_shifted.map, off_shifted.map)
+    assert "global" in on_shifted.image and "global" not in off_shifted.image
+    assert on_shifted.image["global"].min() > 3 * on_normal.image["global"].max()
+    for i, name in enumerate(on.score_names):
+        spread = on.score_val_std[i]
+        gain = on_shifted.image[name] - off_shifted.image[name]
+        assert gain.min() > 5 * spread, (name, gain, spread)  # the branch adds w * std * z(g)
+        assert on_shifted.image[name].min() > on_normal.image[name].max() + 3 * spread
+
+
+def test_setup_computes_training_features_once_for_statistics_and_global_branch() -> None:
+    model = _small_skip_dfr(global_weight=0.5)
+    feats = torch.randn(10, model.backbone.out_channels, 8, 8) * 3 + 1
+    calls = []
+    model.training_features = lambda n: calls.append(n) or feats
+    model.setup("fit")
+    assert calls == [model.stats_images] and bool(model.stats_fitted)
+    z = model.standardised(feats)
+    expected_mean = torch.cat([z.mean((2, 3)), z.amax((2, 3))], 1).mean(0)
+    torch.testing.assert_close(model.global_mean, expected_mean, atol=1e-5, rtol=1e-5)
+
+
+def test_global_branch_round_trips_through_the_state_dict() -> None:
+    model, normal = _fitted_global_model(1.0)
+    fresh = _small_skip_dfr(global_weight=1.0)
+    torch.manual_seed(5)  # other AE weights: the load must bring everything
+    fresh.autoencoder.apply(
+        lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None
+    )
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    batch = _feature_batch(normal + 0.5)
+    with torch.no_grad():
+        a, b = model.score(batch), fresh.score(batch)
+    assert set(a.image) == set(b.image) == {*model.score_names, "global"}
+    for name in a.image:
+        assert torch.equal(a.image[name], b.image[name]), name
+    assert torch.equal(a.map, b.map)
+
+
+def test_global_branch_unfitted_or_negative_is_refused() -> None:
+    with pytest.raises(ValueError, match="model.global_weight"):
+        _small_skip_dfr(global_weight=-1.0)
+    model = _small_skip_dfr(global_weight=1.0)
+    batch = _feature_batch(torch.randn(2, model.backbone.out_channels, 8, 8))
+    with pytest.raises(RuntimeError, match="global"):
+        model.score(batch)
+
+
+def test_global_branch_runs_through_fit_and_test(synthetic_root) -> None:
+    """Fit (setup fits the branch) and test (on_test_start fits its validation statistics):
+    the results carry the pure `global` score beside the combined ones."""
+    dm = synthetic_dm(synthetic_root, "object", 64)
+    model = SkipDFR(
+        FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8),
+        global_weight=1.0,
+        stats_images=16,
+    )
+    results = fit_and_test(model, dm, epochs=0)
+    assert model.global_precision.shape == (2 * model.backbone.out_channels,) * 2
+    assert model.global_val.shape == (2,) and model.score_val_std.shape == (3,)
+    assert {"global", "residual_max"} <= set(results["scores"])
+
+
+def test_global_branch_exports_to_onnx_with_parity(tmp_path) -> None:
+    """The distance is plain matrix algebra: the exported graph scores as PyTorch does
+    (export_onnx raises on a disagreement beyond its tolerance)."""
+    from pathlib import Path
+
+    from ad_lightning.deploy.bundle import Bundle, Preprocess
+    from ad_lightning.deploy.export import export_onnx
+
+    model = _small_skip_dfr(global_weight=1.0)
+    generator = torch.Generator().manual_seed(2)
+    images = [torch.rand(8, 3, 64, 64, generator=generator) for _ in range(3)]
+    with torch.no_grad():
+        train = torch.cat([model.backbone(x) for x in images[:2]])
+    model.training_features = lambda n: train[:n]
+    model.setup("fit")
+    model.fit_global_scale([{"image": images[2]}])
+    bundle = Bundle(model, Preprocess((64, 64), 3, "none"), None, {}, Path("unused.pt"))
+    figures = export_onnx(bundle, tmp_path / "model.onnx")
+    assert figures["max_abs_diff_score"] <= 1e-3 * figures["score_range"] + 1e-6, figures

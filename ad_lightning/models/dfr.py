@@ -46,6 +46,7 @@ class DFR(FeatureReconstructionModule):
         sigma: float = 0.0,
         stats_images: int = 512,
         distance_norm: str = "mean",
+        global_weight: float = 0.0,
     ) -> None:
         autoencoder = (
             PointwiseAutoencoder(backbone.out_channels, latent_channels)
@@ -62,6 +63,7 @@ class DFR(FeatureReconstructionModule):
             sigma,
             stats_images,
             distance_norm,
+            global_weight,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.pca_variance = pca_variance

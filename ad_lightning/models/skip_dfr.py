@@ -41,6 +41,7 @@ class SkipDFR(FeatureReconstructionModule):
         sigma: float = 4.0,
         stats_images: int = 512,
         distance_norm: str = "mean",
+        global_weight: float = 0.0,
     ) -> None:
         widths = list(widths) if widths else widths_for(backbone.out_channels, width_ratio, levels)
         autoencoder = SkipAutoencoder(backbone.out_channels, widths, skips)
@@ -54,6 +55,7 @@ class SkipDFR(FeatureReconstructionModule):
             sigma,
             stats_images,
             distance_norm,
+            global_weight,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.skips = skips

@@ -17,7 +17,11 @@ Three choices make the residual hold on real data, each a config key:
 - `distance_norm` (with `combined`): what each part is divided by, its `mean` over the normal
   validation maps, or its `tail` spread there, q0.995 - q0.9 of the upsampled, smoothed maps
   (EfficientAD's quantile map normalisation, arXiv 2303.14535): a max score lives in the tail
-  of the normal residuals, which the mean does not measure (experiments/skip_dfr/README.md).
+  of the normal residuals, which the mean does not measure (experiments/skip_dfr/README.md);
+- `global_weight` (opt-in, 0 = off): adds a global branch for logical anomalies, the
+  Mahalanobis distance of the image's pooled features (families/global_branch.py, PUAD),
+  z-scored on the normal validation images, to every image score (the map is unchanged):
+  it helped on magnetic tile and sank an unseen category (issue 20), so it is off by default.
 
 Because FE is frozen, training reads features computed once per image from a
 `FeatureStore` (backbones/feature_store.py) when the batch carries them.
@@ -35,6 +39,11 @@ from torch import nn
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.checks import choice
 from ad_lightning.models.base import AnomalyModule, Scores
+from ad_lightning.models.families.global_branch import (
+    fit_global_gaussian,
+    global_descriptor,
+    global_distance,
+)
 from ad_lightning.models.families.training_images import training_images
 from ad_lightning.nn.flops import flops_per_image
 from ad_lightning.nn.smoothing import upsample_and_smooth
@@ -49,6 +58,11 @@ DISTANCE_NORMS = ("mean", "tail")
 TAIL_QUANTILES = (0.9, 0.995)
 #: pixels sampled per validation map for those quantiles
 TAIL_PIXELS_PER_MAP = 16384
+#: the global branch's buffers: empty until fitted, sized by what a state dict holds, filled
+#: in when a state dict lacks them (files written before the branch load with it off)
+GLOBAL_BUFFERS = ("global_mean", "global_std", "global_precision", "global_val", "score_val_std")
+#: training images whose pooled descriptors are standardised per chunk (bounds the memory)
+GLOBAL_CHUNK = 64
 
 
 def reduce_map(residual: torch.Tensor, how: str) -> torch.Tensor:
@@ -105,8 +119,11 @@ class FeatureReconstructionModule(AnomalyModule):
         sigma: float = 0.0,
         stats_images: int = 512,
         distance_norm: str = "mean",
+        global_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        if global_weight < 0:
+            raise ValueError(f"model.global_weight={global_weight} must be >= 0 (0 = off)")
         self.backbone = backbone
         self.autoencoder = autoencoder
         self.lr = lr
@@ -116,6 +133,7 @@ class FeatureReconstructionModule(AnomalyModule):
         self.standardize = standardize
         self.sigma = float(sigma)
         self.stats_images = stats_images
+        self.global_weight = float(global_weight)
         # per-channel training statistics (identity until fitted); saved with the model
         self.register_buffer("feature_mean", torch.zeros(backbone.out_channels))
         self.register_buffer("feature_std", torch.ones(backbone.out_channels))
@@ -123,6 +141,13 @@ class FeatureReconstructionModule(AnomalyModule):
         # mean l2 and cosine residual on normal validation images, for distance=combined
         self.register_buffer("distance_scale", torch.ones(2))
         self.register_buffer("scale_fitted", torch.tensor(False))
+        # global branch (registered even when off, so a file with it on loads strictly):
+        # descriptor mean and std [2C] and Ledoit-Wolf precision [2C, 2C] from training images;
+        # the mean and std of its distance [2], and each image score's std [3], on normal
+        # validation images
+        for name in GLOBAL_BUFFERS:
+            shape = (0, 0) if name == "global_precision" else (0,)
+            self.register_buffer(name, torch.zeros(shape))
         self._input_hw: tuple[int, int] | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -133,6 +158,8 @@ class FeatureReconstructionModule(AnomalyModule):
             "standardize": self.standardize,
             "sigma": self.sigma,
         }
+        if self.global_weight > 0:
+            facts["global_weight"] = self.global_weight
         if self._input_hw is not None and self.autoencoder is not None:
             facts["flops_per_image"] = self.flops()
         return facts
@@ -186,8 +213,17 @@ class FeatureReconstructionModule(AnomalyModule):
         return torch.cat(feats)[:max_images]
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.standardize and not bool(self.stats_fitted):
-            self.fit_feature_statistics(self.training_features(self.stats_images))
+        if stage != "fit":
+            return
+        fit_stats = self.standardize and not bool(self.stats_fitted)
+        fit_global = self.global_weight > 0 and self.global_mean.numel() == 0
+        if not (fit_stats or fit_global):
+            return
+        feats = self.training_features(self.stats_images)  # once, for both
+        if fit_stats:
+            self.fit_feature_statistics(feats)
+        if fit_global:
+            self.fit_global_statistics(feats)
 
     @torch.no_grad()
     def fit_feature_statistics(self, feats: torch.Tensor) -> None:
@@ -199,6 +235,65 @@ class FeatureReconstructionModule(AnomalyModule):
             torch.where(std > 1e-6, std, torch.ones_like(std)).float().to(self.feature_std.device)
         )
         self.stats_fitted = torch.tensor(True, device=self.stats_fitted.device)
+
+    @torch.no_grad()
+    def fit_global_statistics(self, feats: torch.Tensor) -> None:
+        """The Gaussian of the training images' pooled descriptors (of the standardised
+        features, so after `fit_feature_statistics`)."""
+        descriptors = torch.cat(
+            [
+                global_descriptor(self.standardised(feats[i : i + GLOBAL_CHUNK]))
+                for i in range(0, len(feats), GLOBAL_CHUNK)
+            ]
+        )
+        device = self.feature_mean.device
+        mean, std, precision = fit_global_gaussian(descriptors)
+        self.global_mean, self.global_std = mean.to(device), std.to(device)
+        self.global_precision = precision.to(device)
+
+    def global_score(self, feats: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] standardised features -> [B] Mahalanobis distances of their pooled
+        descriptors to the training images'."""
+        if self.global_mean.numel() == 0:
+            raise RuntimeError(
+                "model.global_weight > 0 but the global branch was not fitted: it is fitted "
+                "on the training images at fit time (a model trained without it lacks it)"
+            )
+        return global_distance(
+            global_descriptor(feats), self.global_mean, self.global_std, self.global_precision
+        )
+
+    @torch.no_grad()
+    def fit_global_scale(self, loader: Any) -> None:
+        """On normal validation images: the mean and std of the global distance, and the std
+        of each image score, that `score` z-scores the distance with and brings it back in."""
+        distances, scores = [], {name: [] for name in self.score_names}
+        for batch in loader:
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            feats, out = self.residual_scores(batch)
+            distances.append(self.global_score(feats).double().cpu())
+            for name in self.score_names:
+                scores[name].append(out.image[name].double().cpu())
+        g = torch.cat(distances)
+        stds = torch.stack([torch.cat(s).std(unbiased=False) for s in scores.values()])
+        g_val = torch.stack([g.mean(), g.std(unbiased=False).clamp_min(1e-8)])
+        self.global_val = g_val.float().to(self.device)
+        self.score_val_std = stds.clamp_min(1e-8).float().to(self.device)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """The global branch's buffers take the stored shapes; a state dict without them (a
+        file written before the branch) keeps them empty, a strict load with the branch off."""
+        missing = {}
+        for name in GLOBAL_BUFFERS:
+            buf, stored = self._buffers[name], state_dict.get(prefix + name)
+            if stored is None:
+                missing[prefix + name] = buf
+            elif stored.shape != buf.shape:
+                self._buffers[name] = buf.new_empty(stored.shape)
+        filled = {**state_dict, **missing} if missing else state_dict
+        super()._load_from_state_dict(filled, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def fit_distance_scale(self, loader: Any) -> None:
@@ -246,16 +341,22 @@ class FeatureReconstructionModule(AnomalyModule):
         return torch.stack(spreads)
 
     def on_test_start(self) -> None:
-        if self.distance == "combined" and not bool(self.scale_fitted):
-            datamodule = self.trainer.datamodule
-            loader = (
-                datamodule.val_dataloader()
-                if datamodule.val_samples
-                else datamodule.train_eval_dataloader()
-            )
-            self.autoencoder.eval()
-            with scoring_context(self):  # the scale the test residuals are divided by
+        fit_scale = self.distance == "combined" and not bool(self.scale_fitted)
+        fit_global = self.global_weight > 0 and self.global_val.numel() == 0
+        if not (fit_scale or fit_global):
+            return
+        datamodule = self.trainer.datamodule
+        loader = (
+            datamodule.val_dataloader()
+            if datamodule.val_samples
+            else datamodule.train_eval_dataloader()
+        )
+        self.autoencoder.eval()
+        with scoring_context(self):  # the scale the test residuals are divided by
+            if fit_scale:
                 self.fit_distance_scale(loader)
+            if fit_global:  # after the scale: the map scores it is weighed against use it
+                self.fit_global_scale(loader)
 
     # ---- training ----------------------------------------------------------------------
     def reconstruction_loss(self, feats: torch.Tensor) -> torch.Tensor:
@@ -270,11 +371,35 @@ class FeatureReconstructionModule(AnomalyModule):
         return self.reconstruction_loss(self.features(batch))
 
     # ---- scoring -----------------------------------------------------------------------
-    def score(self, batch: dict[str, Any]) -> Scores:
+    def residual_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Scores]:
+        """The standardised features, and the residual map with its image scores."""
         feats = self.features(batch)
         residual = residual_distance(
             self.autoencoder(feats), feats, self.distance, self.distance_scale
         )
         anomaly_map = upsample_and_smooth(residual, tuple(batch["image"].shape[-2:]), self.sigma)
         image = {f"residual_{how}": reduce_map(anomaly_map, how) for how in SCORE_REDUCTIONS}
-        return Scores(image=image, map=anomaly_map)
+        return feats, Scores(image=image, map=anomaly_map)
+
+    def score(self, batch: dict[str, Any]) -> Scores:
+        feats, scores = self.residual_scores(batch)
+        if self.global_weight > 0:
+            scores = self.with_global(feats, scores)
+        return scores
+
+    def with_global(self, feats: torch.Tensor, scores: Scores) -> Scores:
+        """Each image score s + w * std_val(s) * z(g), z(g) the global distance z-scored on
+        normal validation images: ranks as z(s) + w z(g) does, and s keeps its units (and
+        thresholds their meaning). The pure distance is reported as `global`."""
+        if self.global_val.numel() == 0:
+            raise RuntimeError(
+                "model.global_weight > 0 but the global distance's validation statistics are "
+                "not fitted: on_test_start fits them on the normal validation images"
+            )
+        g = self.global_score(feats)
+        z = (g - self.global_val[0]) / self.global_val[1]
+        image = {
+            name: scores.image[name] + self.global_weight * self.score_val_std[i] * z
+            for i, name in enumerate(self.score_names)
+        }
+        return Scores(image=image | {"global": g}, map=scores.map)
