@@ -87,13 +87,12 @@ def test_combined_distance_parts_are_scaled_by_their_normal_mean_or_tail_spread(
     ).eval()
     c = model.backbone.out_channels
     loader = [
-        {"features": torch.randn(3, c, 8, 8), "image": torch.zeros(3, 3, 64, 64)}
-        for _ in range(2)
+        {"features": torch.randn(3, c, 8, 8), "image": torch.zeros(3, 3, 64, 64)} for _ in range(2)
     ]
     model.fit_distance_scale(loader)
     expected = []
     with torch.no_grad():
-        for i, how in enumerate(("l2", "cosine")):
+        for how in ("l2", "cosine"):
             grids = [
                 residual_distance(model.autoencoder(b["features"]), b["features"], how)
                 for b in loader

@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from torchmetrics.functional.classification import binary_auroc
 
 from ad_lightning.metrics.aupro import aupro
 from ad_lightning.metrics.evaluator import pixel_auroc
 from ad_lightning.models.skip_dfr import widths_for
 from ad_lightning.nn.skip_ae import SkipAutoencoder
 from ad_lightning.nn.smoothing import upsample_and_smooth
-from torchmetrics.functional.classification import binary_auroc
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "datasets"
@@ -135,7 +135,9 @@ def parts(rec: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
 
 def batched(ae: torch.nn.Module, feats: torch.Tensor, n: int = 64) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([parts(ae(feats[i : i + n]), feats[i : i + n]) for i in range(0, len(feats), n)], 1)
+        return torch.cat(
+            [parts(ae(feats[i : i + n]), feats[i : i + n]) for i in range(0, len(feats), n)], 1
+        )
 
 
 def loss_fn(rec: torch.Tensor, feats: torch.Tensor, hard: float) -> torch.Tensor:
@@ -152,7 +154,9 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
     data = torch.load(cache(category), weights_only=False)
     torch.manual_seed(p["seed"])
     t0 = time.perf_counter()
-    train, val, test = (features(data[s]["blocks"], p["feature_size"], p["pool"]) for s in ("train", "val", "test"))
+    train, val, test = (
+        features(data[s]["blocks"], p["feature_size"], p["pool"]) for s in ("train", "val", "test")
+    )
     stats = train[:512].double().transpose(0, 1).flatten(1)
     mean, std = stats.mean(1).float(), stats.std(1, unbiased=False).float()
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
@@ -186,7 +190,13 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
                 break
         ae.eval()
         with torch.no_grad():
-            vloss = float(sum(F.mse_loss(ae(val[i : i + 64]), val[i : i + 64], reduction="sum") for i in range(0, len(val), 64)) / val.numel())
+            vloss = float(
+                sum(
+                    F.mse_loss(ae(val[i : i + 64]), val[i : i + 64], reduction="sum")
+                    for i in range(0, len(val), 64)
+                )
+                / val.numel()
+            )
         if vloss < best:
             best, best_state = vloss, {k: v.clone() for k, v in ae.state_dict().items()}
     ae.load_state_dict(best_state)
@@ -201,20 +211,42 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
         else:
             grid = (pr - ref_low[:, None, None, None]) / ref_scale[:, None, None, None]
             grid = grid.sum(0)
-        return torch.cat([upsample_and_smooth(grid[i : i + 32], hw, p["sigma"]) for i in range(0, len(grid), 32)])
+        return torch.cat(
+            [upsample_and_smooth(grid[i : i + 32], hw, p["sigma"]) for i in range(0, len(grid), 32)]
+        )
 
     vparts = batched(ae, val)
     labels = data["test"]["labels"]
     masks = data["test"]["masks"]
-    row: dict[str, Any] = {"category": category, "fit_s": round(fit_s, 1), "steps": step, "val_loss": best}
+    row: dict[str, Any] = {
+        "category": category,
+        "fit_s": round(fit_s, 1),
+        "steps": step,
+        "val_loss": best,
+    }
     for norm in ("mean", "quantile"):
         if norm == "mean":
             ref_low = torch.zeros(2)
             ref_scale = vparts.double().mean((1, 2, 3)).float()
         else:  # quantiles of the (upsampled, smoothed) normal validation part maps
-            ups = torch.stack([torch.cat([upsample_and_smooth(vparts[j, i : i + 32], hw, p["sigma"]) for i in range(0, vparts.shape[1], 32)]) for j in range(2)])
+            ups = torch.stack(
+                [
+                    torch.cat(
+                        [
+                            upsample_and_smooth(vparts[j, i : i + 32], hw, p["sigma"])
+                            for i in range(0, vparts.shape[1], 32)
+                        ]
+                    )
+                    for j in range(2)
+                ]
+            )
             flat = ups.flatten(1)
-            sample = flat[:, torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(0))[:2_000_000]]
+            sample = flat[
+                :,
+                torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(0))[
+                    :2_000_000
+                ],
+            ]
             q = torch.quantile(sample, torch.tensor([0.9, 0.995]), dim=1)  # [2 quantiles, 2 parts]
             ref_low, ref_scale = q[0], (q[1] - q[0]).clamp_min(1e-8)
         t1 = time.perf_counter()
@@ -239,8 +271,17 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
         pre = "" if norm == p["norm"] else f"{norm}_"
         for name, s in scores.items():
             row[f"{pre}image_{name}"] = float(binary_auroc(unit(s), labels.long()))
-        full = [F.interpolate(test_maps[i][None, None], size=m.shape, mode="bilinear", align_corners=False)[0, 0] if m.shape != test_maps[i].shape else test_maps[i] for i, m in enumerate(masks)]
-        row[f"{pre}pixel_auroc"] = pixel_auroc(torch.cat([m.flatten() for m in full]), torch.cat([m.flatten() for m in masks]))
+        full = [
+            F.interpolate(
+                test_maps[i][None, None], size=m.shape, mode="bilinear", align_corners=False
+            )[0, 0]
+            if m.shape != test_maps[i].shape
+            else test_maps[i]
+            for i, m in enumerate(masks)
+        ]
+        row[f"{pre}pixel_auroc"] = pixel_auroc(
+            torch.cat([m.flatten() for m in full]), torch.cat([m.flatten() for m in masks])
+        )
         if not pre:
             row["pixel_aupro"] = aupro(full, masks, 0.3)
             row["ae_ms_per_image"] = round(infer_ms, 2)
@@ -252,7 +293,9 @@ def global_scores(data: dict, mean: torch.Tensor, std: torch.Tensor) -> torch.Te
     from sklearn.covariance import LedoitWolf
 
     def pooled(split: str) -> torch.Tensor:
-        return torch.cat([torch.cat([b.mean((2, 3)), b.amax((2, 3))], 1) for b in data[split]["blocks"]], 1)
+        return torch.cat(
+            [torch.cat([b.mean((2, 3)), b.amax((2, 3))], 1) for b in data[split]["blocks"]], 1
+        )
 
     tr, va, te = pooled("train"), pooled("val"), pooled("test")
     mu, sd = tr.mean(0), tr.std(0).clamp_min(1e-6)
@@ -301,7 +344,9 @@ def main() -> None:
 def table(names: list[str]) -> str:
     """Markdown: per variant (and its tail-normalised twin) image / pixel AUROC / AUPRO per
     category, the mean image AUROC, fit seconds and AE + map ms per image."""
-    files = [OUT / f"{n}.json" for n in names] or sorted(OUT.glob("*.json"), key=lambda f: f.stat().st_mtime)
+    files = [OUT / f"{n}.json" for n in names] or sorted(
+        OUT.glob("*.json"), key=lambda f: f.stat().st_mtime
+    )
     head = "| variant | norm | " + " | ".join(f"{c} img / pix / AUPRO" for c in CATEGORIES)
     head += " | mean img | fit s | AE+map ms/img |\n|" + "---|" * (len(CATEGORIES) + 5)
     lines = [head]
@@ -317,12 +362,19 @@ def table(names: list[str]) -> str:
                     continue
                 imgs.append(x[f"{pre}image_max"])
                 aupro_cell = f"{x['pixel_aupro']:.3f}" if not pre else "-"
-                cells.append(f"{x[f'{pre}image_max']:.3f} / {x[f'{pre}pixel_auroc']:.3f} / {aupro_cell}")
+                cells.append(
+                    f"{x[f'{pre}image_max']:.3f} / {x[f'{pre}pixel_auroc']:.3f} / {aupro_cell}"
+                )
             mean = f"{sum(imgs) / len(imgs):.3f}" if len(imgs) == len(CATEGORIES) else "-"
             fit = " / ".join(f"{rows[c]['fit_s']:.0f}" if c in rows else "-" for c in CATEGORIES)
-            ms = " / ".join(f"{rows[c]['ae_ms_per_image']:.1f}" if c in rows else "-" for c in CATEGORIES)
-            lines.append(f"| {f.stem} | {norm} | " + " | ".join(cells) + f" | {mean} | {fit} | {ms} |")
+            ms = " / ".join(
+                f"{rows[c]['ae_ms_per_image']:.1f}" if c in rows else "-" for c in CATEGORIES
+            )
+            lines.append(
+                f"| {f.stem} | {norm} | " + " | ".join(cells) + f" | {mean} | {fit} | {ms} |"
+            )
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()
