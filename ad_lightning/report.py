@@ -1,7 +1,7 @@
 """Rebuild a paper's table from run folders: `python -m ad_lightning.report folders=[DIR,...] rows=K cols=K`.
 
 Reads every results.json under the given folders (multirun sweeps, single runs, several at
-once), puts `--metric` in a grid of rows x columns taken from the runs' resolved configs,
+once), puts `metric` in a grid of rows x columns taken from the runs' resolved configs,
 averages repeated cells (e.g. seeds, shown as mean ± std), adds a mean row, prints Markdown,
 writes CSV, and logs the table to W&B when the runs themselves logged there. Every file is
 read through the results schema (`read_results`): older files are migrated, and a key the

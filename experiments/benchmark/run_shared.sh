@@ -18,4 +18,4 @@ for pair in "mvtec3d_rgb tire" "mvtec_loco_partial juice_bottle" "magnetic_tile 
     > "$OUT.$2.log" 2>&1 || echo "FAILED: $2 (see $OUT.$2.log)"
   echo "$2: $(( $(date +%s) - start )) s"
 done
-$PY -m ad_lightning.report "$OUT" --benchmark --no-wandb
+$PY -m ad_lightning.report "$OUT" benchmark=true wandb=false

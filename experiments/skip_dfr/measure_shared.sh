@@ -23,4 +23,4 @@ for pair in "${pairs[@]}"; do
     echo "$model $2: $(( $(date +%s) - start )) s"
   done
 done
-$PY -m ad_lightning.report "$OUT" --rows data.category --cols model --no-wandb
+$PY -m ad_lightning.report "$OUT" rows=data.category cols=model wandb=false
