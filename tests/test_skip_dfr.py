@@ -291,3 +291,41 @@ def test_global_branch_exports_to_onnx_with_parity(tmp_path) -> None:
     bundle = Bundle(model, Preprocess((64, 64), 3, "none"), None, {}, Path("unused.pt"))
     figures = export_onnx(bundle, tmp_path / "model.onnx")
     assert figures["max_abs_diff_score"] <= 1e-3 * figures["score_range"] + 1e-6, figures
+
+
+def test_the_heat_map_can_be_scaled_apart_from_the_image_score() -> None:
+    """distance_norm=tail with pixel_distance_norm=mean: image scores as a tail model's, the
+    map as a mean model's, from the same AE; the pixel scale survives a state-dict round trip
+    and a file without it loads with it empty."""
+    torch.manual_seed(0)
+    backbone = FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8)
+    c = backbone.out_channels
+    loader = [
+        {"features": torch.randn(3, c, 8, 8), "image": torch.zeros(3, 3, 64, 64)} for _ in range(2)
+    ]
+    models = {
+        norms: SkipDFR(backbone, distance_norm=norms[0], pixel_distance_norm=norms[1]).eval()
+        for norms in (("tail", "mean"), ("tail", None), ("mean", None))
+    }
+    state = models["tail", "mean"].autoencoder.state_dict()
+    for model in models.values():
+        model.autoencoder.load_state_dict(state)
+        model.fit_distance_scale(loader)
+    batch = {"features": torch.randn(2, c, 8, 8) * 2, "image": torch.zeros(2, 3, 64, 64)}
+    with torch.no_grad():
+        split, tail, mean = (models[k].score(batch) for k in models)
+    for name in split.image:
+        torch.testing.assert_close(split.image[name], tail.image[name])
+    torch.testing.assert_close(split.map, mean.map)
+    assert not torch.allclose(tail.map, mean.map)
+
+    fresh = SkipDFR(backbone, distance_norm="tail", pixel_distance_norm="mean").eval()
+    fresh.load_state_dict(models["tail", "mean"].state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.score(batch).map, split.map)
+    old = {k: v for k, v in models["tail", None].state_dict().items() if "pixel_distance" not in k}
+    older = SkipDFR(backbone, distance_norm="tail", pixel_distance_norm="mean").eval()
+    older.load_state_dict(old, strict=True)
+    assert older.pixel_distance_scale.numel() == 0
+    with pytest.raises(RuntimeError, match="pixel_distance_norm"):
+        older.score(batch)

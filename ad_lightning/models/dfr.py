@@ -47,6 +47,7 @@ class DFR(FeatureReconstructionModule):
         stats_images: int = 512,
         distance_norm: str = "mean",
         global_weight: float = 0.0,
+        pixel_distance_norm: str | None = None,
     ) -> None:
         autoencoder = (
             PointwiseAutoencoder(backbone.out_channels, latent_channels)
@@ -64,6 +65,7 @@ class DFR(FeatureReconstructionModule):
             stats_images,
             distance_norm,
             global_weight,
+            pixel_distance_norm,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.pca_variance = pca_variance

@@ -42,6 +42,7 @@ class SkipDFR(FeatureReconstructionModule):
         stats_images: int = 512,
         distance_norm: str = "mean",
         global_weight: float = 0.0,
+        pixel_distance_norm: str | None = None,
     ) -> None:
         widths = list(widths) if widths else widths_for(backbone.out_channels, width_ratio, levels)
         autoencoder = SkipAutoencoder(backbone.out_channels, widths, skips)
@@ -56,6 +57,7 @@ class SkipDFR(FeatureReconstructionModule):
             stats_images,
             distance_norm,
             global_weight,
+            pixel_distance_norm,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.skips = skips

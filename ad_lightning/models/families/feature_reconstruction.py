@@ -120,6 +120,7 @@ class FeatureReconstructionModule(AnomalyModule):
         stats_images: int = 512,
         distance_norm: str = "mean",
         global_weight: float = 0.0,
+        pixel_distance_norm: str | None = None,
     ) -> None:
         super().__init__()
         if global_weight < 0:
@@ -130,6 +131,11 @@ class FeatureReconstructionModule(AnomalyModule):
         self.primary_score = choice("model.score", score, self.score_names)
         self.distance = choice("model.distance", distance, DISTANCES)
         self.distance_norm = choice("model.distance_norm", distance_norm, DISTANCE_NORMS)
+        self.pixel_distance_norm = (
+            None
+            if pixel_distance_norm is None
+            else choice("model.pixel_distance_norm", pixel_distance_norm, DISTANCE_NORMS)
+        )
         self.standardize = standardize
         self.sigma = float(sigma)
         self.stats_images = stats_images
@@ -141,6 +147,8 @@ class FeatureReconstructionModule(AnomalyModule):
         # mean l2 and cosine residual on normal validation images, for distance=combined
         self.register_buffer("distance_scale", torch.ones(2))
         self.register_buffer("scale_fitted", torch.tensor(False))
+        # the heat map's own scale when pixel_distance_norm differs (empty otherwise)
+        self.register_buffer("pixel_distance_scale", torch.zeros(0))
         # global branch (registered even when off, so a file with it on loads strictly):
         # descriptor mean and std [2C] and Ledoit-Wolf precision [2C, 2C] from training images;
         # the mean and std of its distance [2], and each image score's std [3], on normal
@@ -283,10 +291,11 @@ class FeatureReconstructionModule(AnomalyModule):
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        """The global branch's buffers take the stored shapes; a state dict without them (a
-        file written before the branch) keeps them empty, a strict load with the branch off."""
+        """The global branch's buffers and the heat map's own scale take the stored shapes; a
+        state dict without them (a file written before them) keeps them empty, a strict load
+        with both off."""
         missing = {}
-        for name in GLOBAL_BUFFERS:
+        for name in (*GLOBAL_BUFFERS, "pixel_distance_scale"):
             buf, stored = self._buffers[name], state_dict.get(prefix + name)
             if stored is None:
                 missing[prefix + name] = buf
@@ -295,12 +304,29 @@ class FeatureReconstructionModule(AnomalyModule):
         filled = {**state_dict, **missing} if missing else state_dict
         super()._load_from_state_dict(filled, prefix, *args, **kwargs)
 
+    @property
+    def separate_pixel_scale(self) -> bool:
+        """The heat map's parts are scaled otherwise than the image score's."""
+        return (
+            self.distance == "combined"
+            and self.pixel_distance_norm is not None
+            and self.pixel_distance_norm != self.distance_norm
+        )
+
     @torch.no_grad()
     def fit_distance_scale(self, loader: Any) -> None:
         """Per part (l2, cosine), the scale of its maps on normal images (the scored checkpoint):
         their mean (`distance_norm=mean`), or the spread q0.995 - q0.9 of the image-sized,
-        smoothed maps that scores and thresholds are taken from (`tail`)."""
-        if self.distance_norm == "tail":
+        smoothed maps that scores and thresholds are taken from (`tail`); the heat map's own
+        scale too when `pixel_distance_norm` differs."""
+        self.distance_scale = self.part_scale(self.distance_norm, loader)
+        if self.separate_pixel_scale:
+            self.pixel_distance_scale = self.part_scale(self.pixel_distance_norm, loader)
+        self.scale_fitted = torch.tensor(True, device=self.device)
+
+    def part_scale(self, norm: str | None, loader: Any) -> torch.Tensor:
+        """The scale of each part's normal maps under `norm` (float32 [2] on the device)."""
+        if norm == "tail":
             scale = self.tail_spread(loader)
         else:
             sums, n = torch.zeros(2, dtype=torch.float64), 0
@@ -314,8 +340,7 @@ class FeatureReconstructionModule(AnomalyModule):
                     sums[i] += residual_distance(rec, feats, how).double().mean((1, 2)).sum().cpu()
                 n += len(feats)
             scale = sums / max(n, 1)
-        self.distance_scale = scale.clamp_min(1e-8).float().to(self.device)
-        self.scale_fitted = torch.tensor(True, device=self.device)
+        return scale.clamp_min(1e-8).float().to(self.device)
 
     def tail_spread(self, loader: Any) -> torch.Tensor:
         """q0.995 - q0.9 of each part's upsampled, smoothed normal maps, on a fixed random
@@ -374,11 +399,19 @@ class FeatureReconstructionModule(AnomalyModule):
     def residual_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Scores]:
         """The standardised features, and the residual map with its image scores."""
         feats = self.features(batch)
-        residual = residual_distance(
-            self.autoencoder(feats), feats, self.distance, self.distance_scale
-        )
-        anomaly_map = upsample_and_smooth(residual, tuple(batch["image"].shape[-2:]), self.sigma)
+        reconstruction = self.autoencoder(feats)
+        size = tuple(batch["image"].shape[-2:])
+        residual = residual_distance(reconstruction, feats, self.distance, self.distance_scale)
+        anomaly_map = upsample_and_smooth(residual, size, self.sigma)
         image = {f"residual_{how}": reduce_map(anomaly_map, how) for how in SCORE_REDUCTIONS}
+        if self.separate_pixel_scale:  # the heat map: the same parts, scaled for pixels
+            if self.pixel_distance_scale.numel() == 0:
+                raise RuntimeError(
+                    "model.pixel_distance_norm differs from model.distance_norm but the heat "
+                    "map's scale is not fitted: on_test_start fits it on normal validation images"
+                )
+            pixel = residual_distance(reconstruction, feats, "combined", self.pixel_distance_scale)
+            anomaly_map = upsample_and_smooth(pixel, size, self.sigma)
         return feats, Scores(image=image, map=anomaly_map)
 
     def score(self, batch: dict[str, Any]) -> Scores:
