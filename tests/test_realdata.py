@@ -59,8 +59,9 @@ def test_skip_dfr_default_on_tire_beats_the_global_feature_floor(tmp_path: Path,
     results = run_default(tmp_path, "skip_dfr")
     metrics = results["metrics"]
     # the 30-line global-feature kNN of the datasets README scores 0.70 on tire; ours over
-    # seeds 0-4 image 0.736 / 0.759 / 0.764, pixel 0.938 / 0.94 / 0.944 (experiments/learning_margins/README.md)
-    assert figure("image_auroc", metrics["image_auroc"]) > 0.71, metrics
+    # seeds 0-4 (2026-12-01 defaults: tail-scaled score, 2000 steps) image 0.759 / 0.790 /
+    # 0.829, pixel 0.939 / 0.943 / 0.943 (experiments/learning_margins/README.md)
+    assert figure("image_auroc", metrics["image_auroc"]) > 0.74, metrics
     assert figure("pixel_auroc", metrics["pixel_auroc"]) > 0.92, metrics
     flops = results["method"]["flops_per_image"]
     assert flops["autoencoder"] < flops["backbone"], flops
