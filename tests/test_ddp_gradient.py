@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -100,9 +101,16 @@ class Learning:
 #: texture set until it has learnt it (as in tests/test_autoencoders.py and tests/test_gan.py).
 #: Manual optimisation (the GAN family) counts two steps per batch (generator, discriminator).
 LEARNING = {
-    # image AUROC 0.66 one step, 0.88 after 40 (seed 0)
+    # image AUROC 0.66 one step, 0.88 after 40 (seed 0); the distance scale fitted from the
+    # tail of the normal maps (Skip-DFR's default) and the global branch run on every rank
     "feature_reconstruction": Learning(
-        ("data.image_size=32", "data.category=object", "backbone.feature_size=8"),
+        (
+            "data.image_size=32",
+            "data.category=object",
+            "backbone.feature_size=8",
+            "model.distance_norm=tail",
+            "model.global_weight=1.0",
+        ),
         steps=40,
         metric="image_auroc",
         margin=0.1,
@@ -178,6 +186,14 @@ class RankWeights(pl.Callback):
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer, pl_module, "test")
 
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """scored<r>.pt: the state the first test batch is scored with, after the module's own
+        on_test_start fitted what it fits there (e.g. Skip-DFR's distance scales)."""
+        if batch_idx == 0:
+            self._save(trainer, pl_module, "scored")
+
 
 def rank_states(folder: Path, when: str) -> tuple[dict, dict]:
     """The two ranks' saved state at `when` (start, end or test)."""
@@ -218,6 +234,8 @@ def test_gradient_family_trains_under_ddp(family: str, tmp_path: Path) -> None:
     )
     assert_same(end[0], end[1])
     assert any(not torch.equal(start[0][k], end[0][k]) for k in end[0])  # it trained
+    scored = [state["buffers"] for state in rank_states(tmp_path / "weights", "scored")]
+    assert_same(scored[0], scored[1])  # every rank scores with the same fitted statistics
     control = run_py([*args, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'control'}"])
     assert control.returncode == 0, control.stderr[-3000:]
     untrained = json.loads((tmp_path / "control" / "results.json").read_text())["metrics"]

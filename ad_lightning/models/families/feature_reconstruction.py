@@ -147,8 +147,8 @@ class FeatureReconstructionModule(AnomalyModule):
         # mean l2 and cosine residual on normal validation images, for distance=combined
         self.register_buffer("distance_scale", torch.ones(2))
         self.register_buffer("scale_fitted", torch.tensor(False))
-        # the heat map's own scale when pixel_distance_norm differs (empty otherwise)
-        self.register_buffer("pixel_distance_scale", torch.zeros(0))
+        # the heat map's own scale when pixel_distance_norm differs (fitted with the above)
+        self.register_buffer("pixel_distance_scale", torch.ones(2))
         # global branch (registered even when off, so a file with it on loads strictly):
         # descriptor mean and std [2C] and Ledoit-Wolf precision [2C, 2C] from training images;
         # the mean and std of its distance [2], and each image score's std [3], on normal
@@ -291,9 +291,9 @@ class FeatureReconstructionModule(AnomalyModule):
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        """The global branch's buffers and the heat map's own scale take the stored shapes; a
-        state dict without them (a file written before them) keeps them empty, a strict load
-        with both off."""
+        """The global branch's buffers take the stored shapes; a state dict without them, or
+        without the heat map's own scale (a file written before them), loads strictly and
+        keeps them as they are: empty (branch off), and the unit scale."""
         missing = {}
         for name in (*GLOBAL_BUFFERS, "pixel_distance_scale"):
             buf, stored = self._buffers[name], state_dict.get(prefix + name)
@@ -405,11 +405,6 @@ class FeatureReconstructionModule(AnomalyModule):
         anomaly_map = upsample_and_smooth(residual, size, self.sigma)
         image = {f"residual_{how}": reduce_map(anomaly_map, how) for how in SCORE_REDUCTIONS}
         if self.separate_pixel_scale:  # the heat map: the same parts, scaled for pixels
-            if self.pixel_distance_scale.numel() == 0:
-                raise RuntimeError(
-                    "model.pixel_distance_norm differs from model.distance_norm but the heat "
-                    "map's scale is not fitted: on_test_start fits it on normal validation images"
-                )
             pixel = residual_distance(reconstruction, feats, "combined", self.pixel_distance_scale)
             anomaly_map = upsample_and_smooth(pixel, size, self.sigma)
         return feats, Scores(image=image, map=anomaly_map)
