@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ad_lightning.nn.buffers import buffers_from_state
+
 #: the buffers, float64 of shape [1] (empty when unset), so that they equal the thresholds
 #: dict's Python floats exactly
 BUFFERS = ("image_threshold", "pixel_threshold", "score_min", "score_max")
@@ -110,12 +112,5 @@ class PostProcessor(nn.Module):
     ) -> None:
         """Take the stored shapes (empty or one value); a missing key keeps the buffer as it is
         instead of failing a strict load."""
-        missing = {}
-        for name, buf in list(self._buffers.items()):
-            stored = state_dict.get(prefix + name)
-            if stored is None:
-                missing[prefix + name] = buf
-            elif buf is not None and stored.shape != buf.shape:
-                self._buffers[name] = buf.new_empty(stored.shape)
-        filled = {**state_dict, **missing} if missing else state_dict
+        filled = buffers_from_state(self, state_dict, prefix, keep_missing=True)
         super()._load_from_state_dict(filled, prefix, *args, **kwargs)

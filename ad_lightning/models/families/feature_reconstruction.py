@@ -45,6 +45,7 @@ from ad_lightning.models.families.global_branch import (
     global_distance,
 )
 from ad_lightning.models.families.training_images import training_images
+from ad_lightning.nn.buffers import buffers_from_state
 from ad_lightning.nn.flops import flops_per_image
 from ad_lightning.nn.smoothing import upsample_and_smooth
 from ad_lightning.precision import scoring_context
@@ -294,14 +295,8 @@ class FeatureReconstructionModule(AnomalyModule):
         """The global branch's buffers take the stored shapes; a state dict without them, or
         without the heat map's own scale (a file written before them), loads strictly and
         keeps them as they are: empty (branch off), and the unit scale."""
-        missing = {}
-        for name in (*GLOBAL_BUFFERS, "pixel_distance_scale"):
-            buf, stored = self._buffers[name], state_dict.get(prefix + name)
-            if stored is None:
-                missing[prefix + name] = buf
-            elif stored.shape != buf.shape:
-                self._buffers[name] = buf.new_empty(stored.shape)
-        filled = {**state_dict, **missing} if missing else state_dict
+        names = (*GLOBAL_BUFFERS, "pixel_distance_scale")
+        filled = buffers_from_state(self, state_dict, prefix, names, keep_missing=True)
         super()._load_from_state_dict(filled, prefix, *args, **kwargs)
 
     @property
@@ -317,53 +312,41 @@ class FeatureReconstructionModule(AnomalyModule):
     def fit_distance_scale(self, loader: Any) -> None:
         """Per part (l2, cosine), the scale of its maps on normal images (the scored checkpoint):
         their mean (`distance_norm=mean`), or the spread q0.995 - q0.9 of the image-sized,
-        smoothed maps that scores and thresholds are taken from (`tail`); the heat map's own
-        scale too when `pixel_distance_norm` differs."""
-        self.distance_scale = self.part_scale(self.distance_norm, loader)
+        smoothed maps that scores and thresholds are taken from (`tail`, on a fixed random
+        sample of pixels per map); the heat map's own scale too when `pixel_distance_norm`
+        differs. One pass over the loader serves both."""
+        norms = {self.distance_norm}
         if self.separate_pixel_scale:
-            self.pixel_distance_scale = self.part_scale(self.pixel_distance_norm, loader)
-        self.scale_fitted = torch.tensor(True, device=self.device)
-
-    def part_scale(self, norm: str | None, loader: Any) -> torch.Tensor:
-        """The scale of each part's normal maps under `norm` (float32 [2] on the device)."""
-        if norm == "tail":
-            scale = self.tail_spread(loader)
-        else:
-            sums, n = torch.zeros(2, dtype=torch.float64), 0
-            for batch in loader:
-                batch = {
-                    k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()
-                }
-                feats = self.features(batch)
-                rec = self.autoencoder(feats)
-                for i, how in enumerate(("l2", "cosine")):
-                    sums[i] += residual_distance(rec, feats, how).double().mean((1, 2)).sum().cpu()
-                n += len(feats)
-            scale = sums / max(n, 1)
-        return scale.clamp_min(1e-8).float().to(self.device)
-
-    def tail_spread(self, loader: Any) -> torch.Tensor:
-        """q0.995 - q0.9 of each part's upsampled, smoothed normal maps, on a fixed random
-        sample of pixels per map (float64 [2])."""
-        generator = torch.Generator().manual_seed(0)
+            norms.add(self.pixel_distance_norm)
+        sums, n = torch.zeros(2, dtype=torch.float64), 0
         samples: list[list[torch.Tensor]] = [[], []]
+        generator = torch.Generator().manual_seed(0)
         for batch in loader:
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             feats = self.features(batch)
             rec = self.autoencoder(feats)
             size = tuple(batch["image"].shape[-2:])
             for i, how in enumerate(("l2", "cosine")):
-                maps = upsample_and_smooth(residual_distance(rec, feats, how), size, self.sigma)
-                flat = maps.flatten(1).cpu()
-                n = min(TAIL_PIXELS_PER_MAP, flat.shape[1])
-                pick = torch.randperm(flat.shape[1], generator=generator)[:n]
-                samples[i].append(flat[:, pick].flatten())
-        levels = torch.tensor(TAIL_QUANTILES, dtype=torch.float64)
-        spreads = []
-        for part in samples:
-            low, high = torch.quantile(torch.cat(part).double(), levels)
-            spreads.append(high - low)
-        return torch.stack(spreads)
+                grid = residual_distance(rec, feats, how)
+                if "mean" in norms:
+                    sums[i] += grid.double().mean((1, 2)).sum().cpu()
+                if "tail" in norms:
+                    flat = upsample_and_smooth(grid, size, self.sigma).flatten(1).cpu()
+                    pick = torch.randperm(flat.shape[1], generator=generator)
+                    samples[i].append(flat[:, pick[:TAIL_PIXELS_PER_MAP]].flatten())
+            n += len(feats)
+        scales = {}
+        if "mean" in norms:
+            scales["mean"] = sums / max(n, 1)
+        if "tail" in norms:
+            levels = torch.tensor(TAIL_QUANTILES, dtype=torch.float64)
+            quantiles = [torch.quantile(torch.cat(part).double(), levels) for part in samples]
+            scales["tail"] = torch.stack([high - low for low, high in quantiles])
+        as_buffer = {k: v.clamp_min(1e-8).float().to(self.device) for k, v in scales.items()}
+        self.distance_scale = as_buffer[self.distance_norm]
+        if self.separate_pixel_scale:
+            self.pixel_distance_scale = as_buffer[self.pixel_distance_norm]
+        self.scale_fitted = torch.tensor(True, device=self.device)
 
     def on_test_start(self) -> None:
         fit_scale = self.distance == "combined" and not bool(self.scale_fitted)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ad_lightning.models.base import AnomalyModule
+from ad_lightning.nn.buffers import buffers_from_state
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,7 @@ class ResizableBuffers(nn.Module):
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        for name, buf in list(self._buffers.items()):
-            stored = state_dict.get(prefix + name)
-            if buf is not None and stored is not None and stored.shape != buf.shape:
-                self._buffers[name] = buf.new_empty(stored.shape)
+        buffers_from_state(self, state_dict, prefix)
         self._on_buffers_loaded()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
