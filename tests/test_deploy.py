@@ -33,6 +33,21 @@ from ad_lightning.models.registry import list_methods, method_info
 from ad_lightning.train import run
 
 
+def snippet_in_own_process(code: str, *args: str, timeout: int) -> dict:
+    """Run `code` with `args` in a fresh Python process from the repository root (OpenVINO's
+    bf16 plugin and a later faiss/torch fit in one process can crash it) and return the JSON
+    object its last output line holds; a failing process fails the test with its stderr."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def patchcore_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One PatchCore run on the synthetic texture category (a one-pass fit, seconds)."""
@@ -357,15 +372,7 @@ def test_engines_take_the_graphs_outputs_by_name_not_by_position(tmp_path: Path)
     np.testing.assert_array_equal(scored.map, (images[:, 0] * 2).numpy())
     np.testing.assert_array_equal(scored.verdict, (images.sum((1, 2, 3)).double() > 10).numpy())
     # OpenVINO in a process of its own (see MEASURE_OPENVINO)
-    done = subprocess.run(
-        [sys.executable, "-c", OPENVINO_BY_NAME, str(path)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    openvino = json.loads(done.stdout.strip().splitlines()[-1])
+    openvino = snippet_in_own_process(OPENVINO_BY_NAME, str(path), timeout=300)
     np.testing.assert_allclose(openvino["score"], scored.score, rtol=1e-6)
     assert openvino["map"] == scored.map.tolist() and openvino["verdict"] == scored.verdict.tolist()
     unnamed = tmp_path / "unnamed.onnx"
@@ -457,15 +464,7 @@ print(json.dumps(row))
 def test_bench_reports_openvino_at_f32_and_bf16_with_their_parity(tmp_path: Path) -> None:
     run_dir = cheap_run(tmp_path)
     export_main([f"model={run_dir}"])
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURE_OPENVINO, str(run_dir)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    row = json.loads(done.stdout.strip().splitlines()[-1])
+    row = snippet_in_own_process(MEASURE_OPENVINO, str(run_dir), timeout=600)
     for name in ("openvino", "openvino_bf16"):
         assert row[f"{name}_ms_b1"] > 0
         assert 0 <= row[f"{name}_max_abs_diff"] < 1e-3  # untrained AE: scores ~0.08
