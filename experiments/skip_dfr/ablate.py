@@ -13,7 +13,10 @@ image and smoothed, pixel AUROC over the test masks as the loader gives them.
     python experiments/skip_dfr/ablate.py run NAME key=value ...      # one variant, 3 categories
     python experiments/skip_dfr/ablate.py table                       # every variant run so far
 
-Results: outputs/skip_dfr_ablation/<NAME>.json (one row per category).
+Results: outputs/skip_dfr_ablation/<NAME>.json (one row per category), and beside it
+<NAME>.scores.pt, every test and validation image's map score (and global score) per category,
+which experiments/skip_dfr/global_gate.py combines offline. `backbone=` caches and trains on
+another conf/backbone; `amp=bf16` / `cl=true` train under bf16 autocast / channels_last.
 """
 
 from __future__ import annotations
@@ -61,13 +64,20 @@ DEFAULTS: dict[str, Any] = {
     "sigma": 4.0,
     "global_weight": 0.0,  # weight of a Mahalanobis score of pooled features (0 = off)
     "seed": 0,
+    "center": False,  # subtract each image's own per-channel mean from its standardised features
+    "crop": 0,  # train on random crop x crop windows of the feature maps (0 = whole maps)
+    "backbone": "efficientnet_lite0",  # conf/backbone name (blocks 1-3), cached per backbone
     "sched": "none",  # none | cosine (learning rate annealed to 0 over the steps)
+    "cl": False,  # AE weights, inputs and activations channels_last (true) or NCHW (the AE's own)
+    "amp": "none",  # none | bf16: autocast of the training steps (CPU)
+    "amp_score": "none",  # none | bf16: autocast of the scoring too (as trainer.precision=bf16-mixed)
 }
 
 
 # ---- caching --------------------------------------------------------------------------------
-def cache(category: str) -> Path:
-    path = OUT / "cache" / f"{category}.pt"
+def cache(category: str, backbone: str = "efficientnet_lite0") -> Path:
+    name = category if backbone == "efficientnet_lite0" else f"{category}.{backbone}"
+    path = OUT / "cache" / f"{name}.pt"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +86,7 @@ def cache(category: str) -> Path:
             "config",
             [
                 "model=skip_dfr",
+                f"backbone={backbone}",
                 "data=folder",
                 f"data.root={DATA / CATEGORIES[category]}",
                 f"data.category={category}",
@@ -133,11 +144,28 @@ def parts(rec: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     return torch.stack([l2, cos])
 
 
+SCORE_AMP = {"on": False}
+
+
 def batched(ae: torch.nn.Module, feats: torch.Tensor, n: int = 64) -> torch.Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=SCORE_AMP["on"]):
         return torch.cat(
-            [parts(ae(feats[i : i + n]), feats[i : i + n]) for i in range(0, len(feats), n)], 1
+            [
+                parts(ae(feats[i : i + n]).float(), feats[i : i + n])
+                for i in range(0, len(feats), n)
+            ],
+            1,
         )
+
+
+def random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """One random size x size window per map (the AE is fully convolutional)."""
+    h, w = x.shape[-2:]
+    ys = torch.randint(0, h - size + 1, (len(x),), generator=gen).tolist()
+    xs = torch.randint(0, w - size + 1, (len(x),), generator=gen).tolist()
+    return torch.stack(
+        [m[:, y : y + size, x0 : x0 + size] for m, y, x0 in zip(x, ys, xs, strict=True)]
+    )
 
 
 def loss_fn(rec: torch.Tensor, feats: torch.Tensor, hard: float) -> torch.Tensor:
@@ -151,7 +179,7 @@ def loss_fn(rec: torch.Tensor, feats: torch.Tensor, hard: float) -> torch.Tensor
 
 
 def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
-    data = torch.load(cache(category), weights_only=False)
+    data = torch.load(cache(category, p["backbone"]), weights_only=False)
     torch.manual_seed(p["seed"])
     t0 = time.perf_counter()
     train, val, test = (
@@ -161,8 +189,16 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
     mean, std = stats.mean(1).float(), stats.std(1, unbiased=False).float()
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
     train, val, test = ((f - mean[:, None, None]) / std[:, None, None] for f in (train, val, test))
+    if p["center"]:
+        train, val, test = (f - f.mean((2, 3), keepdim=True) for f in (train, val, test))
     c = train.shape[1]
     ae = SkipAutoencoder(c, widths_for(c, p["width_ratio"], 3), p["skips"])
+    if p["cl"]:
+        ae = ae.to(memory_format=torch.channels_last)
+        train, val, test = (
+            f.contiguous(memory_format=torch.channels_last) for f in (train, val, test)
+        )
+    train_amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=p["amp"] == "bf16")
     opt = torch.optim.Adam(ae.parameters(), lr=p["lr"])
     sched = (
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, p["steps"])
@@ -178,8 +214,12 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
             x = train[order[i : i + p["batch"]]]
             if len(x) < 2:
                 continue
+            if p["crop"]:
+                x = random_crops(x, p["crop"], gen)
             noisy = x + p["noise"] * torch.randn_like(x) if p["noise"] > 0 else x
-            loss = loss_fn(ae(noisy), x, p["hard_mining"])
+            with train_amp:
+                rec = ae(noisy)
+            loss = loss_fn(rec.float(), x, p["hard_mining"])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -199,6 +239,7 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
             )
         if vloss < best:
             best, best_state = vloss, {k: v.clone() for k, v in ae.state_dict().items()}
+    SCORE_AMP["on"] = p["amp_score"] == "bf16"
     ae.load_state_dict(best_state)
     ae.eval()
     fit_s = time.perf_counter() - t0
@@ -224,6 +265,7 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
         "steps": step,
         "val_loss": best,
     }
+    dumped: dict[str, Any] = {"labels": labels}
     for norm in ("mean", "quantile"):
         if norm == "mean":
             ref_low = torch.zeros(2)
@@ -262,9 +304,11 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
             "top1pct": flat.topk(k1, 1).values.mean(1),
             "top01pct": flat.topk(k01, 1).values.mean(1),
         }
+        vmax = val_maps.flatten(1).amax(1)
+        dumped[norm] = {"test_max": scores["max"], "val_max": vmax}
         if p["global_weight"] > 0:
-            g = global_scores(data, mean, std)
-            vmax = val_maps.flatten(1).amax(1)
+            g, gv = global_scores(data, mean, std)
+            dumped["global"] = {"test": g, "val": gv}
             zmap = (scores["max"] - vmax.mean()) / vmax.std()
             scores["max_global"] = zmap + p["global_weight"] * g
             scores["global"] = g
@@ -285,6 +329,7 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
         if not pre:
             row["pixel_aupro"] = aupro(full, masks, 0.3)
             row["ae_ms_per_image"] = round(infer_ms, 2)
+    row["scores"] = dumped  # per-image scores, saved beside the json (not in it)
     return row
 
 
@@ -302,7 +347,7 @@ def global_scores(data: dict, mean: torch.Tensor, std: torch.Tensor) -> torch.Te
     lw = LedoitWolf().fit(((tr - mu) / sd).numpy())
     d = lambda x: torch.as_tensor(lw.mahalanobis(((x - mu) / sd).numpy())).float().sqrt()  # noqa: E731
     dv = d(va)
-    return (d(te) - dv.mean()) / dv.std()
+    return (d(te) - dv.mean()) / dv.std(), (dv - dv.mean()) / dv.std()
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:
@@ -330,11 +375,14 @@ def main() -> None:
         p = DEFAULTS | {k: parse(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}
         cats = p.pop("categories", list(CATEGORIES))
         rows = []
+        dumps = {}
         for category in cats:
             row = run_category(category, p)
+            dumps[category] = row.pop("scores")
             print(json.dumps(row), flush=True)
             rows.append(row)
         OUT.mkdir(parents=True, exist_ok=True)
+        torch.save(dumps, OUT / f"{name}.scores.pt")
         (OUT / f"{name}.json").write_text(json.dumps({"params": p, "rows": rows}, indent=1))
         return
     if cmd == "table":
