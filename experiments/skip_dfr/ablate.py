@@ -144,11 +144,10 @@ def parts(rec: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     return torch.stack([l2, cos])
 
 
-SCORE_AMP = {"on": False}
-
-
-def batched(ae: torch.nn.Module, feats: torch.Tensor, n: int = 64) -> torch.Tensor:
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=SCORE_AMP["on"]):
+def batched(
+    ae: torch.nn.Module, feats: torch.Tensor, bf16: bool = False, n: int = 64
+) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         return torch.cat(
             [
                 parts(ae(feats[i : i + n]).float(), feats[i : i + n])
@@ -239,14 +238,14 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
             )
         if vloss < best:
             best, best_state = vloss, {k: v.clone() for k, v in ae.state_dict().items()}
-    SCORE_AMP["on"] = p["amp_score"] == "bf16"
+    score_bf16 = p["amp_score"] == "bf16"
     ae.load_state_dict(best_state)
     ae.eval()
     fit_s = time.perf_counter() - t0
     hw = data["test"]["image_hw"]
 
     def maps_of(feats: torch.Tensor) -> torch.Tensor:
-        pr = batched(ae, feats)
+        pr = batched(ae, feats, score_bf16)
         if p["distance"] != "combined":
             grid = pr[0 if p["distance"] == "l2" else 1]
         else:
@@ -256,7 +255,7 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
             [upsample_and_smooth(grid[i : i + 32], hw, p["sigma"]) for i in range(0, len(grid), 32)]
         )
 
-    vparts = batched(ae, val)
+    vparts = batched(ae, val, score_bf16)
     labels = data["test"]["labels"]
     masks = data["test"]["masks"]
     row: dict[str, Any] = {
