@@ -265,6 +265,9 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
         "val_loss": best,
     }
     dumped: dict[str, Any] = {"labels": labels}
+    if p["global_weight"] > 0:  # independent of the map's normalisation: once per category
+        g, gv = global_scores(data, mean, std)
+        dumped["global"] = {"test": g, "val": gv}
     for norm in ("mean", "quantile"):
         if norm == "mean":
             ref_low = torch.zeros(2)
@@ -306,8 +309,6 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
         vmax = val_maps.flatten(1).amax(1)
         dumped[norm] = {"test_max": scores["max"], "val_max": vmax}
         if p["global_weight"] > 0:
-            g, gv = global_scores(data, mean, std)
-            dumped["global"] = {"test": g, "val": gv}
             zmap = (scores["max"] - vmax.mean()) / vmax.std()
             scores["max_global"] = zmap + p["global_weight"] * g
             scores["global"] = g
