@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ad_lightning.backbones import FeatureExtractor
 from ad_lightning.models.skip_dfr import SkipDFR
@@ -126,6 +127,46 @@ def _small_skip_dfr(**kw) -> SkipDFR:
 
 def _feature_batch(feats: torch.Tensor) -> dict:
     return {"features": feats, "image": torch.zeros(len(feats), 3, 32, 32)}
+
+
+# ---- input dropout (model.input_dropout, issue 20) ---------------------------------------
+
+
+def _inputs_seen_in_training(model: SkipDFR, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The AE's input during one training step, and the step's loss."""
+    seen: list[torch.Tensor] = []
+    hook = model.autoencoder.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    model.log = lambda *args, **kwargs: None  # no trainer here
+    with torch.no_grad():
+        loss = model.training_step(batch, 0)
+    hook.remove()
+    assert len(seen) == 1
+    return seen[0], loss
+
+
+def test_input_dropout_corrupts_the_training_input_only() -> None:
+    plain, drop = _small_skip_dfr(), _small_skip_dfr(input_dropout=0.5)
+    drop.load_state_dict(plain.state_dict(), strict=True)
+    feats = torch.randn(4, plain.backbone.out_channels, 8, 8) + 3  # no exact zeros
+    batch = _feature_batch(feats) | {"label": torch.zeros(len(feats))}
+    torch.manual_seed(0)
+    seen, loss = _inputs_seen_in_training(drop, batch)
+    dropped = seen == 0
+    assert 0.4 < dropped.float().mean() < 0.6, dropped.float().mean()
+    torch.testing.assert_close(seen[~dropped], 2 * feats[~dropped])  # inverted dropout
+    with torch.no_grad():  # the target stays clean
+        torch.testing.assert_close(loss, F.mse_loss(drop.autoencoder(seen), feats))
+    seen_plain, _ = _inputs_seen_in_training(plain, batch)
+    assert torch.equal(seen_plain, feats)
+    with torch.no_grad():  # validation and scoring see the clean features
+        assert torch.equal(drop.validation_loss(batch), plain.validation_loss(batch))
+        assert torch.equal(drop.score(batch).map, plain.score(batch).map)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0])
+def test_input_dropout_outside_zero_one_is_named(p: float) -> None:
+    with pytest.raises(ValueError, match="model.input_dropout"):
+        _small_skip_dfr(input_dropout=p)
 
 
 def _fitted_global_model(weight: float) -> tuple[SkipDFR, torch.Tensor]:

@@ -48,6 +48,7 @@ class DFR(FeatureReconstructionModule):
         distance_norm: str = "mean",
         global_weight: float = 0.0,
         pixel_distance_norm: str | None = None,
+        input_dropout: float = 0.0,
     ) -> None:
         autoencoder = (
             PointwiseAutoencoder(backbone.out_channels, latent_channels)
@@ -66,6 +67,7 @@ class DFR(FeatureReconstructionModule):
             distance_norm,
             global_weight,
             pixel_distance_norm,
+            input_dropout,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.pca_variance = pca_variance

@@ -43,6 +43,7 @@ class SkipDFR(FeatureReconstructionModule):
         distance_norm: str = "mean",
         global_weight: float = 0.0,
         pixel_distance_norm: str | None = None,
+        input_dropout: float = 0.0,
     ) -> None:
         widths = list(widths) if widths else widths_for(backbone.out_channels, width_ratio, levels)
         autoencoder = SkipAutoencoder(backbone.out_channels, widths, skips)
@@ -58,6 +59,7 @@ class SkipDFR(FeatureReconstructionModule):
             distance_norm,
             global_weight,
             pixel_distance_norm,
+            input_dropout,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.skips = skips

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "width_ratio": 0.5,
     "skips": "partial",
     "noise": 0.0,  # training-only Gaussian noise on the AE input, in standardised units
+    "dropout": 0.0,  # training-only dropout of the AE input (Dinomaly's noisy bottleneck); target clean
     "hard_mining": 0.0,  # fraction of best-reconstructed positions whose loss is down-weighted x0.1
     "norm": "mean",  # combined-distance parts over their validation mean | quantile (q0.9..q0.995)
     "distance": "combined",
@@ -74,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "k0": 4,  # kernel of the AE's outermost (stride-2) conv and transposed conv: 4 (ours) | 2
     "k_final": 0,  # kernel of the outermost transposed conv alone (0 = k0)
     "final_width": 1.0,  # channels of the last transposed conv, as a fraction of widths[0]
+    "widths": "",  # explicit AE widths as "176-176-96" (overrides width_ratio)
     "blocks": 123,  # which cached blocks feed the AE, as digits: 123 = blocks 1-3, 23 = blocks 2-3
 }
 
@@ -218,7 +220,12 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
     if p["center"]:
         train, val, test = (f - f.mean((2, 3), keepdim=True) for f in (train, val, test))
     c = train.shape[1]
-    ae = SkipAutoencoder(c, widths_for(c, p["width_ratio"], 3), p["skips"])
+    widths = (
+        [int(w) for w in str(p["widths"]).split("-")]
+        if p["widths"]
+        else widths_for(c, p["width_ratio"], 3)
+    )
+    ae = SkipAutoencoder(c, widths, p["skips"])
     reshape_outer(ae, c, p["k0"], p["final_width"], p["k_final"] or p["k0"])
     if p["cl"]:
         ae = ae.to(memory_format=torch.channels_last)
@@ -244,6 +251,8 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
             if p["crop"]:
                 x = random_crops(x, p["crop"], gen)
             noisy = x + p["noise"] * torch.randn_like(x) if p["noise"] > 0 else x
+            if p["dropout"] > 0:
+                noisy = F.dropout(noisy, p["dropout"])
             with train_amp:
                 rec = ae(noisy)
             loss = loss_fn(rec.float(), x, p["hard_mining"])

@@ -122,10 +122,13 @@ class FeatureReconstructionModule(AnomalyModule):
         distance_norm: str = "mean",
         global_weight: float = 0.0,
         pixel_distance_norm: str | None = None,
+        input_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if global_weight < 0:
             raise ValueError(f"model.global_weight={global_weight} must be >= 0 (0 = off)")
+        if not 0 <= input_dropout < 1:
+            raise ValueError(f"model.input_dropout={input_dropout} must be in [0, 1) (0 = off)")
         self.backbone = backbone
         self.autoencoder = autoencoder
         self.lr = lr
@@ -141,6 +144,7 @@ class FeatureReconstructionModule(AnomalyModule):
         self.sigma = float(sigma)
         self.stats_images = stats_images
         self.global_weight = float(global_weight)
+        self.input_dropout = float(input_dropout)
         # per-channel training statistics (identity until fitted); saved with the model
         self.register_buffer("feature_mean", torch.zeros(backbone.out_channels))
         self.register_buffer("feature_std", torch.ones(backbone.out_channels))
@@ -367,11 +371,17 @@ class FeatureReconstructionModule(AnomalyModule):
                 self.fit_global_scale(loader)
 
     # ---- training ----------------------------------------------------------------------
-    def reconstruction_loss(self, feats: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(self.autoencoder(feats), feats)
+    def reconstruction_loss(self, feats: torch.Tensor, corrupt: bool = False) -> torch.Tensor:
+        """MSE of the AE's reconstruction against the clean features. With `corrupt` (training
+        only), the AE's input loses a random `input_dropout` share of its values, so the AE
+        cannot learn to copy what it is shown (Dinomaly's noisy bottleneck, arXiv 2405.14325)."""
+        inputs = feats
+        if corrupt and self.input_dropout > 0:
+            inputs = F.dropout(feats, self.input_dropout, training=True)
+        return F.mse_loss(self.autoencoder(inputs), feats)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.check_finite(self.reconstruction_loss(self.features(batch)))
+        loss = self.check_finite(self.reconstruction_loss(self.features(batch), corrupt=True))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss
 
