@@ -281,13 +281,14 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
     fit_s = time.perf_counter() - t0
     hw = data["test"]["image_hw"]
 
-    def maps_of(feats: torch.Tensor, sigma: float = p["sigma"]) -> torch.Tensor:
+    def grid_of(feats: torch.Tensor) -> torch.Tensor:
+        """The residual map at feature resolution (one AE pass)."""
         pr = batched(ae, feats, score_bf16)
         if p["distance"] != "combined":
-            grid = pr[0 if p["distance"] == "l2" else 1]
-        else:
-            grid = (pr - ref_low[:, None, None, None]) / ref_scale[:, None, None, None]
-            grid = grid.sum(0)
+            return pr[0 if p["distance"] == "l2" else 1]
+        return ((pr - ref_low[:, None, None, None]) / ref_scale[:, None, None, None]).sum(0)
+
+    def smoothed(grid: torch.Tensor, sigma: float = p["sigma"]) -> torch.Tensor:
         return torch.cat(
             [upsample_and_smooth(grid[i : i + 32], hw, sigma) for i in range(0, len(grid), 32)]
         )
@@ -331,9 +332,10 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
             q = torch.quantile(sample, torch.tensor([0.9, 0.995]), dim=1)  # [2 quantiles, 2 parts]
             ref_low, ref_scale = q[0], (q[1] - q[0]).clamp_min(1e-8)
         t1 = time.perf_counter()
-        test_maps = maps_of(test)
+        test_grid = grid_of(test)
+        test_maps = smoothed(test_grid)
         infer_ms = 1000 * (time.perf_counter() - t1) / len(test)
-        val_maps = maps_of(val)
+        val_maps = smoothed(grid_of(val))
         flat = test_maps.flatten(1)
         k1 = max(1, flat.shape[1] // 100)
         k01 = max(1, flat.shape[1] // 1000)
@@ -346,7 +348,7 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
                 f"max_in{b}": test_maps[:, b:-b, b:-b].flatten(1).amax(1) for b in (8, 16, 32)
             },
             **{  # the max of the map smoothed with another sigma
-                f"max_sigma{g}": maps_of(test, g).flatten(1).amax(1) for g in (0, 2, 8)
+                f"max_sigma{g}": smoothed(test_grid, g).flatten(1).amax(1) for g in (0, 2, 8)
             },
         }
         vmax = val_maps.flatten(1).amax(1)
