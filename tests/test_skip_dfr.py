@@ -368,3 +368,85 @@ def test_the_heat_map_can_be_scaled_apart_from_the_image_score() -> None:
     older = SkipDFR(backbone, distance_norm="tail", pixel_distance_norm="mean").eval()
     older.load_state_dict(old, strict=True)
     torch.testing.assert_close(older.pixel_distance_scale, torch.ones(2))
+
+
+# ---- the heat map's own distance (model.pixel_distance, issue 20) --------------------------
+
+
+def test_l2_whitened_divides_each_channel_by_its_residual_std_on_normal_images() -> None:
+    """fit_distance_scale stores the per-channel std of the residual over images and positions
+    (checked against a direct computation); l2_whitened is the L2 of the residual over it, so
+    the same deviation counts more in a channel the AE predicts well on normal images."""
+    from ad_lightning.models.families.feature_reconstruction import residual_distance
+
+    torch.manual_seed(0)
+    model = SkipDFR(
+        FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8),
+        pixel_distance="l2_whitened",
+    ).eval()
+    c = model.backbone.out_channels
+    loader = [
+        {"features": torch.randn(3, c, 8, 8), "image": torch.zeros(3, 3, 64, 64)} for _ in range(2)
+    ]
+    model.fit_distance_scale(loader)
+    with torch.no_grad():
+        res = torch.cat([model.autoencoder(b["features"]) - b["features"] for b in loader])
+    expected = res.double().transpose(0, 1).flatten(1).std(1, unbiased=False).float()
+    torch.testing.assert_close(model.residual_std, expected, rtol=1e-4, atol=1e-6)
+    assert bool(model.scale_fitted)
+
+    std = torch.tensor([0.1, 10.0])
+    feats = torch.zeros(1, 2, 1, 1)
+    quiet = torch.tensor([1.0, 0.0])[None, :, None, None]  # deviation 1 in the quiet channel
+    noisy = torch.tensor([0.0, 1.0])[None, :, None, None]  # the same in the noisy channel
+    d_quiet, d_noisy = (
+        residual_distance(r, feats, "l2_whitened", channel_std=std) for r in (quiet, noisy)
+    )
+    torch.testing.assert_close(d_quiet, torch.full((1, 1, 1), 10.0))
+    torch.testing.assert_close(d_noisy, torch.full((1, 1, 1), 0.1))
+    with pytest.raises(ValueError, match="channel_std"):
+        residual_distance(quiet, feats, "l2_whitened")
+
+
+def test_the_heat_map_can_use_its_own_distance() -> None:
+    """distance=combined with pixel_distance=l2_whitened: image scores as a model without it,
+    the map the whitened L2 of the same AE pass; the std survives a state-dict round trip, and
+    a file written before it loads strictly (the unit std)."""
+    from ad_lightning.models.families.feature_reconstruction import residual_distance
+    from ad_lightning.nn.smoothing import upsample_and_smooth
+
+    torch.manual_seed(0)
+    backbone = FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8)
+    c = backbone.out_channels
+    loader = [
+        {"features": torch.randn(3, c, 8, 8), "image": torch.zeros(3, 3, 64, 64)} for _ in range(2)
+    ]
+    split = SkipDFR(backbone, distance_norm="tail", pixel_distance="l2_whitened").eval()
+    plain = SkipDFR(backbone, distance_norm="tail").eval()
+    plain.autoencoder.load_state_dict(split.autoencoder.state_dict())
+    for model in (split, plain):
+        model.fit_distance_scale(loader)
+    torch.testing.assert_close(split.distance_scale, plain.distance_scale)
+    assert not torch.allclose(split.residual_std, torch.ones(c))
+    batch = {"features": torch.randn(2, c, 8, 8) * 2, "image": torch.zeros(2, 3, 64, 64)}
+    with torch.no_grad():
+        got, ref = split.score(batch), plain.score(batch)
+        z = split.features(batch)
+        grid = residual_distance(split.autoencoder(z), z, "l2_whitened", None, split.residual_std)
+        expected_map = upsample_and_smooth(grid, (64, 64), split.sigma)
+    for name in got.image:
+        torch.testing.assert_close(got.image[name], ref.image[name])
+    torch.testing.assert_close(got.map, expected_map)
+    assert not torch.allclose(got.map, ref.map)
+    assert split.describe()["pixel_distance"] == "l2_whitened"
+
+    fresh = SkipDFR(backbone, distance_norm="tail", pixel_distance="l2_whitened").eval()
+    fresh.load_state_dict(split.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.score(batch).map, got.map)
+    old = {k: v for k, v in plain.state_dict().items() if k != "residual_std"}
+    older = SkipDFR(backbone, distance_norm="tail").eval()
+    older.load_state_dict(old, strict=True)
+    torch.testing.assert_close(older.residual_std, torch.ones(c))
+    with pytest.raises(ValueError, match="model.pixel_distance"):
+        SkipDFR(backbone, pixel_distance="l1")

@@ -49,6 +49,7 @@ class DFR(FeatureReconstructionModule):
         global_weight: float = 0.0,
         pixel_distance_norm: str | None = None,
         input_dropout: float = 0.0,
+        pixel_distance: str | None = None,
     ) -> None:
         autoencoder = (
             PointwiseAutoencoder(backbone.out_channels, latent_channels)
@@ -68,6 +69,7 @@ class DFR(FeatureReconstructionModule):
             global_weight,
             pixel_distance_norm,
             input_dropout,
+            pixel_distance,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.pca_variance = pca_variance

@@ -44,6 +44,7 @@ class SkipDFR(FeatureReconstructionModule):
         global_weight: float = 0.0,
         pixel_distance_norm: str | None = None,
         input_dropout: float = 0.0,
+        pixel_distance: str | None = None,
     ) -> None:
         widths = list(widths) if widths else widths_for(backbone.out_channels, width_ratio, levels)
         autoencoder = SkipAutoencoder(backbone.out_channels, widths, skips)
@@ -60,6 +61,7 @@ class SkipDFR(FeatureReconstructionModule):
             global_weight,
             pixel_distance_norm,
             input_dropout,
+            pixel_distance,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.skips = skips

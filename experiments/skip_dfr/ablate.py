@@ -360,22 +360,42 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
         pre = "" if norm == p["norm"] else f"{norm}_"
         for name, s in scores.items():
             row[f"{pre}image_{name}"] = float(binary_auroc(unit(s), labels.long()))
-        full = [
-            F.interpolate(
-                test_maps[i][None, None], size=m.shape, mode="bilinear", align_corners=False
-            )[0, 0]
-            if m.shape != test_maps[i].shape
-            else test_maps[i]
-            for i, m in enumerate(masks)
-        ]
-        row[f"{pre}pixel_auroc"] = pixel_auroc(
-            torch.cat([m.flatten() for m in full]), torch.cat([m.flatten() for m in masks])
-        )
+        row[f"{pre}pixel_auroc"], aupro_ = pixel_figures(test_maps, masks, with_aupro=not pre)
         if not pre:
-            row["pixel_aupro"] = aupro(full, masks, 0.3)
+            row["pixel_aupro"] = aupro_
             row["ae_ms_per_image"] = round(infer_ms, 2)
+    # the heat map's own distance (model.pixel_distance): l2, and l2 of the residual with each
+    # channel over its std on the normal validation residuals (l2_whitened)
+    channel_std = residuals(ae, val).transpose(0, 1).flatten(1).double().std(1, unbiased=False)
+    test_res = residuals(ae, test)
+    for name, std in (("l2", None), ("l2_whitened", channel_std.float().clamp_min(1e-6))):
+        r = test_res if std is None else test_res / std[:, None, None]
+        auroc_, aupro_ = pixel_figures(smoothed(r.pow(2).sum(1).sqrt()), masks)
+        row[f"pixel_auroc_{name}"], row[f"pixel_aupro_{name}"] = auroc_, aupro_
     row["scores"] = dumped  # per-image scores, saved beside the json (not in it)
     return row
+
+
+def residuals(ae: torch.nn.Module, feats: torch.Tensor, n: int = 64) -> torch.Tensor:
+    """AE(f) - f for every map, [N, C, h, w]."""
+    with torch.no_grad():
+        return torch.cat([ae(feats[i : i + n]) - feats[i : i + n] for i in range(0, len(feats), n)])
+
+
+def pixel_figures(
+    maps: torch.Tensor, masks: list[torch.Tensor], with_aupro: bool = True
+) -> tuple[float, float | None]:
+    """Pixel AUROC (and AUPRO to FPR 0.3) of image-sized maps against the masks' own sizes."""
+    full = [
+        F.interpolate(maps[i][None, None], size=m.shape, mode="bilinear", align_corners=False)[0, 0]
+        if m.shape != maps[i].shape
+        else maps[i]
+        for i, m in enumerate(masks)
+    ]
+    auroc_ = pixel_auroc(
+        torch.cat([m.flatten() for m in full]), torch.cat([m.flatten() for m in masks])
+    )
+    return auroc_, aupro(full, masks, 0.3) if with_aupro else None
 
 
 def global_scores(data: dict, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -446,7 +466,16 @@ def table(names: list[str]) -> str:
     for f in files:
         r = json.loads(f.read_text())
         rows = {x["category"]: x for x in r["rows"]}
-        for norm, pre in (("mean", ""), ("tail", "quantile_")):
+        # (label, image-score prefix, pixel AUROC key, AUPRO key): the mean- and tail-scaled
+        # combined maps, then the heat map's own distances where the run recorded them
+        kinds = [("mean", "", "pixel_auroc", "pixel_aupro"), ("tail", "quantile_", "", "")]
+        kinds += [
+            (f"tail, map {d}", "quantile_", f"pixel_auroc_{d}", f"pixel_aupro_{d}")
+            for d in ("l2", "l2_whitened")
+            if f"pixel_auroc_{d}" in r["rows"][0]
+        ]
+        for norm, pre, pix, pro in kinds:
+            pix = pix or f"{pre}pixel_auroc"
             cells, imgs = [], []
             for c in CATEGORIES:
                 x = rows.get(c)
@@ -454,10 +483,8 @@ def table(names: list[str]) -> str:
                     cells.append("-")
                     continue
                 imgs.append(x[f"{pre}image_max"])
-                aupro_cell = f"{x['pixel_aupro']:.3f}" if not pre else "-"
-                cells.append(
-                    f"{x[f'{pre}image_max']:.3f} / {x[f'{pre}pixel_auroc']:.3f} / {aupro_cell}"
-                )
+                aupro_cell = f"{x[pro]:.3f}" if pro else "-"
+                cells.append(f"{x[f'{pre}image_max']:.3f} / {x[pix]:.3f} / {aupro_cell}")
             mean = f"{sum(imgs) / len(imgs):.3f}" if len(imgs) == len(CATEGORIES) else "-"
             fit = " / ".join(f"{rows[c]['fit_s']:.0f}" if c in rows else "-" for c in CATEGORIES)
             ms = " / ".join(

@@ -18,6 +18,11 @@ Three choices make the residual hold on real data, each a config key:
   validation maps, or its `tail` spread there, q0.995 - q0.9 of the upsampled, smoothed maps
   (EfficientAD's quantile map normalisation, arXiv 2303.14535): a max score lives in the tail
   of the normal residuals, which the mean does not measure (experiments/skip_dfr/README.md);
+- `pixel_distance` (null = `distance`): the heat map's own distance, from the same AE pass.
+  `l2_whitened` is the L2 of the residual with each channel divided by its std over the normal
+  validation residuals, so that channels the AE cannot predict on normal images (texture
+  grain) do not drown those it can; the cosine part, which makes the image score hold on tire,
+  is noisy per pixel (experiments/skip_dfr/README.md, item 20);
 - `global_weight` (opt-in, 0 = off): adds a global branch for logical anomalies, the
   Mahalanobis distance of the image's pooled features (families/global_branch.py, PUAD),
   z-scored on the normal validation images, to every image score (the map is unchanged):
@@ -53,7 +58,9 @@ from ad_lightning.precision import scoring_context
 log = logging.getLogger(__name__)
 
 SCORE_REDUCTIONS = ("max", "mean", "top1pct")
-DISTANCES = ("l2", "cosine", "combined")
+DISTANCES = ("l2", "cosine", "combined", "l2_whitened")
+#: the distances whose scales are fitted on normal validation images before testing
+FITTED_DISTANCES = ("combined", "l2_whitened")
 DISTANCE_NORMS = ("mean", "tail")
 #: quantiles of the normal validation maps whose spread `distance_norm=tail` divides by
 TAIL_QUANTILES = (0.9, 0.995)
@@ -84,15 +91,22 @@ def residual_distance(
     features: torch.Tensor,
     how: str,
     scale: torch.Tensor | None = None,
+    channel_std: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-position distance over channels, [B, C, h, w] x 2 -> [B, h, w].
 
     `combined` is l2 / scale[0] + cosine / scale[1], each divided by its mean over normal
     images, so that neither dominates: L2 catches changes of feature magnitude (dark
     blowholes on a grey tile), cosine changes of pattern at equal magnitude (tire tread).
+    `l2_whitened` is the L2 of the residual with channel c divided by channel_std[c].
     """
     if how == "l2":
         return (reconstruction - features).pow(2).sum(1).sqrt()
+    if how == "l2_whitened":
+        if channel_std is None:
+            raise ValueError("distance l2_whitened needs the residual's channel_std")
+        std = channel_std.to(features.device)[:, None, None]
+        return ((reconstruction - features) / std).pow(2).sum(1).sqrt()
     cosine = 1 - F.cosine_similarity(reconstruction, features, dim=1, eps=1e-6)
     if how == "cosine":
         return cosine
@@ -123,6 +137,7 @@ class FeatureReconstructionModule(AnomalyModule):
         global_weight: float = 0.0,
         pixel_distance_norm: str | None = None,
         input_dropout: float = 0.0,
+        pixel_distance: str | None = None,
     ) -> None:
         super().__init__()
         if global_weight < 0:
@@ -134,6 +149,11 @@ class FeatureReconstructionModule(AnomalyModule):
         self.lr = lr
         self.primary_score = choice("model.score", score, self.score_names)
         self.distance = choice("model.distance", distance, DISTANCES)
+        self.pixel_distance = (
+            self.distance
+            if pixel_distance is None
+            else choice("model.pixel_distance", pixel_distance, DISTANCES)
+        )
         self.distance_norm = choice("model.distance_norm", distance_norm, DISTANCE_NORMS)
         self.pixel_distance_norm = (
             None
@@ -154,6 +174,8 @@ class FeatureReconstructionModule(AnomalyModule):
         self.register_buffer("scale_fitted", torch.tensor(False))
         # the heat map's own scale when pixel_distance_norm differs (fitted with the above)
         self.register_buffer("pixel_distance_scale", torch.ones(2))
+        # per-channel std of the residual on normal validation images, for l2_whitened
+        self.register_buffer("residual_std", torch.ones(backbone.out_channels))
         # global branch (registered even when off, so a file with it on loads strictly):
         # descriptor mean and std [2C] and Ledoit-Wolf precision [2C, 2C] from training images;
         # the mean and std of its distance [2], and each image score's std [3], on normal
@@ -168,6 +190,7 @@ class FeatureReconstructionModule(AnomalyModule):
             "backbone": self.backbone.describe(),
             "distance": self.distance,
             "distance_norm": self.distance_norm,
+            "pixel_distance": self.pixel_distance,
             "standardize": self.standardize,
             "sigma": self.sigma,
         }
@@ -298,31 +321,52 @@ class FeatureReconstructionModule(AnomalyModule):
     ) -> None:
         """The global branch's buffers take the stored shapes; a state dict without them, or
         without the heat map's own scale (a file written before them), loads strictly and
-        keeps them as they are: empty (branch off), and the unit scale."""
-        names = (*GLOBAL_BUFFERS, "pixel_distance_scale")
+        keeps them as they are: empty (branch off), and the unit scales."""
+        names = (*GLOBAL_BUFFERS, "pixel_distance_scale", "residual_std")
         filled = buffers_from_state(self, state_dict, prefix, names, keep_missing=True)
         super()._load_from_state_dict(filled, prefix, *args, **kwargs)
 
     @property
     def separate_pixel_scale(self) -> bool:
-        """The heat map's parts are scaled otherwise than the image score's."""
+        """The heat map's combined parts are scaled otherwise than the image score's."""
         return (
-            self.distance == "combined"
+            self.pixel_distance == "combined"
             and self.pixel_distance_norm is not None
             and self.pixel_distance_norm != self.distance_norm
         )
 
+    @property
+    def separate_pixel_map(self) -> bool:
+        """The heat map is not the image score's map: another distance or another scale."""
+        return self.pixel_distance != self.distance or self.separate_pixel_scale
+
+    @property
+    def distances_used(self) -> set[str]:
+        return {self.distance, self.pixel_distance}
+
+    def pixel_residual(self, reconstruction: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """The heat map's distance on the feature grid (`pixel_distance`, its own scale)."""
+        scale = self.pixel_distance_scale if self.separate_pixel_scale else self.distance_scale
+        return residual_distance(
+            reconstruction, feats, self.pixel_distance, scale, self.residual_std
+        )
+
     @torch.no_grad()
     def fit_distance_scale(self, loader: Any) -> None:
-        """Per part (l2, cosine), the scale of its maps on normal images (the scored checkpoint):
-        their mean (`distance_norm=mean`), or the spread q0.995 - q0.9 of the image-sized,
-        smoothed maps that scores and thresholds are taken from (`tail`, on a fixed random
-        sample of pixels per map); the heat map's own scale too when `pixel_distance_norm`
-        differs. One pass over the loader serves both."""
-        norms = {self.distance_norm}
+        """On normal images (the scored checkpoint), what the distances in use are divided by.
+
+        `combined`: per part (l2, cosine), the scale of its maps: their mean
+        (`distance_norm=mean`), or the spread q0.995 - q0.9 of the image-sized, smoothed maps
+        that scores and thresholds are taken from (`tail`, on a fixed random sample of pixels
+        per map); the heat map's own scale too when `pixel_distance_norm` differs.
+        `l2_whitened`: the std of each channel of the residual over images and positions.
+        One pass over the loader serves all."""
+        norms = {self.distance_norm} if "combined" in self.distances_used else set()
         if self.separate_pixel_scale:
             norms.add(self.pixel_distance_norm)
+        whiten = "l2_whitened" in self.distances_used
         sums, n = torch.zeros(2, dtype=torch.float64), 0
+        moments = torch.zeros(3, self.residual_std.numel(), dtype=torch.float64)  # n, sum, sum^2
         samples: list[list[torch.Tensor]] = [[], []]
         generator = torch.Generator().manual_seed(0)
         for batch in loader:
@@ -330,7 +374,12 @@ class FeatureReconstructionModule(AnomalyModule):
             feats = self.features(batch)
             rec = self.autoencoder(feats)
             size = tuple(batch["image"].shape[-2:])
-            for i, how in enumerate(("l2", "cosine")):
+            if whiten:
+                r = (rec - feats).double().transpose(0, 1).flatten(1).cpu()
+                moments += torch.stack(
+                    [torch.full_like(r[:, 0], r.shape[1]), r.sum(1), r.pow(2).sum(1)]
+                )
+            for i, how in enumerate(("l2", "cosine") if norms else ()):
                 grid = residual_distance(rec, feats, how)
                 if "mean" in norms:
                     sums[i] += grid.double().mean((1, 2)).sum().cpu()
@@ -347,13 +396,19 @@ class FeatureReconstructionModule(AnomalyModule):
             quantiles = [torch.quantile(torch.cat(part).double(), levels) for part in samples]
             scales["tail"] = torch.stack([high - low for low, high in quantiles])
         as_buffer = {k: v.clamp_min(1e-8).float().to(self.device) for k, v in scales.items()}
-        self.distance_scale = as_buffer[self.distance_norm]
+        if norms:
+            self.distance_scale = as_buffer[self.distance_norm]
         if self.separate_pixel_scale:
             self.pixel_distance_scale = as_buffer[self.pixel_distance_norm]
+        if whiten:
+            count, total, squares = moments[0].clamp_min(1.0), moments[1], moments[2]
+            var = (squares / count - (total / count).pow(2)).clamp_min(0.0)
+            self.residual_std = var.sqrt().clamp_min(1e-6).float().to(self.device)
         self.scale_fitted = torch.tensor(True, device=self.device)
 
     def on_test_start(self) -> None:
-        fit_scale = self.distance == "combined" and not bool(self.scale_fitted)
+        fitted = any(d in FITTED_DISTANCES for d in self.distances_used)
+        fit_scale = fitted and not bool(self.scale_fitted)
         fit_global = self.global_weight > 0 and self.global_val.numel() == 0
         if not (fit_scale or fit_global):
             return
@@ -394,12 +449,15 @@ class FeatureReconstructionModule(AnomalyModule):
         feats = self.features(batch)
         reconstruction = self.autoencoder(feats)
         size = tuple(batch["image"].shape[-2:])
-        residual = residual_distance(reconstruction, feats, self.distance, self.distance_scale)
+        residual = residual_distance(
+            reconstruction, feats, self.distance, self.distance_scale, self.residual_std
+        )
         anomaly_map = upsample_and_smooth(residual, size, self.sigma)
         image = {f"residual_{how}": reduce_map(anomaly_map, how) for how in SCORE_REDUCTIONS}
-        if self.separate_pixel_scale:  # the heat map: the same parts, scaled for pixels
-            pixel = residual_distance(reconstruction, feats, "combined", self.pixel_distance_scale)
-            anomaly_map = upsample_and_smooth(pixel, size, self.sigma)
+        if self.separate_pixel_map:  # the heat map: its own distance or scale, same AE pass
+            anomaly_map = upsample_and_smooth(
+                self.pixel_residual(reconstruction, feats), size, self.sigma
+            )
         return feats, Scores(image=image, map=anomaly_map)
 
     def score(self, batch: dict[str, Any]) -> Scores:
