@@ -91,7 +91,7 @@ def test_combined_distance_parts_are_scaled_by_their_normal_mean_or_tail_spread(
         {"features": torch.randn(3, c, 8, 8), "image": torch.zeros(3, 3, 64, 64)} for _ in range(2)
     ]
     model.fit_distance_scale(loader)
-    expected = []
+    expected, shifts = [], []
     with torch.no_grad():
         for how in ("l2", "cosine"):
             grids = [
@@ -100,11 +100,14 @@ def test_combined_distance_parts_are_scaled_by_their_normal_mean_or_tail_spread(
             ]
             if norm == "mean":
                 expected.append(torch.cat(grids).double().mean())
+                shifts.append(torch.zeros((), dtype=torch.float64))
             else:
                 maps = torch.cat([upsample_and_smooth(g, (64, 64), model.sigma) for g in grids])
                 q = torch.quantile(maps.double().flatten(), torch.tensor([0.9, 0.995]).double())
                 expected.append(q[1] - q[0])
+                shifts.append(q[0])
     torch.testing.assert_close(model.distance_scale, torch.stack(expected).float())
+    torch.testing.assert_close(model.distance_shift, torch.stack(shifts).float())
     assert bool(model.scale_fitted)
 
 
@@ -450,3 +453,71 @@ def test_the_heat_map_can_use_its_own_distance() -> None:
     torch.testing.assert_close(older.residual_std, torch.ones(c))
     with pytest.raises(ValueError, match="model.pixel_distance"):
         SkipDFR(backbone, pixel_distance="l1")
+
+
+# ---- how the combined distance joins its parts (model.distance_combine, issue 20) ----------
+
+
+def test_distance_combine_max_takes_the_more_unusual_part_per_position() -> None:
+    """`max` is the larger of the two normalised parts at each position, `sum` their sum; a
+    position unusual in one part only is as high under `max` as that part alone says."""
+    from ad_lightning.models.families.feature_reconstruction import residual_distance
+
+    torch.manual_seed(0)
+    feats = torch.randn(2, 8, 4, 4)
+    rec = feats + 0.3 * torch.randn(2, 8, 4, 4)
+    scale, shift = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 0.1])
+    l2 = (rec - feats).pow(2).sum(1).sqrt()
+    cosine = 1 - F.cosine_similarity(rec, feats, dim=1, eps=1e-6)
+    parts = torch.stack([(l2 - shift[0]) / scale[0], (cosine - shift[1]) / scale[1]])
+    got_max = residual_distance(rec, feats, "combined", scale, None, shift, "max")
+    got_sum = residual_distance(rec, feats, "combined", scale, None, shift, "sum")
+    torch.testing.assert_close(got_max, parts.amax(0))
+    torch.testing.assert_close(got_sum, parts.sum(0))
+    assert (parts.argmax(0) == 0).any() and (parts.argmax(0) == 1).any()  # both parts used
+    with pytest.raises(ValueError, match="model.distance_combine"):
+        SkipDFR(
+            FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8),
+            distance_combine="mean",
+        )
+
+
+def test_distance_combine_max_scores_through_the_model_and_old_files_load() -> None:
+    """A tail model with `max` scores each image by the max over positions of the larger
+    normalised part (its fitted shift and scale); its shift survives a state-dict round trip,
+    and a file written before the shift existed loads strictly with no shift."""
+    from ad_lightning.models.families.feature_reconstruction import residual_distance
+    from ad_lightning.nn.smoothing import upsample_and_smooth
+
+    torch.manual_seed(0)
+    backbone = FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8)
+    c = backbone.out_channels
+    loader = [
+        {"features": torch.randn(3, c, 8, 8), "image": torch.zeros(3, 3, 64, 64)} for _ in range(2)
+    ]
+    model = SkipDFR(backbone, distance_norm="tail", distance_combine="max").eval()
+    model.fit_distance_scale(loader)
+    assert (model.distance_shift > 0).all()  # q0.9 of positive distances
+    batch = {"features": torch.randn(2, c, 8, 8) * 2, "image": torch.zeros(2, 3, 64, 64)}
+    with torch.no_grad():
+        got = model.score(batch)
+        z = model.features(batch)
+        rec = model.autoencoder(z)
+        parts = [
+            (residual_distance(rec, z, how) - model.distance_shift[i]) / model.distance_scale[i]
+            for i, how in enumerate(("l2", "cosine"))
+        ]
+        expected = upsample_and_smooth(torch.maximum(*parts), (64, 64), model.sigma)
+    torch.testing.assert_close(got.image["residual_max"], expected.flatten(1).amax(1))
+    assert model.describe()["distance_combine"] == "max"
+
+    fresh = SkipDFR(backbone, distance_norm="tail", distance_combine="max").eval()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fresh.score(batch).image["residual_max"], expected.flatten(1).amax(1)
+        )
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("distance_shift")}
+    older = SkipDFR(backbone, distance_norm="tail").eval()
+    older.load_state_dict(old, strict=True)
+    torch.testing.assert_close(older.distance_shift, torch.zeros(2))

@@ -50,6 +50,7 @@ class DFR(FeatureReconstructionModule):
         pixel_distance_norm: str | None = None,
         input_dropout: float = 0.0,
         pixel_distance: str | None = None,
+        distance_combine: str = "sum",
     ) -> None:
         autoencoder = (
             PointwiseAutoencoder(backbone.out_channels, latent_channels)
@@ -70,6 +71,7 @@ class DFR(FeatureReconstructionModule):
             pixel_distance_norm,
             input_dropout,
             pixel_distance,
+            distance_combine,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.pca_variance = pca_variance

@@ -45,6 +45,7 @@ class SkipDFR(FeatureReconstructionModule):
         pixel_distance_norm: str | None = None,
         input_dropout: float = 0.0,
         pixel_distance: str | None = None,
+        distance_combine: str = "sum",
     ) -> None:
         widths = list(widths) if widths else widths_for(backbone.out_channels, width_ratio, levels)
         autoencoder = SkipAutoencoder(backbone.out_channels, widths, skips)
@@ -62,6 +63,7 @@ class SkipDFR(FeatureReconstructionModule):
             pixel_distance_norm,
             input_dropout,
             pixel_distance,
+            distance_combine,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.skips = skips

@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "hard_mining": 0.0,  # fraction of best-reconstructed positions whose loss is down-weighted x0.1
     "norm": "mean",  # combined-distance parts over their validation mean | quantile (q0.9..q0.995)
     "distance": "combined",
+    "combine": "sum",  # combined's normalised parts: sum | max (the larger of the two per position)
     "sigma": 4.0,
     "global_weight": 0.0,  # weight of a Mahalanobis score of pooled features (0 = off)
     "seed": 0,
@@ -76,6 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "k_final": 0,  # kernel of the outermost transposed conv alone (0 = k0)
     "final_width": 1.0,  # channels of the last transposed conv, as a fraction of widths[0]
     "widths": "",  # explicit AE widths as "176-176-96" (overrides width_ratio)
+    "fp16": False,  # train and validate on fp16-rounded features, as the pipeline's FeatureStore keeps them
     "blocks": 123,  # which cached blocks feed the AE, as digits: 123 = blocks 1-3, 23 = blocks 2-3
 }
 
@@ -214,6 +216,8 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
         for s in ("train", "val", "test")
     )
     stats = train[:512].double().transpose(0, 1).flatten(1)
+    if p["fp16"]:  # after the statistics, which the pipeline takes from fp32 backbone output
+        train, val = train.half().float(), val.half().float()
     mean, std = stats.mean(1).float(), stats.std(1, unbiased=False).float()
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
     train, val, test = ((f - mean[:, None, None]) / std[:, None, None] for f in (train, val, test))
@@ -286,7 +290,8 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
         pr = batched(ae, feats, score_bf16)
         if p["distance"] != "combined":
             return pr[0 if p["distance"] == "l2" else 1]
-        return ((pr - ref_low[:, None, None, None]) / ref_scale[:, None, None, None]).sum(0)
+        parts_ = (pr - ref_low[:, None, None, None]) / ref_scale[:, None, None, None]
+        return parts_.amax(0) if p["combine"] == "max" else parts_.sum(0)
 
     def smoothed(grid: torch.Tensor, sigma: float = p["sigma"]) -> torch.Tensor:
         return torch.cat(

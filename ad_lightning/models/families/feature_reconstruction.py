@@ -15,9 +15,13 @@ Three choices make the residual hold on real data, each a config key:
   cosine on magnetic tile; experiments/benchmark/README.md);
 - `sigma`: Gaussian smoothing of the upsampled map (input pixels) before the image score;
 - `distance_norm` (with `combined`): what each part is divided by, its `mean` over the normal
-  validation maps, or its `tail` spread there, q0.995 - q0.9 of the upsampled, smoothed maps
-  (EfficientAD's quantile map normalisation, arXiv 2303.14535): a max score lives in the tail
-  of the normal residuals, which the mean does not measure (experiments/skip_dfr/README.md);
+  validation maps, or its `tail` spread there, q0.995 - q0.9 of the upsampled, smoothed maps,
+  after subtracting q0.9 (EfficientAD's quantile map normalisation, arXiv 2303.14535): a max
+  score lives in the tail of the normal residuals, which the mean does not measure
+  (experiments/skip_dfr/README.md);
+- `distance_combine` (with `combined`): the normalised parts' `sum`, or their `max`, which
+  flags a position where either part leaves its normal range; with `tail` both parts are in
+  units of their own normal tail, so the larger is the more unusual (item 21 there);
 - `pixel_distance` (null = `distance`): the heat map's own distance, from the same AE pass.
   `l2_whitened` is the L2 of the residual with each channel divided by its std over the normal
   validation residuals, so that channels the AE cannot predict on normal images (texture
@@ -59,6 +63,8 @@ log = logging.getLogger(__name__)
 
 SCORE_REDUCTIONS = ("max", "mean", "top1pct")
 DISTANCES = ("l2", "cosine", "combined", "l2_whitened")
+#: how `combined` joins its two normalised parts
+COMBINES = ("sum", "max")
 #: the distances whose scales are fitted on normal validation images before testing
 FITTED_DISTANCES = ("combined", "l2_whitened")
 DISTANCE_NORMS = ("mean", "tail")
@@ -66,6 +72,14 @@ DISTANCE_NORMS = ("mean", "tail")
 TAIL_QUANTILES = (0.9, 0.995)
 #: pixels sampled per validation map for those quantiles
 TAIL_PIXELS_PER_MAP = 16384
+#: buffers added after the first files were written: a file without them loads with the unit
+#: scale, no shift and the unit std, which score as such files always did
+SHIFT_AND_PIXEL_BUFFERS = (
+    "distance_shift",
+    "pixel_distance_scale",
+    "pixel_distance_shift",
+    "residual_std",
+)
 #: the global branch's buffers: empty until fitted, sized by what a state dict holds, filled
 #: in when a state dict lacks them (files written before the branch load with it off)
 GLOBAL_BUFFERS = ("global_mean", "global_std", "global_precision", "global_val", "score_val_std")
@@ -92,13 +106,17 @@ def residual_distance(
     how: str,
     scale: torch.Tensor | None = None,
     channel_std: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    combine: str = "sum",
 ) -> torch.Tensor:
     """Per-position distance over channels, [B, C, h, w] x 2 -> [B, h, w].
 
-    `combined` is l2 / scale[0] + cosine / scale[1], each divided by its mean over normal
-    images, so that neither dominates: L2 catches changes of feature magnitude (dark
-    blowholes on a grey tile), cosine changes of pattern at equal magnitude (tire tread).
-    `l2_whitened` is the L2 of the residual with channel c divided by channel_std[c].
+    `combined` normalises its parts, (l2 - shift[0]) / scale[0] and (cosine - shift[1]) /
+    scale[1], with their statistics on normal images, so that neither dominates, and joins
+    them by `combine`: their sum, or their max (either part anomalous). L2 catches changes of
+    feature magnitude (dark blowholes on a grey tile), cosine changes of pattern at equal
+    magnitude (tire tread). `l2_whitened` is the L2 of the residual with channel c divided by
+    channel_std[c].
     """
     if how == "l2":
         return (reconstruction - features).pow(2).sum(1).sqrt()
@@ -112,7 +130,9 @@ def residual_distance(
         return cosine
     l2 = (reconstruction - features).pow(2).sum(1).sqrt()
     scale = scale if scale is not None else torch.ones(2, device=features.device)
-    return l2 / scale[0] + cosine / scale[1]
+    shift = shift if shift is not None else torch.zeros(2, device=features.device)
+    parts = [(l2 - shift[0]) / scale[0], (cosine - shift[1]) / scale[1]]
+    return torch.maximum(*parts) if combine == "max" else parts[0] + parts[1]
 
 
 class FeatureReconstructionModule(AnomalyModule):
@@ -138,6 +158,7 @@ class FeatureReconstructionModule(AnomalyModule):
         pixel_distance_norm: str | None = None,
         input_dropout: float = 0.0,
         pixel_distance: str | None = None,
+        distance_combine: str = "sum",
     ) -> None:
         super().__init__()
         if global_weight < 0:
@@ -155,6 +176,7 @@ class FeatureReconstructionModule(AnomalyModule):
             else choice("model.pixel_distance", pixel_distance, DISTANCES)
         )
         self.distance_norm = choice("model.distance_norm", distance_norm, DISTANCE_NORMS)
+        self.distance_combine = choice("model.distance_combine", distance_combine, COMBINES)
         self.pixel_distance_norm = (
             None
             if pixel_distance_norm is None
@@ -169,11 +191,14 @@ class FeatureReconstructionModule(AnomalyModule):
         self.register_buffer("feature_mean", torch.zeros(backbone.out_channels))
         self.register_buffer("feature_std", torch.ones(backbone.out_channels))
         self.register_buffer("stats_fitted", torch.tensor(False))
-        # mean l2 and cosine residual on normal validation images, for distance=combined
+        # mean l2 and cosine residual on normal validation images, for distance=combined (or
+        # their tail: the spread q0.995 - q0.9 as the scale, q0.9 as the shift)
         self.register_buffer("distance_scale", torch.ones(2))
+        self.register_buffer("distance_shift", torch.zeros(2))
         self.register_buffer("scale_fitted", torch.tensor(False))
         # the heat map's own scale when pixel_distance_norm differs (fitted with the above)
         self.register_buffer("pixel_distance_scale", torch.ones(2))
+        self.register_buffer("pixel_distance_shift", torch.zeros(2))
         # per-channel std of the residual on normal validation images, for l2_whitened
         self.register_buffer("residual_std", torch.ones(backbone.out_channels))
         # global branch (registered even when off, so a file with it on loads strictly):
@@ -190,6 +215,7 @@ class FeatureReconstructionModule(AnomalyModule):
             "backbone": self.backbone.describe(),
             "distance": self.distance,
             "distance_norm": self.distance_norm,
+            "distance_combine": self.distance_combine,
             "pixel_distance": self.pixel_distance,
             "standardize": self.standardize,
             "sigma": self.sigma,
@@ -322,7 +348,7 @@ class FeatureReconstructionModule(AnomalyModule):
         """The global branch's buffers take the stored shapes; a state dict without them, or
         without the heat map's own scale (a file written before them), loads strictly and
         keeps them as they are: empty (branch off), and the unit scales."""
-        names = (*GLOBAL_BUFFERS, "pixel_distance_scale", "residual_std")
+        names = (*GLOBAL_BUFFERS, *SHIFT_AND_PIXEL_BUFFERS)
         filled = buffers_from_state(self, state_dict, prefix, names, keep_missing=True)
         super()._load_from_state_dict(filled, prefix, *args, **kwargs)
 
@@ -346,9 +372,15 @@ class FeatureReconstructionModule(AnomalyModule):
 
     def pixel_residual(self, reconstruction: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """The heat map's distance on the feature grid (`pixel_distance`, its own scale)."""
-        scale = self.pixel_distance_scale if self.separate_pixel_scale else self.distance_scale
+        own = self.separate_pixel_scale
         return residual_distance(
-            reconstruction, feats, self.pixel_distance, scale, self.residual_std
+            reconstruction,
+            feats,
+            self.pixel_distance,
+            self.pixel_distance_scale if own else self.distance_scale,
+            self.residual_std,
+            self.pixel_distance_shift if own else self.distance_shift,
+            self.distance_combine,
         )
 
     @torch.no_grad()
@@ -356,9 +388,10 @@ class FeatureReconstructionModule(AnomalyModule):
         """On normal images (the scored checkpoint), what the distances in use are divided by.
 
         `combined`: per part (l2, cosine), the scale of its maps: their mean
-        (`distance_norm=mean`), or the spread q0.995 - q0.9 of the image-sized, smoothed maps
-        that scores and thresholds are taken from (`tail`, on a fixed random sample of pixels
-        per map); the heat map's own scale too when `pixel_distance_norm` differs.
+        (`distance_norm=mean`, no shift), or the spread q0.995 - q0.9 of the image-sized,
+        smoothed maps that scores and thresholds are taken from, and q0.9 as the shift
+        (`tail`, on a fixed random sample of pixels per map); the heat map's own too when
+        `pixel_distance_norm` differs.
         `l2_whitened`: the std of each channel of the residual over images and positions.
         One pass over the loader serves all."""
         norms = {self.distance_norm} if "combined" in self.distances_used else set()
@@ -388,18 +421,24 @@ class FeatureReconstructionModule(AnomalyModule):
                     pick = torch.randperm(flat.shape[1], generator=generator)
                     samples[i].append(flat[:, pick[:TAIL_PIXELS_PER_MAP]].flatten())
             n += len(feats)
-        scales = {}
+        scales, shifts = {}, {}
         if "mean" in norms:
             scales["mean"] = sums / max(n, 1)
+            shifts["mean"] = torch.zeros(2, dtype=torch.float64)
         if "tail" in norms:
             levels = torch.tensor(TAIL_QUANTILES, dtype=torch.float64)
-            quantiles = [torch.quantile(torch.cat(part).double(), levels) for part in samples]
-            scales["tail"] = torch.stack([high - low for low, high in quantiles])
-        as_buffer = {k: v.clamp_min(1e-8).float().to(self.device) for k, v in scales.items()}
+            quantiles = torch.stack(
+                [torch.quantile(torch.cat(part).double(), levels) for part in samples]
+            )
+            scales["tail"], shifts["tail"] = quantiles[:, 1] - quantiles[:, 0], quantiles[:, 0]
+        as_scale = {k: v.clamp_min(1e-8).float().to(self.device) for k, v in scales.items()}
+        as_shift = {k: v.float().to(self.device) for k, v in shifts.items()}
         if norms:
-            self.distance_scale = as_buffer[self.distance_norm]
+            self.distance_scale = as_scale[self.distance_norm]
+            self.distance_shift = as_shift[self.distance_norm]
         if self.separate_pixel_scale:
-            self.pixel_distance_scale = as_buffer[self.pixel_distance_norm]
+            self.pixel_distance_scale = as_scale[self.pixel_distance_norm]
+            self.pixel_distance_shift = as_shift[self.pixel_distance_norm]
         if whiten:
             count, total, squares = moments[0].clamp_min(1.0), moments[1], moments[2]
             var = (squares / count - (total / count).pow(2)).clamp_min(0.0)
@@ -450,7 +489,13 @@ class FeatureReconstructionModule(AnomalyModule):
         reconstruction = self.autoencoder(feats)
         size = tuple(batch["image"].shape[-2:])
         residual = residual_distance(
-            reconstruction, feats, self.distance, self.distance_scale, self.residual_std
+            reconstruction,
+            feats,
+            self.distance,
+            self.distance_scale,
+            self.residual_std,
+            self.distance_shift,
+            self.distance_combine,
         )
         anomaly_map = upsample_and_smooth(residual, size, self.sigma)
         image = {f"residual_{how}": reduce_map(anomaly_map, how) for how in SCORE_REDUCTIONS}
