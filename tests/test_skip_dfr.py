@@ -8,6 +8,18 @@ from ad_lightning.nn.skip_ae import SkipAutoencoder
 from tests.conftest import fit_and_test, synthetic_dm
 
 
+def tiny_backbone_and_normal_loader() -> tuple[FeatureExtractor, list[dict]]:
+    """A random-weight backbone at 8x8 features and two batches of 'normal' features, seeded:
+    what the scale, shift and std fits below read."""
+    torch.manual_seed(0)
+    backbone = FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8)
+    c = backbone.out_channels
+    batches = [
+        {"features": torch.randn(3, c, 8, 8), "image": torch.zeros(3, 3, 64, 64)} for _ in range(2)
+    ]
+    return backbone, batches
+
+
 def test_skip_autoencoder_shapes_and_skip_modes() -> None:
     x = torch.randn(2, 40, 28, 28)
     sizes = {}
@@ -341,12 +353,8 @@ def test_the_heat_map_can_be_scaled_apart_from_the_image_score() -> None:
     """distance_norm=tail with pixel_distance_norm=mean: image scores as a tail model's, the
     map as a mean model's, from the same AE; the pixel scale survives a state-dict round trip
     and a file without it loads strictly (the unit scale, as an unfitted distance_scale)."""
-    torch.manual_seed(0)
-    backbone = FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8)
+    backbone, loader = tiny_backbone_and_normal_loader()
     c = backbone.out_channels
-    loader = [
-        {"features": torch.randn(3, c, 8, 8), "image": torch.zeros(3, 3, 64, 64)} for _ in range(2)
-    ]
     models = {
         norms: SkipDFR(backbone, distance_norm=norms[0], pixel_distance_norm=norms[1]).eval()
         for norms in (("tail", "mean"), ("tail", None), ("mean", None))
@@ -418,12 +426,8 @@ def test_the_heat_map_can_use_its_own_distance() -> None:
     from ad_lightning.models.families.feature_reconstruction import residual_distance
     from ad_lightning.nn.smoothing import upsample_and_smooth
 
-    torch.manual_seed(0)
-    backbone = FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8)
+    backbone, loader = tiny_backbone_and_normal_loader()
     c = backbone.out_channels
-    loader = [
-        {"features": torch.randn(3, c, 8, 8), "image": torch.zeros(3, 3, 64, 64)} for _ in range(2)
-    ]
     split = SkipDFR(backbone, distance_norm="tail", pixel_distance="l2_whitened").eval()
     plain = SkipDFR(backbone, distance_norm="tail").eval()
     plain.autoencoder.load_state_dict(split.autoencoder.state_dict())
@@ -489,12 +493,8 @@ def test_distance_combine_max_scores_through_the_model_and_old_files_load() -> N
     from ad_lightning.models.families.feature_reconstruction import residual_distance
     from ad_lightning.nn.smoothing import upsample_and_smooth
 
-    torch.manual_seed(0)
-    backbone = FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8)
+    backbone, loader = tiny_backbone_and_normal_loader()
     c = backbone.out_channels
-    loader = [
-        {"features": torch.randn(3, c, 8, 8), "image": torch.zeros(3, 3, 64, 64)} for _ in range(2)
-    ]
     model = SkipDFR(backbone, distance_norm="tail", distance_combine="max").eval()
     model.fit_distance_scale(loader)
     assert (model.distance_shift > 0).all()  # q0.9 of positive distances
