@@ -451,10 +451,18 @@ def test_the_heat_map_can_use_its_own_distance() -> None:
     fresh.load_state_dict(split.state_dict(), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh.score(batch).map, got.map)
-    old = {k: v for k, v in plain.state_dict().items() if k != "residual_std"}
+    old = {k: v for k, v in plain.state_dict().items() if not k.startswith("residual_std")}
     older = SkipDFR(backbone, distance_norm="tail").eval()
     older.load_state_dict(old, strict=True)
     torch.testing.assert_close(older.residual_std, torch.ones(c))
+    assert bool(older.scale_fitted) and not older.distance_fit_pending
+    # the same file read with the whitened map asked for: the std is fitted, not taken as 1
+    whitened = SkipDFR(backbone, distance_norm="tail", pixel_distance="l2_whitened").eval()
+    whitened.load_state_dict(old, strict=True)
+    assert bool(whitened.scale_fitted) and whitened.distance_fit_pending
+    whitened.fit_distance_scale(loader)
+    assert not whitened.distance_fit_pending
+    torch.testing.assert_close(whitened.residual_std, split.residual_std)
     with pytest.raises(ValueError, match="model.pixel_distance"):
         SkipDFR(backbone, pixel_distance="l1")
 

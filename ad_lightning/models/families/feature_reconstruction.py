@@ -79,6 +79,7 @@ SHIFT_AND_PIXEL_BUFFERS = (
     "pixel_distance_scale",
     "pixel_distance_shift",
     "residual_std",
+    "residual_std_fitted",
 )
 #: the global branch's buffers: empty until fitted, sized by what a state dict holds, filled
 #: in when a state dict lacks them (files written before the branch load with it off)
@@ -201,6 +202,8 @@ class FeatureReconstructionModule(AnomalyModule):
         self.register_buffer("pixel_distance_shift", torch.zeros(2))
         # per-channel std of the residual on normal validation images, for l2_whitened
         self.register_buffer("residual_std", torch.ones(backbone.out_channels))
+        # its own flag: a file fitted before it existed has scale_fitted set but no std
+        self.register_buffer("residual_std_fitted", torch.tensor(False))
         # global branch (registered even when off, so a file with it on loads strictly):
         # descriptor mean and std [2C] and Ledoit-Wolf precision [2C, 2C] from training images;
         # the mean and std of its distance [2], and each image score's std [3], on normal
@@ -443,11 +446,20 @@ class FeatureReconstructionModule(AnomalyModule):
             count, total, squares = moments[0].clamp_min(1.0), moments[1], moments[2]
             var = (squares / count - (total / count).pow(2)).clamp_min(0.0)
             self.residual_std = var.sqrt().clamp_min(1e-6).float().to(self.device)
+            self.residual_std_fitted = torch.tensor(True, device=self.device)
         self.scale_fitted = torch.tensor(True, device=self.device)
 
+    @property
+    def distance_fit_pending(self) -> bool:
+        """A distance in use still lacks its statistics on normal images (never fitted, or the
+        file was written before the statistic existed): `on_test_start` fits them."""
+        used = self.distances_used
+        return (any(d in FITTED_DISTANCES for d in used) and not bool(self.scale_fitted)) or (
+            "l2_whitened" in used and not bool(self.residual_std_fitted)
+        )
+
     def on_test_start(self) -> None:
-        fitted = any(d in FITTED_DISTANCES for d in self.distances_used)
-        fit_scale = fitted and not bool(self.scale_fitted)
+        fit_scale = self.distance_fit_pending
         fit_global = self.global_weight > 0 and self.global_val.numel() == 0
         if not (fit_scale or fit_global):
             return
