@@ -373,13 +373,16 @@ class FeatureReconstructionModule(AnomalyModule):
     def distances_used(self) -> set[str]:
         return {self.distance, self.pixel_distance}
 
-    def pixel_residual(self, reconstruction: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        """The heat map's distance on the feature grid (`pixel_distance`, its own scale)."""
-        own = self.separate_pixel_scale
+    def residual_grid(
+        self, reconstruction: torch.Tensor, feats: torch.Tensor, pixel: bool = False
+    ) -> torch.Tensor:
+        """The image score's distance on the feature grid, or with `pixel` the heat map's
+        (`pixel_distance`, with its own scale and shift when `pixel_distance_norm` differs)."""
+        own = pixel and self.separate_pixel_scale
         return residual_distance(
             reconstruction,
             feats,
-            self.pixel_distance,
+            self.pixel_distance if pixel else self.distance,
             self.pixel_distance_scale if own else self.distance_scale,
             self.residual_std,
             self.pixel_distance_shift if own else self.distance_shift,
@@ -500,20 +503,13 @@ class FeatureReconstructionModule(AnomalyModule):
         feats = self.features(batch)
         reconstruction = self.autoencoder(feats)
         size = tuple(batch["image"].shape[-2:])
-        residual = residual_distance(
-            reconstruction,
-            feats,
-            self.distance,
-            self.distance_scale,
-            self.residual_std,
-            self.distance_shift,
-            self.distance_combine,
+        anomaly_map = upsample_and_smooth(
+            self.residual_grid(reconstruction, feats), size, self.sigma
         )
-        anomaly_map = upsample_and_smooth(residual, size, self.sigma)
         image = {f"residual_{how}": reduce_map(anomaly_map, how) for how in SCORE_REDUCTIONS}
         if self.separate_pixel_map:  # the heat map: its own distance or scale, same AE pass
             anomaly_map = upsample_and_smooth(
-                self.pixel_residual(reconstruction, feats), size, self.sigma
+                self.residual_grid(reconstruction, feats, pixel=True), size, self.sigma
             )
         return feats, Scores(image=image, map=anomaly_map)
 
