@@ -488,12 +488,13 @@ def table(names: list[str]) -> str:
                     cells.append("-")
                     continue
                 imgs.append(x[f"{pre}image_max"])
-                aupro_cell = f"{x[pro]:.3f}" if pro else "-"
+                aupro_cell = f"{x[pro]:.3f}" if x.get(pro) is not None else "-"
                 cells.append(f"{x[f'{pre}image_max']:.3f} / {x[pix]:.3f} / {aupro_cell}")
             mean = f"{sum(imgs) / len(imgs):.3f}" if len(imgs) == len(CATEGORIES) else "-"
             fit = " / ".join(f"{rows[c]['fit_s']:.0f}" if c in rows else "-" for c in CATEGORIES)
             ms = " / ".join(
-                f"{rows[c]['ae_ms_per_image']:.1f}" if c in rows else "-" for c in CATEGORIES
+                f"{rows[c]['ae_ms_per_image']:.1f}" if "ae_ms_per_image" in rows.get(c, {}) else "-"
+                for c in CATEGORIES
             )
             lines.append(
                 f"| {f.stem} | {norm} | " + " | ".join(cells) + f" | {mean} | {fit} | {ms} |"
