@@ -384,25 +384,19 @@ def test_the_heat_map_can_be_scaled_apart_from_the_image_score() -> None:
 # ---- the heat map's own distance (model.pixel_distance, issue 20) --------------------------
 
 
-def test_l2_whitened_divides_each_channel_by_its_residual_std_on_normal_images() -> None:
-    """fit_distance_scale stores the per-channel std of the residual over images and positions
-    (checked against a direct computation); l2_whitened is the L2 of the residual over it, so
-    the same deviation counts more in a channel the AE predicts well on normal images."""
+def test_l2_whitened_divides_each_channel_by_its_residual_rms_on_normal_images() -> None:
+    """fit_distance_scale stores the per-channel root mean square of the residual over images
+    and positions (checked against a direct computation); l2_whitened is the L2 of the
+    residual over it, so the same deviation counts more in a channel the AE predicts well on
+    normal images."""
     from ad_lightning.models.families.feature_reconstruction import residual_distance
 
-    torch.manual_seed(0)
-    model = SkipDFR(
-        FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8),
-        pixel_distance="l2_whitened",
-    ).eval()
-    c = model.backbone.out_channels
-    loader = [
-        {"features": torch.randn(3, c, 8, 8), "image": torch.zeros(3, 3, 64, 64)} for _ in range(2)
-    ]
+    backbone, loader = tiny_backbone_and_normal_loader()
+    model = SkipDFR(backbone, pixel_distance="l2_whitened").eval()
     model.fit_distance_scale(loader)
     with torch.no_grad():
         res = torch.cat([model.autoencoder(b["features"]) - b["features"] for b in loader])
-    expected = res.double().transpose(0, 1).flatten(1).std(1, unbiased=False).float()
+    expected = res.double().pow(2).mean((0, 2, 3)).sqrt().float()
     torch.testing.assert_close(model.residual_std, expected, rtol=1e-4, atol=1e-6)
     assert bool(model.scale_fitted)
 
@@ -417,6 +411,32 @@ def test_l2_whitened_divides_each_channel_by_its_residual_std_on_normal_images()
     torch.testing.assert_close(d_noisy, torch.full((1, 1, 1), 0.1))
     with pytest.raises(ValueError, match="channel_std"):
         residual_distance(quiet, feats, "l2_whitened")
+
+
+class OffsetAutoencoder(torch.nn.Module):
+    """Reconstructs its input plus a fixed residual: channel 0 a steady offset of 2, channel 1
+    exactly right, the rest +-1 noise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = torch.randn_like(x).sign()
+        residual[:, 0], residual[:, 1] = 2.0, 0.0
+        return x + residual
+
+
+def test_l2_whitened_weighs_a_steady_offset_and_an_exact_channel_boundedly() -> None:
+    """A channel whose normal residual is a steady offset gets that offset as its RMS (a std
+    around the mean would be ~0 and multiply every map by the offset over it), and a channel
+    reconstructed exactly is floored relative to the median channel, not at 1e-6."""
+    from ad_lightning.models.families.feature_reconstruction import RESIDUAL_RMS_FLOOR
+
+    backbone, loader = tiny_backbone_and_normal_loader()
+    model = SkipDFR(backbone, pixel_distance="l2_whitened").eval()
+    model.autoencoder = OffsetAutoencoder()
+    model.fit_distance_scale(loader)
+    rms = model.residual_std
+    torch.testing.assert_close(rms[0], torch.tensor(2.0))
+    torch.testing.assert_close(rms[2:], torch.ones(len(rms) - 2))
+    torch.testing.assert_close(rms[1], torch.tensor(RESIDUAL_RMS_FLOOR))
 
 
 def test_the_heat_map_can_use_its_own_distance() -> None:
@@ -444,7 +464,6 @@ def test_the_heat_map_can_use_its_own_distance() -> None:
     for name in got.image:
         torch.testing.assert_close(got.image[name], ref.image[name])
     torch.testing.assert_close(got.map, expected_map)
-    assert not torch.allclose(got.map, ref.map)
     assert split.describe()["pixel_distance"] == "l2_whitened"
 
     fresh = SkipDFR(backbone, distance_norm="tail", pixel_distance="l2_whitened").eval()
@@ -529,3 +548,11 @@ def test_distance_combine_max_scores_through_the_model_and_old_files_load() -> N
     older = SkipDFR(backbone, distance_norm="tail").eval()
     older.load_state_dict(old, strict=True)
     torch.testing.assert_close(older.distance_shift, torch.zeros(2))
+    assert not older.distance_fit_pending  # a sum needs no shift: scored as it always was
+    # the same file read with `max` asked for: the shift is fitted at test time, not taken as 0
+    maxed = SkipDFR(backbone, distance_norm="tail", distance_combine="max").eval()
+    maxed.load_state_dict(old, strict=True)
+    assert bool(maxed.scale_fitted) and maxed.distance_fit_pending
+    maxed.fit_distance_scale(loader)
+    assert not maxed.distance_fit_pending
+    torch.testing.assert_close(maxed.distance_shift, model.distance_shift)

@@ -10,9 +10,9 @@ Three choices make the residual hold on real data, each a config key:
   deepest block (largest values) does not own the loss and the distance;
 - `distance`: `l2` (the papers), `cosine`, which ignores the overall feature magnitude
   that varies with texture contrast and keeps the direction that defects change, or
-  `combined`, both divided by their mean on normal validation images (set before testing)
-  and summed: on our three real categories neither alone holds on all (l2 fails on tire,
-  cosine on magnetic tile; experiments/benchmark/README.md);
+  `combined`, both normalised on normal validation images (set before testing, see
+  `distance_norm`) and joined (`distance_combine`): on our three real categories neither
+  alone holds on all (l2 fails on tire, cosine on magnetic tile; experiments/benchmark);
 - `sigma`: Gaussian smoothing of the upsampled map (input pixels) before the image score;
 - `distance_norm` (with `combined`): what each part is divided by, its `mean` over the normal
   validation maps, or its `tail` spread there, q0.995 - q0.9 of the upsampled, smoothed maps,
@@ -23,8 +23,8 @@ Three choices make the residual hold on real data, each a config key:
   flags a position where either part leaves its normal range; with `tail` both parts are in
   units of their own normal tail, so the larger is the more unusual (item 21 there);
 - `pixel_distance` (null = `distance`): the heat map's own distance, from the same AE pass.
-  `l2_whitened` is the L2 of the residual with each channel divided by its std over the normal
-  validation residuals, so that channels the AE cannot predict on normal images (texture
+  `l2_whitened` is the L2 of the residual with each channel divided by its root mean square
+  over the normal validation residuals, so that channels the AE cannot predict on normal images (texture
   grain) do not drown those it can; the cosine part, which makes the image score hold on tire,
   is noisy per pixel (experiments/skip_dfr/README.md, item 20);
 - `global_weight` (opt-in, 0 = off): adds a global branch for logical anomalies, the
@@ -65,16 +65,17 @@ SCORE_REDUCTIONS = ("max", "mean", "top1pct")
 DISTANCES = ("l2", "cosine", "combined", "l2_whitened")
 #: how `combined` joins its two normalised parts
 COMBINES = ("sum", "max")
-#: the distances whose scales are fitted on normal validation images before testing
-FITTED_DISTANCES = ("combined", "l2_whitened")
 DISTANCE_NORMS = ("mean", "tail")
 #: quantiles of the normal validation maps whose spread `distance_norm=tail` divides by
 TAIL_QUANTILES = (0.9, 0.995)
 #: pixels sampled per validation map for those quantiles
 TAIL_PIXELS_PER_MAP = 16384
+#: floor of a channel's residual RMS, relative to the median channel's: a channel the AE
+#: predicts almost exactly on normal images must not weigh a million times the others
+RESIDUAL_RMS_FLOOR = 1e-3
 #: buffers added after the first files were written: a file without them loads with the unit
 #: scale, no shift and the unit std, which score as such files always did
-SHIFT_AND_PIXEL_BUFFERS = (
+LATE_BUFFERS = (
     "distance_shift",
     "pixel_distance_scale",
     "pixel_distance_shift",
@@ -117,7 +118,7 @@ def residual_distance(
     them by `combine`: their sum, or their max (either part anomalous). L2 catches changes of
     feature magnitude (dark blowholes on a grey tile), cosine changes of pattern at equal
     magnitude (tire tread). `l2_whitened` is the L2 of the residual with channel c divided by
-    channel_std[c].
+    channel_std[c] (its root mean square on normal images).
     """
     if how == "l2":
         return (reconstruction - features).pow(2).sum(1).sqrt()
@@ -351,7 +352,7 @@ class FeatureReconstructionModule(AnomalyModule):
         """The global branch's buffers take the stored shapes; a state dict without them, or
         without the heat map's own scale (a file written before them), loads strictly and
         keeps them as they are: empty (branch off), and the unit scales."""
-        names = (*GLOBAL_BUFFERS, *SHIFT_AND_PIXEL_BUFFERS)
+        names = (*GLOBAL_BUFFERS, *LATE_BUFFERS)
         filled = buffers_from_state(self, state_dict, prefix, names, keep_missing=True)
         super()._load_from_state_dict(filled, prefix, *args, **kwargs)
 
@@ -398,14 +399,16 @@ class FeatureReconstructionModule(AnomalyModule):
         smoothed maps that scores and thresholds are taken from, and q0.9 as the shift
         (`tail`, on a fixed random sample of pixels per map); the heat map's own too when
         `pixel_distance_norm` differs.
-        `l2_whitened`: the std of each channel of the residual over images and positions.
-        One pass over the loader serves all."""
+        `l2_whitened`: the root mean square of each channel of the residual over images and
+        positions (not the std around its mean: a channel with a steady offset would add
+        (offset / std)^2 to every position), floored at RESIDUAL_RMS_FLOOR x the median
+        channel's. One pass over the loader serves all."""
         norms = {self.distance_norm} if "combined" in self.distances_used else set()
         if self.separate_pixel_scale:
             norms.add(self.pixel_distance_norm)
         whiten = "l2_whitened" in self.distances_used
         sums, n = torch.zeros(2, dtype=torch.float64), 0
-        moments = torch.zeros(3, self.residual_std.numel(), dtype=torch.float64)  # n, sum, sum^2
+        squares, positions = torch.zeros(self.residual_std.numel(), dtype=torch.float64), 0
         samples: list[list[torch.Tensor]] = [[], []]
         generator = torch.Generator().manual_seed(0)
         for batch in loader:
@@ -414,10 +417,8 @@ class FeatureReconstructionModule(AnomalyModule):
             rec = self.autoencoder(feats)
             size = tuple(batch["image"].shape[-2:])
             if whiten:
-                r = (rec - feats).double().transpose(0, 1).flatten(1).cpu()
-                moments += torch.stack(
-                    [torch.full_like(r[:, 0], r.shape[1]), r.sum(1), r.pow(2).sum(1)]
-                )
+                squares += (rec - feats).pow(2).sum((0, 2, 3), dtype=torch.float64).cpu()
+                positions += feats[:, 0].numel()
             for i, how in enumerate(("l2", "cosine") if norms else ()):
                 grid = residual_distance(rec, feats, how)
                 if "mean" in norms:
@@ -446,19 +447,30 @@ class FeatureReconstructionModule(AnomalyModule):
             self.pixel_distance_scale = as_scale[self.pixel_distance_norm]
             self.pixel_distance_shift = as_shift[self.pixel_distance_norm]
         if whiten:
-            count, total, squares = moments[0].clamp_min(1.0), moments[1], moments[2]
-            var = (squares / count - (total / count).pow(2)).clamp_min(0.0)
-            self.residual_std = var.sqrt().clamp_min(1e-6).float().to(self.device)
+            rms = (squares / max(positions, 1)).sqrt()
+            floor = max(RESIDUAL_RMS_FLOOR * float(rms.median()), 1e-12)
+            self.residual_std = rms.clamp_min(floor).float().to(self.device)
             self.residual_std_fitted = torch.tensor(True, device=self.device)
         self.scale_fitted = torch.tensor(True, device=self.device)
 
     @property
     def distance_fit_pending(self) -> bool:
         """A distance in use still lacks its statistics on normal images (never fitted, or the
-        file was written before the statistic existed): `on_test_start` fits them."""
+        file was written before the statistic existed): `on_test_start` fits them.
+
+        The tail shift (q0.9 of a positive distance, never 0 once fitted) is missing from files
+        written before it; their `sum` does not need it (a constant), a `max` does."""
         used = self.distances_used
-        return (any(d in FITTED_DISTANCES for d in used) and not bool(self.scale_fitted)) or (
-            "l2_whitened" in used and not bool(self.residual_std_fitted)
+        shifted = [(self.distance_norm, self.distance_shift)] if "combined" in used else []
+        if self.separate_pixel_scale:
+            shifted.append((self.pixel_distance_norm, self.pixel_distance_shift))
+        no_shift = self.distance_combine == "max" and any(
+            norm == "tail" and not bool(shift.any()) for norm, shift in shifted
+        )
+        return (
+            ("combined" in used and not bool(self.scale_fitted))
+            or ("l2_whitened" in used and not bool(self.residual_std_fitted))
+            or no_shift
         )
 
     def on_test_start(self) -> None:
