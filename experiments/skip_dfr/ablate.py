@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.functional.classification import binary_auroc
 
 from ad_lightning.metrics.aupro import aupro
@@ -79,6 +80,8 @@ DEFAULTS: dict[str, Any] = {
     "widths": "",  # explicit AE widths as "176-176-96" (overrides width_ratio)
     "fp16": False,  # train and validate on fp16-rounded features, as the pipeline's FeatureStore keeps them
     "blocks": 123,  # which cached blocks feed the AE, as digits: 123 = blocks 1-3, 23 = blocks 2-3
+    "ema": 0.0,
+    "cos_loss": 0.0,  # > 0: training and validation loss + this x mean (1 - cosine) over channels  # > 0: validate, choose and score an exponential moving average of the weights
 }
 
 
@@ -196,8 +199,10 @@ def reshape_outer(ae: SkipAutoencoder, c: int, k: int, final_width: float, k_fin
     ae.head = torch.nn.Conv2d(wf, c, 1)
 
 
-def loss_fn(rec: torch.Tensor, feats: torch.Tensor, hard: float) -> torch.Tensor:
+def loss_fn(rec: torch.Tensor, feats: torch.Tensor, hard: float, cos: float = 0.0) -> torch.Tensor:
     err = (rec - feats).pow(2)
+    if cos > 0:
+        return err.mean() + cos * (1 - F.cosine_similarity(rec, feats, dim=1, eps=1e-6)).mean()
     if hard <= 0:
         return err.mean()
     pos = err.mean(1)  # [B, h, w]
@@ -245,6 +250,12 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
     )
     best, best_state, step = math.inf, None, 0
     gen = torch.Generator().manual_seed(p["seed"])
+    ema = (
+        AveragedModel(ae, multi_avg_fn=get_ema_multi_avg_fn(p["ema"]), use_buffers=True)
+        if p["ema"] > 0
+        else None
+    )
+    judged = ema.module if ema is not None else ae
     while step < p["steps"]:
         ae.train()
         order = torch.randperm(len(train), generator=gen)
@@ -259,26 +270,36 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
                 noisy = F.dropout(noisy, p["dropout"])
             with train_amp:
                 rec = ae(noisy)
-            loss = loss_fn(rec.float(), x, p["hard_mining"])
+            loss = loss_fn(rec.float(), x, p["hard_mining"], p["cos_loss"])
             opt.zero_grad()
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
+            if ema is not None:
+                ema.update_parameters(ae)
             step += 1
             if step >= p["steps"]:
                 break
-        ae.eval()
+        judged.eval()
         with torch.no_grad():
             vloss = float(
                 sum(
-                    F.mse_loss(ae(val[i : i + 64]), val[i : i + 64], reduction="sum")
+                    F.mse_loss(judged(val[i : i + 64]), val[i : i + 64], reduction="sum")
                     for i in range(0, len(val), 64)
                 )
                 / val.numel()
             )
+            if p["cos_loss"] > 0:
+                vloss += p["cos_loss"] * float(
+                    sum(
+                        (1 - F.cosine_similarity(judged(v), v, dim=1, eps=1e-6)).sum()
+                        for v in val.split(64)
+                    )
+                    / (val.numel() / val.shape[1])
+                )
         if vloss < best:
-            best, best_state = vloss, {k: v.clone() for k, v in ae.state_dict().items()}
+            best, best_state = vloss, {k: v.clone() for k, v in judged.state_dict().items()}
     score_bf16 = p["amp_score"] == "bf16"
     ae.load_state_dict(best_state)
     ae.eval()
