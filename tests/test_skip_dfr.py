@@ -482,6 +482,10 @@ def test_the_heat_map_can_use_its_own_distance() -> None:
     whitened.fit_distance_scale(loader)
     assert not whitened.distance_fit_pending
     torch.testing.assert_close(whitened.residual_std, split.residual_std)
+    # a fitted model reading the old file: the std is the file's (none), not the model's own
+    whitened.load_state_dict(old, strict=True)
+    torch.testing.assert_close(whitened.residual_std, torch.ones(c))
+    assert whitened.distance_fit_pending
     with pytest.raises(ValueError, match="model.pixel_distance"):
         SkipDFR(backbone, pixel_distance="l1")
 

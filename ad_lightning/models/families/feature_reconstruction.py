@@ -201,7 +201,7 @@ class FeatureReconstructionModule(AnomalyModule):
         # the heat map's own scale when pixel_distance_norm differs (fitted with the above)
         self.register_buffer("pixel_distance_scale", torch.ones(2))
         self.register_buffer("pixel_distance_shift", torch.zeros(2))
-        # per-channel std of the residual on normal validation images, for l2_whitened
+        # per-channel RMS of the residual on normal validation images, for l2_whitened
         self.register_buffer("residual_std", torch.ones(backbone.out_channels))
         # its own flag: a file fitted before it existed has scale_fitted set but no std
         self.register_buffer("residual_std_fitted", torch.tensor(False))
@@ -212,6 +212,9 @@ class FeatureReconstructionModule(AnomalyModule):
         for name in GLOBAL_BUFFERS:
             shape = (0, 0) if name == "global_precision" else (0,)
             self.register_buffer(name, torch.zeros(shape))
+        # what a file lacking a late or global buffer loads as: the unfitted value, never what
+        # this module was fitted to before (not registered: not saved)
+        self._unfitted = {n: self._buffers[n].clone() for n in (*GLOBAL_BUFFERS, *LATE_BUFFERS)}
         self._input_hw: tuple[int, int] | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -350,9 +353,12 @@ class FeatureReconstructionModule(AnomalyModule):
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
         """The global branch's buffers take the stored shapes; a state dict without them, or
-        without the heat map's own scale (a file written before them), loads strictly and
-        keeps them as they are: empty (branch off), and the unit scales."""
+        without the late buffers (a file written before them), loads strictly with them
+        unfitted: empty (branch off), the unit scales, no shift, the unit std not fitted."""
         names = (*GLOBAL_BUFFERS, *LATE_BUFFERS)
+        for name in names:
+            if prefix + name not in state_dict:
+                self._buffers[name] = self._unfitted[name].to(self._buffers[name].device)
         filled = buffers_from_state(self, state_dict, prefix, names, keep_missing=True)
         super()._load_from_state_dict(filled, prefix, *args, **kwargs)
 
