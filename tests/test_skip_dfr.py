@@ -20,6 +20,18 @@ def tiny_backbone_and_normal_loader() -> tuple[FeatureExtractor, list[dict]]:
     return backbone, batches
 
 
+def assert_old_file_is_refitted(
+    model: SkipDFR, old: dict, loader: list[dict], buffer: str, expected: torch.Tensor
+) -> None:
+    """`old` (a fitted file lacking `buffer`) loads strictly into `model`, which then asks for
+    the fit at test time instead of scoring with the default, and the fit restores it."""
+    model.load_state_dict(old, strict=True)
+    assert bool(model.scale_fitted) and model.distance_fit_pending
+    model.fit_distance_scale(loader)
+    assert not model.distance_fit_pending
+    torch.testing.assert_close(getattr(model, buffer), expected)
+
+
 def test_skip_autoencoder_shapes_and_skip_modes() -> None:
     x = torch.randn(2, 40, 28, 28)
     sizes = {}
@@ -477,11 +489,7 @@ def test_the_heat_map_can_use_its_own_distance() -> None:
     assert bool(older.scale_fitted) and not older.distance_fit_pending
     # the same file read with the whitened map asked for: the std is fitted, not taken as 1
     whitened = SkipDFR(backbone, distance_norm="tail", pixel_distance="l2_whitened").eval()
-    whitened.load_state_dict(old, strict=True)
-    assert bool(whitened.scale_fitted) and whitened.distance_fit_pending
-    whitened.fit_distance_scale(loader)
-    assert not whitened.distance_fit_pending
-    torch.testing.assert_close(whitened.residual_std, split.residual_std)
+    assert_old_file_is_refitted(whitened, old, loader, "residual_std", split.residual_std)
     # a fitted model reading the old file: the std is the file's (none), not the model's own
     whitened.load_state_dict(old, strict=True)
     torch.testing.assert_close(whitened.residual_std, torch.ones(c))
@@ -555,8 +563,4 @@ def test_distance_combine_max_scores_through_the_model_and_old_files_load() -> N
     assert not older.distance_fit_pending  # a sum needs no shift: scored as it always was
     # the same file read with `max` asked for: the shift is fitted at test time, not taken as 0
     maxed = SkipDFR(backbone, distance_norm="tail", distance_combine="max").eval()
-    maxed.load_state_dict(old, strict=True)
-    assert bool(maxed.scale_fitted) and maxed.distance_fit_pending
-    maxed.fit_distance_scale(loader)
-    assert not maxed.distance_fit_pending
-    torch.testing.assert_close(maxed.distance_shift, model.distance_shift)
+    assert_old_file_is_refitted(maxed, old, loader, "distance_shift", model.distance_shift)
