@@ -24,9 +24,9 @@ Three choices make the residual hold on real data, each a config key:
   units of their own normal tail, so the larger is the more unusual (item 21 there);
 - `pixel_distance` (null = `distance`): the heat map's own distance, from the same AE pass.
   `l2_whitened` is the L2 of the residual with each channel divided by its root mean square
-  over the normal validation residuals, so that channels the AE cannot predict on normal images (texture
-  grain) do not drown those it can; the cosine part, which makes the image score hold on tire,
-  is noisy per pixel (experiments/skip_dfr/README.md, item 20);
+  over the normal validation residuals, so that channels the AE cannot predict on normal
+  images (texture grain) do not drown those it can; the cosine part, which makes the image
+  score hold on tire, is noisy per pixel (experiments/skip_dfr/README.md, item 20);
 - `global_weight` (opt-in, 0 = off): adds a global branch for logical anomalies, the
   Mahalanobis distance of the image's pooled features (families/global_branch.py, PUAD),
   z-scored on the normal validation images, to every image score (the map is unchanged):
