@@ -80,8 +80,8 @@ DEFAULTS: dict[str, Any] = {
     "widths": "",  # explicit AE widths as "176-176-96" (overrides width_ratio)
     "fp16": False,  # train and validate on fp16-rounded features, as the pipeline's FeatureStore keeps them
     "blocks": 123,  # which cached blocks feed the AE, as digits: 123 = blocks 1-3, 23 = blocks 2-3
-    "ema": 0.0,
-    "cos_loss": 0.0,  # > 0: training and validation loss + this x mean (1 - cosine) over channels  # > 0: validate, choose and score an exponential moving average of the weights
+    "ema": 0.0,  # > 0: validate, choose and score an exponential moving average of the weights
+    "cos_loss": 0.0,  # > 0: training and validation loss + this x mean (1 - cosine) over channels
 }
 
 
