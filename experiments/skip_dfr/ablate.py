@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "batch": 8,
     "lr": 1e-3,
     "feature_size": 32,
+    "resize": "bilinear",  # how larger block maps reach the grid: bilinear (the pipeline's) | area
     "pool": 0,  # k x k average pooling of each block's map before resizing (0 = off)
     "width_ratio": 0.5,
     "skips": "partial",
@@ -137,12 +138,16 @@ def cache(category: str, backbone: str = "efficientnet_lite0") -> Path:
 
 
 # ---- one variant ----------------------------------------------------------------------------
-def features(blocks: list[torch.Tensor], size: int, pool: int) -> torch.Tensor:
+def features(
+    blocks: list[torch.Tensor], size: int, pool: int, resize: str = "bilinear"
+) -> torch.Tensor:
     maps = []
     for m in blocks:
         if pool > 1:
             m = F.avg_pool2d(m, pool, 1, pool // 2, count_include_pad=False)
-        if m.shape[-1] != size:
+        if resize == "area" and m.shape[-1] > size:
+            m = F.adaptive_avg_pool2d(m, size)  # anti-aliased: a 4x reduction averages 4 x 4 cells
+        elif m.shape[-1] != size:
             m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
         maps.append(m)
     return torch.cat(maps, 1)
@@ -217,7 +222,7 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     chosen = [int(b) - 1 for b in str(p["blocks"])]
     train, val, test = (
-        features([data[s]["blocks"][b] for b in chosen], p["feature_size"], p["pool"])
+        features([data[s]["blocks"][b] for b in chosen], p["feature_size"], p["pool"], p["resize"])
         for s in ("train", "val", "test")
     )
     stats = train[:512].double().transpose(0, 1).flatten(1)
