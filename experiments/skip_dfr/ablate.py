@@ -141,6 +141,8 @@ def cache(category: str, backbone: str = "efficientnet_lite0") -> Path:
 def features(
     blocks: list[torch.Tensor], size: int, pool: int, resize: str = "bilinear"
 ) -> torch.Tensor:
+    if resize not in ("bilinear", "area"):
+        raise ValueError(f"resize={resize!r}: use bilinear or area")
     maps = []
     for m in blocks:
         if pool > 1:
