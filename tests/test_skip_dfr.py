@@ -23,8 +23,9 @@ def tiny_backbone_and_normal_loader() -> tuple[FeatureExtractor, list[dict]]:
 def assert_old_file_is_refitted(
     model: SkipDFR, old: dict, loader: list[dict], buffer: str, expected: torch.Tensor
 ) -> None:
-    """`old` (a fitted file lacking `buffer`) loads strictly into `model`, which then asks for
-    the fit at test time instead of scoring with the default, and the fit restores it."""
+    """`old` (a fitted file lacking `buffer`, or fitted under other settings) loads strictly
+    into `model`, which then asks for the fit at test time instead of scoring with what the
+    file holds, and the fit gives `expected`."""
     model.load_state_dict(old, strict=True)
     assert bool(model.scale_fitted) and model.distance_fit_pending
     model.fit_distance_scale(loader)
@@ -496,6 +497,71 @@ def test_the_heat_map_can_use_its_own_distance() -> None:
     assert whitened.distance_fit_pending
     with pytest.raises(ValueError, match="model.pixel_distance"):
         SkipDFR(backbone, pixel_distance="l1")
+
+
+def test_pixel_pool_whitens_the_neighbourhood_mean_of_the_residual() -> None:
+    """pixel_pool=3: the heat map is the whitened L2 of the 3 x 3 mean of the residual, over
+    the RMS of that mean on normal images (checked against a direct computation); image
+    scores are untouched. A file fitted at another pool (or before the key) is refitted."""
+    from ad_lightning.nn.smoothing import upsample_and_smooth
+
+    backbone, loader = tiny_backbone_and_normal_loader()
+    c = backbone.out_channels
+    kw = {"distance_norm": "tail", "pixel_distance": "l2_whitened"}
+    pooled = SkipDFR(backbone, pixel_pool=3, **kw).eval()
+    plain = SkipDFR(backbone, **kw).eval()
+    plain.autoencoder.load_state_dict(pooled.autoencoder.state_dict())
+    for model in (pooled, plain):
+        model.fit_distance_scale(loader)
+    mean3 = lambda t: F.avg_pool2d(t, 3, 1, 1, count_include_pad=False)  # noqa: E731
+    with torch.no_grad():
+        res = torch.cat([mean3(pooled.autoencoder(b["features"]) - b["features"]) for b in loader])
+    expected_std = res.double().pow(2).mean((0, 2, 3)).sqrt().float()
+    torch.testing.assert_close(pooled.residual_std, expected_std, rtol=1e-4, atol=1e-6)
+    assert (pooled.residual_std < plain.residual_std).all()  # averaging shrinks the noise
+    assert int(pooled.residual_std_pool) == 3 and int(plain.residual_std_pool) == 1
+
+    batch = {"features": torch.randn(2, c, 8, 8) * 2, "image": torch.zeros(2, 3, 64, 64)}
+    with torch.no_grad():
+        got, ref = pooled.score(batch), plain.score(batch)
+        z = pooled.features(batch)
+        white = mean3(pooled.autoencoder(z) - z) / pooled.residual_std[:, None, None]
+        expected_map = upsample_and_smooth(white.pow(2).sum(1).sqrt(), (64, 64), pooled.sigma)
+    torch.testing.assert_close(got.map, expected_map)
+    assert not torch.allclose(got.map, ref.map)
+    for name in got.image:
+        torch.testing.assert_close(got.image[name], ref.image[name])
+    assert pooled.describe()["pixel_pool"] == 3
+
+    fresh = SkipDFR(backbone, pixel_pool=3, **kw).eval()
+    fresh.load_state_dict(pooled.state_dict(), strict=True)
+    assert not fresh.distance_fit_pending
+    # fitted unpooled, read with the pool: the std is refitted on the averaged residual
+    reader = SkipDFR(backbone, pixel_pool=3, **kw).eval()
+    assert_old_file_is_refitted(reader, plain.state_dict(), loader, "residual_std", expected_std)
+    # a file from before the key was fitted unpooled: it loads as such
+    before = {k: v for k, v in plain.state_dict().items() if k != "residual_std_pool"}
+    unpooled = SkipDFR(backbone, **kw).eval()
+    unpooled.load_state_dict(before, strict=True)
+    assert not unpooled.distance_fit_pending
+    reader = SkipDFR(backbone, pixel_pool=3, **kw).eval()
+    assert_old_file_is_refitted(reader, before, loader, "residual_std", expected_std)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"pixel_pool": 2, "pixel_distance": "l2_whitened"},
+        {"pixel_pool": 0},
+        {"pixel_pool": 3, "pixel_distance": "combined"},
+        {"pixel_pool": 3, "distance": "l2_whitened"},
+    ],
+)
+def test_pixel_pool_that_cannot_hold_is_named(kw: dict) -> None:
+    """An even or non-positive pool, or a pool on a heat map it does not apply to (a combined
+    map, whose scales are fitted unpooled; an image score sharing the whitening), is refused."""
+    with pytest.raises(ValueError, match="model.pixel_pool"):
+        SkipDFR(FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8), **kw)
 
 
 # ---- how the combined distance joins its parts (model.distance_combine, issue 20) ----------

@@ -51,6 +51,7 @@ class DFR(FeatureReconstructionModule):
         input_dropout: float = 0.0,
         pixel_distance: str | None = None,
         distance_combine: str = "sum",
+        pixel_pool: int = 1,
     ) -> None:
         autoencoder = (
             PointwiseAutoencoder(backbone.out_channels, latent_channels)
@@ -72,6 +73,7 @@ class DFR(FeatureReconstructionModule):
             input_dropout,
             pixel_distance,
             distance_combine,
+            pixel_pool,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.pca_variance = pca_variance

@@ -46,6 +46,7 @@ class SkipDFR(FeatureReconstructionModule):
         input_dropout: float = 0.0,
         pixel_distance: str | None = None,
         distance_combine: str = "sum",
+        pixel_pool: int = 1,
     ) -> None:
         widths = list(widths) if widths else widths_for(backbone.out_channels, width_ratio, levels)
         autoencoder = SkipAutoencoder(backbone.out_channels, widths, skips)
@@ -64,6 +65,7 @@ class SkipDFR(FeatureReconstructionModule):
             input_dropout,
             pixel_distance,
             distance_combine,
+            pixel_pool,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.skips = skips

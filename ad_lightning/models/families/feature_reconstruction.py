@@ -27,6 +27,11 @@ Three choices make the residual hold on real data, each a config key:
   over the normal validation residuals, so that channels the AE cannot predict on normal
   images (texture grain) do not drown those it can; the cosine part, which makes the image
   score hold on tire, is noisy per pixel (experiments/skip_dfr/README.md, item 20);
+- `pixel_pool` (1 = off): the heat map's residual is averaged over k x k neighbours before
+  its (`l2` or `l2_whitened`) distance, whitened by the RMS of the residual so averaged:
+  grain that the AE cannot predict is zero-mean noise and averages out, a defect's coherent
+  deviation does not (PatchCore's neighbourhood aggregation applied to the residual; item 25
+  there);
 - `global_weight` (opt-in, 0 = off): adds a global branch for logical anomalies, the
   Mahalanobis distance of the image's pooled features (families/global_branch.py, PUAD),
   z-scored on the normal validation images, to every image score (the map is unchanged):
@@ -81,6 +86,7 @@ LATE_BUFFERS = (
     "pixel_distance_shift",
     "residual_std",
     "residual_std_fitted",
+    "residual_std_pool",
 )
 #: the global branch's buffers: empty until fitted, sized by what a state dict holds, filled
 #: in when a state dict lacks them (files written before the branch load with it off)
@@ -161,6 +167,7 @@ class FeatureReconstructionModule(AnomalyModule):
         input_dropout: float = 0.0,
         pixel_distance: str | None = None,
         distance_combine: str = "sum",
+        pixel_pool: int = 1,
     ) -> None:
         super().__init__()
         if global_weight < 0:
@@ -184,6 +191,18 @@ class FeatureReconstructionModule(AnomalyModule):
             if pixel_distance_norm is None
             else choice("model.pixel_distance_norm", pixel_distance_norm, DISTANCE_NORMS)
         )
+        self.pixel_pool = int(pixel_pool)
+        if self.pixel_pool < 1 or self.pixel_pool % 2 == 0:
+            raise ValueError(f"model.pixel_pool={pixel_pool} must be an odd size >= 1 (1 = off)")
+        if self.pixel_pool > 1 and (
+            self.pixel_distance not in ("l2", "l2_whitened") or self.distance == "l2_whitened"
+        ):
+            raise ValueError(
+                f"model.pixel_pool={pixel_pool} averages the heat map's residual before its "
+                "distance, which needs model.pixel_distance l2 or l2_whitened and an image "
+                f"distance other than l2_whitened (got pixel_distance={self.pixel_distance}, "
+                f"distance={self.distance}): set model.pixel_pool=1 or change those keys"
+            )
         self.standardize = standardize
         self.sigma = float(sigma)
         self.stats_images = stats_images
@@ -205,6 +224,8 @@ class FeatureReconstructionModule(AnomalyModule):
         self.register_buffer("residual_std", torch.ones(backbone.out_channels))
         # its own flag: a file fitted before it existed has scale_fitted set but no std
         self.register_buffer("residual_std_fitted", torch.tensor(False))
+        # the pixel_pool that std was fitted at (files before it: 1, unpooled, as they were)
+        self.register_buffer("residual_std_pool", torch.tensor(1))
         # global branch (registered even when off, so a file with it on loads strictly):
         # descriptor mean and std [2C] and Ledoit-Wolf precision [2C, 2C] from training images;
         # the mean and std of its distance [2], and each image score's std [3], on normal
@@ -224,6 +245,7 @@ class FeatureReconstructionModule(AnomalyModule):
             "distance_norm": self.distance_norm,
             "distance_combine": self.distance_combine,
             "pixel_distance": self.pixel_distance,
+            "pixel_pool": self.pixel_pool,
             "standardize": self.standardize,
             "sigma": self.sigma,
         }
@@ -373,8 +395,10 @@ class FeatureReconstructionModule(AnomalyModule):
 
     @property
     def separate_pixel_map(self) -> bool:
-        """The heat map is not the image score's map: another distance or another scale."""
-        return self.pixel_distance != self.distance or self.separate_pixel_scale
+        """The heat map is not the image score's map: another distance, scale or pooling."""
+        return (
+            self.pixel_distance != self.distance or self.separate_pixel_scale or self.pixel_pool > 1
+        )
 
     @property
     def distances_used(self) -> set[str]:
@@ -384,8 +408,11 @@ class FeatureReconstructionModule(AnomalyModule):
         self, reconstruction: torch.Tensor, feats: torch.Tensor, pixel: bool = False
     ) -> torch.Tensor:
         """The image score's distance on the feature grid, or with `pixel` the heat map's
-        (`pixel_distance`, with its own scale and shift when `pixel_distance_norm` differs)."""
+        (`pixel_distance` of the `pixel_pool`-averaged residual, with its own scale and shift
+        when `pixel_distance_norm` differs)."""
         own = pixel and self.separate_pixel_scale
+        if pixel and self.pixel_pool > 1:  # pool(rec) - pool(feats) = pool(rec - feats)
+            reconstruction, feats = self.pooled(reconstruction), self.pooled(feats)
         return residual_distance(
             reconstruction,
             feats,
@@ -395,6 +422,11 @@ class FeatureReconstructionModule(AnomalyModule):
             self.pixel_distance_shift if own else self.distance_shift,
             self.distance_combine,
         )
+
+    def pooled(self, grid: torch.Tensor) -> torch.Tensor:
+        """The k x k neighbourhood mean of each position (k = `pixel_pool`, same grid size)."""
+        k = self.pixel_pool
+        return F.avg_pool2d(grid, k, 1, k // 2, count_include_pad=False)
 
     @torch.no_grad()
     def fit_distance_scale(self, loader: Any) -> None:
@@ -408,7 +440,8 @@ class FeatureReconstructionModule(AnomalyModule):
         `l2_whitened`: the root mean square of each channel of the residual over images and
         positions (not the std around its mean: a channel with a steady offset would add
         (offset / std)^2 to every position), floored at RESIDUAL_RMS_FLOOR x the median
-        channel's. One pass over the loader serves all."""
+        channel's; of the `pixel_pool`-averaged residual that the heat map whitens. One pass
+        over the loader serves all."""
         norms = {self.distance_norm} if "combined" in self.distances_used else set()
         if self.separate_pixel_scale:
             norms.add(self.pixel_distance_norm)
@@ -423,7 +456,8 @@ class FeatureReconstructionModule(AnomalyModule):
             rec = self.autoencoder(feats)
             size = tuple(batch["image"].shape[-2:])
             if whiten:
-                squares += (rec - feats).pow(2).sum((0, 2, 3), dtype=torch.float64).cpu()
+                residual = rec - feats if self.pixel_pool == 1 else self.pooled(rec - feats)
+                squares += residual.pow(2).sum((0, 2, 3), dtype=torch.float64).cpu()
                 positions += feats[:, 0].numel()
             for i, how in enumerate(("l2", "cosine") if norms else ()):
                 grid = residual_distance(rec, feats, how)
@@ -457,6 +491,7 @@ class FeatureReconstructionModule(AnomalyModule):
             floor = max(RESIDUAL_RMS_FLOOR * float(rms.median()), 1e-12)
             self.residual_std = rms.clamp_min(floor).float().to(self.device)
             self.residual_std_fitted = torch.tensor(True, device=self.device)
+            self.residual_std_pool = torch.tensor(self.pixel_pool, device=self.device)
         self.scale_fitted = torch.tensor(True, device=self.device)
 
     @property
@@ -465,7 +500,8 @@ class FeatureReconstructionModule(AnomalyModule):
         file was written before the statistic existed): `on_test_start` fits them.
 
         The tail shift (q0.9 of a positive distance, never 0 once fitted) is missing from files
-        written before it; their `sum` does not need it (a constant), a `max` does."""
+        written before it; their `sum` does not need it (a constant), a `max` does. The
+        residual's RMS is refitted when it was fitted at another `pixel_pool`."""
         used = self.distances_used
         shifted = [(self.distance_norm, self.distance_shift)] if "combined" in used else []
         if self.separate_pixel_scale:
@@ -475,7 +511,13 @@ class FeatureReconstructionModule(AnomalyModule):
         )
         return (
             ("combined" in used and not bool(self.scale_fitted))
-            or ("l2_whitened" in used and not bool(self.residual_std_fitted))
+            or (
+                "l2_whitened" in used
+                and (
+                    not bool(self.residual_std_fitted)
+                    or int(self.residual_std_pool) != self.pixel_pool
+                )
+            )
             or no_shift
         )
 
