@@ -548,11 +548,49 @@ def test_pixel_pool_whitens_the_neighbourhood_mean_of_the_residual() -> None:
     assert_old_file_is_refitted(reader, before, loader, "residual_std", expected_std)
 
 
+def test_a_model_file_keeps_its_pool_and_one_lacking_its_fit_is_refused(tmp_path) -> None:
+    """The default's model file rebuilds with pixel_pool=3 and scores the same map; a file
+    saved before the test loop's fit, or whose residual RMS was fitted at another pool than
+    its config's, is refused on loading (predict and export cannot refit), not scored."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from ad_lightning.deploy.bundle import Preprocess, load_bundle, save_bundle
+    from tests.test_run import compose_cfg
+
+    cfg = compose_cfg(tmp_path, "model=skip_dfr", "data.image_size=64")
+    model = hydra.utils.instantiate(cfg.model).eval()
+    assert model.pixel_pool == 3
+    c = model.backbone.out_channels
+    torch.manual_seed(0)
+    loader = [
+        {"features": torch.randn(2, c, 32, 32), "image": torch.zeros(2, 3, 64, 64)}
+        for _ in range(2)
+    ]
+    path, config = tmp_path / "model.pt", OmegaConf.to_container(cfg.model, resolve=True)
+    save = lambda: save_bundle(path, model, config, Preprocess((64, 64), 3, "none"), None, {})  # noqa: E731
+    save()
+    with pytest.raises(ValueError, match="model.pixel_pool=3"):
+        load_bundle(path)
+    model.fit_distance_scale(loader)
+    save()
+    loaded = load_bundle(path).model
+    assert loaded.pixel_pool == 3 and int(loaded.residual_std_pool) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.score(loader[0]).map, model.score(loader[0]).map)
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["residual_std_pool"] = torch.tensor(1)
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="at pool 1"):
+        load_bundle(path)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
         {"pixel_pool": 2, "pixel_distance": "l2_whitened"},
         {"pixel_pool": 0},
+        {"pixel_pool": 3.0},
         {"pixel_pool": 3, "pixel_distance": "combined"},
         {"pixel_pool": 3, "distance": "l2_whitened"},
     ],

@@ -220,6 +220,13 @@ def load_bundle(model: str | Path, device: str | torch.device = "cpu") -> Bundle
     config = trusted_model_config(payload.get("model_config"), path)  # before anything is built
     built = hydra.utils.instantiate(_mark_backbones_bundled(config))
     built.load_state_dict(payload["state_dict"], strict=True)
+    lacking = built.unfitted_for_scoring()
+    if lacking:
+        raise ValueError(
+            f"{path}: the model lacks {lacking}, which only a run's test fits; its scores "
+            "would be wrong. Score the run again (python run.py test_only=RUN_DIR) to write a "
+            "fitted model file."
+        )
     restore_thresholds(built, payload["thresholds"])
     pre = payload["preprocess"]
     preprocess = Preprocess(

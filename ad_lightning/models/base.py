@@ -90,6 +90,12 @@ class AnomalyModule(pl.LightningModule):
         """Method facts for results.json (backbone, weights used, ...)."""
         return {}
 
+    def unfitted_for_scoring(self) -> str | None:
+        """What this model still lacks that only the test loop fits on normal images (None:
+        nothing). A model file is scored outside that loop, so loading one that lacks it must
+        fail instead of scoring with defaults."""
+        return None
+
     def fitted_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """The run's model config with what fit decided (DFR's PCA latent size), so that a
         model file rebuilds the fitted architecture."""

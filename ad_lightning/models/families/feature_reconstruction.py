@@ -191,7 +191,9 @@ class FeatureReconstructionModule(AnomalyModule):
             if pixel_distance_norm is None
             else choice("model.pixel_distance_norm", pixel_distance_norm, DISTANCE_NORMS)
         )
-        self.pixel_pool = int(pixel_pool)
+        if isinstance(pixel_pool, bool) or not isinstance(pixel_pool, int):
+            raise ValueError(f"model.pixel_pool={pixel_pool!r} must be an odd integer (1 = off)")
+        self.pixel_pool = pixel_pool
         if self.pixel_pool < 1 or self.pixel_pool % 2 == 0:
             raise ValueError(f"model.pixel_pool={pixel_pool} must be an odd size >= 1 (1 = off)")
         if self.pixel_pool > 1 and (
@@ -520,6 +522,18 @@ class FeatureReconstructionModule(AnomalyModule):
             )
             or no_shift
         )
+
+    def unfitted_for_scoring(self) -> str | None:
+        if self.distance_fit_pending:
+            return (
+                "the residual distances' statistics on normal validation images (distance "
+                f"{self.distance}, heat map {self.pixel_distance} at model.pixel_pool="
+                f"{self.pixel_pool}; its residual RMS fitted: {bool(self.residual_std_fitted)}, "
+                f"at pool {int(self.residual_std_pool)})"
+            )
+        if self.global_weight > 0 and self.global_val.numel() == 0:
+            return "the global branch's statistics on normal validation images"
+        return None
 
     def on_test_start(self) -> None:
         fit_scale = self.distance_fit_pending
