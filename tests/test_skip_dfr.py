@@ -590,6 +590,7 @@ def test_a_model_file_keeps_its_pool_and_one_lacking_its_fit_is_refused(tmp_path
     [
         {"pixel_pool": 2, "pixel_distance": "l2_whitened"},
         {"pixel_pool": 0},
+        {"pixel_pool": -1},
         {"pixel_pool": 3.0},
         {"pixel_pool": 3, "pixel_distance": "combined"},
         {"pixel_pool": 3, "distance": "l2_whitened"},

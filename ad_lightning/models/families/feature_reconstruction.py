@@ -191,11 +191,12 @@ class FeatureReconstructionModule(AnomalyModule):
             if pixel_distance_norm is None
             else choice("model.pixel_distance_norm", pixel_distance_norm, DISTANCE_NORMS)
         )
-        if isinstance(pixel_pool, bool) or not isinstance(pixel_pool, int):
-            raise ValueError(f"model.pixel_pool={pixel_pool!r} must be an odd integer (1 = off)")
+        odd = isinstance(pixel_pool, int) and not isinstance(pixel_pool, bool) and pixel_pool % 2
+        if not odd or pixel_pool < 1:
+            raise ValueError(
+                f"model.pixel_pool={pixel_pool!r} must be an odd integer >= 1 (1 = off)"
+            )
         self.pixel_pool = pixel_pool
-        if self.pixel_pool < 1 or self.pixel_pool % 2 == 0:
-            raise ValueError(f"model.pixel_pool={pixel_pool} must be an odd size >= 1 (1 = off)")
         if self.pixel_pool > 1 and (
             self.pixel_distance not in ("l2", "l2_whitened") or self.distance == "l2_whitened"
         ):
@@ -523,6 +524,11 @@ class FeatureReconstructionModule(AnomalyModule):
             or no_shift
         )
 
+    @property
+    def global_fit_pending(self) -> bool:
+        """The global branch is on but lacks its statistics on normal validation images."""
+        return self.global_weight > 0 and self.global_val.numel() == 0
+
     def unfitted_for_scoring(self) -> str | None:
         if self.distance_fit_pending:
             return (
@@ -531,13 +537,13 @@ class FeatureReconstructionModule(AnomalyModule):
                 f"{self.pixel_pool}; its residual RMS fitted: {bool(self.residual_std_fitted)}, "
                 f"at pool {int(self.residual_std_pool)})"
             )
-        if self.global_weight > 0 and self.global_val.numel() == 0:
+        if self.global_fit_pending:
             return "the global branch's statistics on normal validation images"
         return None
 
     def on_test_start(self) -> None:
         fit_scale = self.distance_fit_pending
-        fit_global = self.global_weight > 0 and self.global_val.numel() == 0
+        fit_global = self.global_fit_pending
         if not (fit_scale or fit_global):
             return
         datamodule = self.trainer.datamodule
