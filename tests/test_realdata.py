@@ -35,7 +35,7 @@ def both_cores():
     torch.set_num_threads(threads)
 
 
-def run_default(tmp_path: Path, model: str) -> dict:
+def run_default(tmp_path: Path, model: str, *overrides: str) -> dict:
     cfg = compose_cfg(
         tmp_path,
         f"model={model}",
@@ -43,6 +43,7 @@ def run_default(tmp_path: Path, model: str) -> dict:
         f"data.root={TIRE}",
         "data.category=tire",
         f"seed={TEST_SEED}",
+        *overrides,
     )
     return run(cfg)
 
@@ -55,16 +56,17 @@ def test_patchcore_default_on_tire_is_near_the_peer_figure(tmp_path: Path, figur
     assert figure("pixel_auroc", metrics["pixel_auroc"]) > 0.93, metrics
 
 
-def test_skip_dfr_default_on_tire_beats_the_global_feature_floor(tmp_path: Path, figure) -> None:
-    results = run_default(tmp_path, "skip_dfr")
+def test_skip_dfr_default_at_600_steps_on_tire_beats_the_global_feature_floor(
+    tmp_path: Path, figure
+) -> None:
+    # the default's architecture and scores, trained 600 of its 1000 steps: its 1000-step fit
+    # alone took 2-3.5 min of the suite's 15 (the benchmark measures the full default; 600
+    # steps is its documented shorter point, experiments/skip_dfr/README.md item 22)
+    results = run_default(tmp_path, "skip_dfr", "trainer.max_steps=600")
     metrics = results["metrics"]
-    # the 30-line global-feature kNN of the datasets README scores 0.70 on tire; ours over
-    # seeds 0-2 (2026-12-01 night defaults: width 1.0, 1000 steps, distance_combine=max) image
-    # 0.852 / 0.882 / 0.872 (with the parts summed: 0.848 / 0.862 / 0.841), pixel 0.965 /
-    # 0.965 / 0.966 with the whitened-L2 heat map (`pixel_distance`; the combined map before
-    # it: 0.946 / 0.946 / 0.947, under this floor), 0.969 at seed 0 with `pixel_pool=3` (the
-    # harness's AEs: +0.003-0.005 over seeds 0-2); the width-0.5 default before: 0.759 /
-    # 0.790 / 0.829 over seeds 0-4 (experiments/learning_margins/README.md)
+    # the 30-line global-feature kNN of the datasets README scores 0.70 on tire; ours at 600
+    # steps over seeds 0-2 image 0.833 / 0.851 / 0.829, pixel 0.967 / 0.967 / 0.968 (1000
+    # steps: image 0.852 / 0.882 / 0.872, pixel 0.969 at seed 0; experiments/learning_margins)
     assert figure("image_auroc", metrics["image_auroc"]) > 0.80, metrics
     assert figure("pixel_auroc", metrics["pixel_auroc"]) > 0.95, metrics
     flops = results["method"]["flops_per_image"]
