@@ -102,14 +102,18 @@ class Learning:
 #: Manual optimisation (the GAN family) counts two steps per batch (generator, discriminator).
 LEARNING = {
     # image AUROC 0.66 one step, 0.88 after 40 (seed 0, mean scale; with the tail scale, the
-    # distance scale Skip-DFR fits by default on every rank, it passes the same margin). Not the global branch: it
-    # ranks these synthetic defects untrained (control 0.98), no evidence of learning
+    # distance scale Skip-DFR fits by default on every rank, it passes the same margin). The
+    # global branch is not learning evidence (it ranks these synthetic defects untrained,
+    # control 0.98): it rides along at a weight that moves no ranking, so that the residual
+    # Gaussian it fits from the training images at test start is checked on both ranks too
     "feature_reconstruction": Learning(
         (
             "data.image_size=32",
             "data.category=object",
             "backbone.feature_size=8",
             "model.distance_norm=tail",
+            "model.global_weight=1e-9",
+            "model.global_source=residual",
         ),
         steps=40,
         metric="image_auroc",
@@ -236,6 +240,8 @@ def test_gradient_family_trains_under_ddp(family: str, tmp_path: Path) -> None:
     assert any(not torch.equal(start[0][k], end[0][k]) for k in end[0])  # it trained
     scored = [state["buffers"] for state in rank_states(tmp_path / "weights", "scored")]
     assert_same(scored[0], scored[1])  # every rank scores with the same fitted statistics
+    if "model.global_source=residual" in learning.args:  # fitted at test start, on each rank
+        assert scored[0]["global_precision"].numel() > 0
     control = run_py([*args, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'control'}"])
     assert control.returncode == 0, control.stderr[-3000:]
     untrained = json.loads((tmp_path / "control" / "results.json").read_text())["metrics"]

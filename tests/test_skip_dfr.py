@@ -197,10 +197,14 @@ def test_input_dropout_outside_zero_one_is_named(p: float) -> None:
         _small_skip_dfr(input_dropout=p)
 
 
-def _fitted_global_model(weight: float) -> tuple[SkipDFR, torch.Tensor]:
-    """A small Skip-DFR with the global branch fitted as a run fits it (setup, then on the
-    normal validation images); also returns other normal features."""
-    model = _small_skip_dfr(global_weight=weight)
+def _batches(feats: torch.Tensor, size: int = 8) -> list[dict]:
+    return [_feature_batch(feats[i : i + size]) for i in range(0, len(feats), size)]
+
+
+def _fitted_global_model(weight: float, source: str = "features") -> tuple[SkipDFR, torch.Tensor]:
+    """A small Skip-DFR with the global branch fitted as a run fits it (setup; the residual's
+    Gaussian and the validation statistics at test start); also returns other normal features."""
+    model = _small_skip_dfr(global_weight=weight, global_source=source)
     c = model.backbone.out_channels
     generator = torch.Generator().manual_seed(1)
     scale = torch.linspace(0.5, 3, c)[:, None, None]
@@ -209,7 +213,10 @@ def _fitted_global_model(weight: float) -> tuple[SkipDFR, torch.Tensor]:
     )
     model.training_features = lambda n: train[:n]  # what setup reads, without a trainer
     model.setup("fit")
-    model.fit_global_scale([_feature_batch(val[i : i + 8]) for i in range(0, len(val), 8)])
+    assert (model.global_mean.numel() == 0) == (source == "residual")  # that one after training
+    if source == "residual":
+        model.fit_global_residual_statistics(_batches(train))
+    model.fit_global_scale(_batches(val))
     return model, normal
 
 
@@ -269,11 +276,14 @@ def test_global_weight_zero_scores_as_before_and_old_state_dicts_load_strictly()
         assert torch.equal(a.image[name], reduce_map(reference, how))
 
 
-def test_global_weight_raises_the_score_of_globally_shifted_features_not_the_map() -> None:
-    on, normal = _fitted_global_model(1.0)
+@pytest.mark.parametrize(("source", "pooled"), [("features", 2), ("residual", 3)])
+def test_global_weight_raises_the_score_of_globally_shifted_features_not_the_map(
+    source: str, pooled: int
+) -> None:
+    on, normal = _fitted_global_model(1.0, source)
     off = _small_skip_dfr(global_weight=0.0)
     off.load_state_dict(on.state_dict(), strict=True)
-    assert on.global_precision.shape == (2 * normal.shape[1],) * 2
+    assert on.global_precision.shape == (pooled * normal.shape[1],) * 2
     batch_normal, batch_shifted = _feature_batch(normal), _feature_batch(normal + 1.0)
     with torch.no_grad():
         on_normal, on_shifted = on.score(batch_normal), on.score(batch_shifted)
@@ -300,9 +310,10 @@ def test_setup_computes_training_features_once_for_statistics_and_global_branch(
     torch.testing.assert_close(model.global_mean, expected_mean, atol=1e-5, rtol=1e-5)
 
 
-def test_global_branch_round_trips_through_the_state_dict() -> None:
-    model, normal = _fitted_global_model(1.0)
-    fresh = _small_skip_dfr(global_weight=1.0)
+@pytest.mark.parametrize("source", ["features", "residual"])
+def test_global_branch_round_trips_through_the_state_dict(source: str) -> None:
+    model, normal = _fitted_global_model(1.0, source)
+    fresh = _small_skip_dfr(global_weight=1.0, global_source=source)
     torch.manual_seed(5)  # other AE weights: the load must bring everything
     fresh.autoencoder.apply(
         lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None
@@ -320,28 +331,77 @@ def test_global_branch_round_trips_through_the_state_dict() -> None:
 def test_global_branch_unfitted_or_negative_is_refused() -> None:
     with pytest.raises(ValueError, match="model.global_weight"):
         _small_skip_dfr(global_weight=-1.0)
+    with pytest.raises(ValueError, match="model.global_source"):
+        _small_skip_dfr(global_weight=1.0, global_source="pixels")
     model = _small_skip_dfr(global_weight=1.0)
     batch = _feature_batch(torch.randn(2, model.backbone.out_channels, 8, 8))
     with pytest.raises(RuntimeError, match="global"):
         model.score(batch)
+    residual = _small_skip_dfr(global_weight=1.0, global_source="residual")
+    assert residual.global_fit_pending  # its Gaussian waits for the trained AE
+    fitted, _ = _fitted_global_model(1.0, "features")
+    residual.load_state_dict(fitted.state_dict(), strict=True)
+    assert not residual.global_fit_pending  # the file's Gaussian is used, not refitted...
+    with pytest.raises(RuntimeError, match="model.global_source=residual"):
+        residual.score(batch)  # ...and the pooled features do not pass for a pooled residual
 
 
-def test_global_branch_runs_through_fit_and_test(synthetic_root) -> None:
-    """Fit (setup fits the branch) and test (on_test_start fits its validation statistics):
-    the results carry the pure `global` score beside the combined ones."""
+def test_global_images_caps_the_residual_gaussian_to_the_first_images() -> None:
+    from ad_lightning.models.families.global_branch import residual_descriptor
+
+    model = _small_skip_dfr(global_weight=1.0, global_source="residual", global_images=10)
+    feats = torch.randn(24, model.backbone.out_channels, 8, 8)
+    model.fit_global_residual_statistics(_batches(feats))  # batches of 8: the cap cuts one
+    with torch.no_grad():
+        expected = residual_descriptor(model.autoencoder(feats[:10]) - feats[:10]).mean(0)
+    torch.testing.assert_close(model.global_mean, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="model.global_images"):
+        _small_skip_dfr(global_weight=1.0, global_source="residual", global_images=0)
+
+
+def test_residual_descriptor_is_the_mean_the_mean_magnitude_and_the_peak_per_channel() -> None:
+    from ad_lightning.models.families.global_branch import residual_descriptor
+
+    residual = torch.tensor([[[[1.0, -3.0], [0.0, 2.0]], [[-1.0, -1.0], [-1.0, -5.0]]]])
+    expected = torch.tensor([[0.0, -2.0, 1.5, 2.0, 3.0, 5.0]])
+    torch.testing.assert_close(residual_descriptor(residual), expected)
+
+
+@pytest.mark.parametrize(("source", "pooled"), [("features", 2), ("residual", 3)])
+def test_global_branch_runs_through_fit_and_test(synthetic_root, source: str, pooled: int) -> None:
+    """Fit (setup fits the features' Gaussian on the first `stats_images` training images) and
+    test (on_test_start fits the residual's on every training image through the trained AE,
+    then the validation statistics): the results carry the pure `global` score beside the
+    combined ones."""
+    from ad_lightning.models.families.global_branch import (
+        global_descriptor,
+        residual_descriptor,
+    )
+
     dm = synthetic_dm(synthetic_root, "object", 64)
     model = SkipDFR(
         FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8),
         global_weight=1.0,
+        global_source=source,
         stats_images=16,
     )
-    results = fit_and_test(model, dm, epochs=0)
-    assert model.global_precision.shape == (2 * model.backbone.out_channels,) * 2
+    results = fit_and_test(model, dm, epochs=1)
+    assert model.global_precision.shape == (pooled * model.backbone.out_channels,) * 2
     assert model.global_val.shape == (2,) and model.score_val_std.shape == (3,)
     assert {"global", "residual_max"} <= set(results["scores"])
+    model.eval()
+    with torch.no_grad():  # the training images' descriptors, as the fit should have read them
+        feats = torch.cat([model.features(b) for b in dm.train_eval_dataloader()])
+        assert len(feats) > 16
+        if source == "residual":
+            descriptors = residual_descriptor(model.autoencoder(feats) - feats)
+        else:
+            descriptors = global_descriptor(feats[:16])
+    torch.testing.assert_close(model.global_mean, descriptors.mean(0), atol=1e-4, rtol=1e-4)
 
 
-def test_global_branch_exports_to_onnx_with_parity(tmp_path) -> None:
+@pytest.mark.parametrize("source", ["features", "residual"])
+def test_global_branch_exports_to_onnx_with_parity(tmp_path, source: str) -> None:
     """The distance is plain matrix algebra: the exported graph scores as PyTorch does
     (export_onnx raises on a disagreement beyond its tolerance)."""
     from pathlib import Path
@@ -349,13 +409,15 @@ def test_global_branch_exports_to_onnx_with_parity(tmp_path) -> None:
     from ad_lightning.deploy.bundle import Bundle, Preprocess
     from ad_lightning.deploy.export import export_onnx
 
-    model = _small_skip_dfr(global_weight=1.0)
+    model = _small_skip_dfr(global_weight=1.0, global_source=source)
     generator = torch.Generator().manual_seed(2)
     images = [torch.rand(8, 3, 64, 64, generator=generator) for _ in range(3)]
     with torch.no_grad():
         train = torch.cat([model.backbone(x) for x in images[:2]])
     model.training_features = lambda n: train[:n]
     model.setup("fit")
+    if source == "residual":
+        model.fit_global_residual_statistics([{"image": x} for x in images[:2]])
     model.fit_global_scale([{"image": images[2]}])
     bundle = Bundle(model, Preprocess((64, 64), 3, "none"), None, {}, Path("unused.pt"))
     figures = export_onnx(bundle, tmp_path / "model.onnx")

@@ -52,6 +52,8 @@ class DFR(FeatureReconstructionModule):
         pixel_distance: str | None = None,
         distance_combine: str = "sum",
         pixel_pool: int = 1,
+        global_source: str = "features",
+        global_images: int | None = None,
     ) -> None:
         autoencoder = (
             PointwiseAutoencoder(backbone.out_channels, latent_channels)
@@ -74,6 +76,8 @@ class DFR(FeatureReconstructionModule):
             pixel_distance,
             distance_combine,
             pixel_pool,
+            global_source,
+            global_images,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.pca_variance = pca_variance

@@ -47,6 +47,8 @@ class SkipDFR(FeatureReconstructionModule):
         pixel_distance: str | None = None,
         distance_combine: str = "sum",
         pixel_pool: int = 1,
+        global_source: str = "features",
+        global_images: int | None = None,
     ) -> None:
         widths = list(widths) if widths else widths_for(backbone.out_channels, width_ratio, levels)
         autoencoder = SkipAutoencoder(backbone.out_channels, widths, skips)
@@ -66,6 +68,8 @@ class SkipDFR(FeatureReconstructionModule):
             pixel_distance,
             distance_combine,
             pixel_pool,
+            global_source,
+            global_images,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.skips = skips

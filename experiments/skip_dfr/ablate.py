@@ -61,12 +61,17 @@ DEFAULTS: dict[str, Any] = {
     "skips": "partial",
     "noise": 0.0,  # training-only Gaussian noise on the AE input, in standardised units
     "dropout": 0.0,  # training-only dropout of the AE input (Dinomaly's noisy bottleneck); target clean
+    "blob": 0.0,  # > 0: training-only local corruption, one random rectangle per map (target clean)
+    "blob_kind": "noise",  # noise: + blob x N(0, 1) | paste: features of another map of the batch
+    "blob_max": 8,  # largest rectangle side, in grid positions (the smallest is 2)
     "hard_mining": 0.0,  # fraction of best-reconstructed positions whose loss is down-weighted x0.1
     "norm": "mean",  # combined-distance parts over their validation mean | quantile (q0.9..q0.995)
     "distance": "combined",
     "combine": "sum",  # combined's normalised parts: sum | max (the larger of the two per position)
     "sigma": 4.0,
     "global_weight": 0.0,  # weight of a Mahalanobis score of pooled features (0 = off)
+    "global_source": "features",  # what that score pools: features | residual (model.global_source)
+    "global_images": 0,  # residual: the training images its Gaussian is fitted on (0 = all)
     "seed": 0,
     "center": False,  # subtract each image's own per-channel mean from its standardised features
     "crop": 0,  # train on random crop x crop windows of the feature maps (0 = whole maps)
@@ -185,6 +190,32 @@ def random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tens
     )
 
 
+def local_corruption(
+    x: torch.Tensor, scale: float, kind: str, max_side: int, gen: torch.Generator
+) -> torch.Tensor:
+    """One random rectangle per map corrupted (DRAEM / RealNet-style synthetic anomaly, on
+    features): the AE must repair it from its context, not pass it through."""
+    out = x.clone()
+    h, w = x.shape[-2:]
+    donors = torch.roll(torch.arange(len(x)), 1).tolist()
+    for i, d in enumerate(donors):
+        bh, bw = torch.randint(2, max_side + 1, (2,), generator=gen).tolist()
+        y, x0 = (
+            torch.randint(0, h - bh + 1, (1,), generator=gen).item(),
+            torch.randint(0, w - bw + 1, (1,), generator=gen).item(),
+        )
+        if kind == "noise":
+            noise = torch.randn(x.shape[1], bh, bw, generator=gen)
+            out[i, :, y : y + bh, x0 : x0 + bw] += scale * noise
+        else:
+            ys, xs = (
+                torch.randint(0, h - bh + 1, (1,), generator=gen).item(),
+                torch.randint(0, w - bw + 1, (1,), generator=gen).item(),
+            )
+            out[i, :, y : y + bh, x0 : x0 + bw] = x[d, :, ys : ys + bh, xs : xs + bw]
+    return out
+
+
 def reshape_outer(ae: SkipAutoencoder, c: int, k: int, final_width: float, k_final: int) -> None:
     """Rebuild the AE's two full-resolution layers (about 3/4 of its FLOPs) cheaper, in place."""
     if k == k_final == 4 and final_width == 1.0:
@@ -275,6 +306,8 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
             noisy = x + p["noise"] * torch.randn_like(x) if p["noise"] > 0 else x
             if p["dropout"] > 0:
                 noisy = F.dropout(noisy, p["dropout"])
+            if p["blob"] > 0:
+                noisy = local_corruption(noisy, p["blob"], p["blob_kind"], p["blob_max"], gen)
             with train_amp:
                 rec = ae(noisy)
             loss = loss_fn(rec.float(), x, p["hard_mining"], p["cos_loss"])
@@ -337,8 +370,13 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
     }
     dumped: dict[str, Any] = {"labels": labels}
     if p["global_weight"] > 0:  # independent of the map's normalisation: once per category
-        g, gv = global_scores(data, mean, std)
+        if p["global_source"] == "residual":
+            g, gv = residual_global_scores(ae, train, val, test, p["global_images"])
+        else:
+            g, gv = global_scores(data, mean, std)
         dumped["global"] = {"test": g, "val": gv}
+        # the no-signal control: the same scores dealt to the test images at random
+        shuffled = g[torch.randperm(len(g), generator=torch.Generator().manual_seed(1))]
     for norm in ("mean", "quantile"):
         if norm == "mean":
             ref_low = torch.zeros(2)
@@ -389,6 +427,7 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
         if p["global_weight"] > 0:
             zmap = (scores["max"] - vmax.mean()) / vmax.std()
             scores["max_global"] = zmap + p["global_weight"] * g
+            scores["max_global_shuffled"] = zmap + p["global_weight"] * shuffled
             scores["global"] = g
         pre = "" if norm == p["norm"] else f"{norm}_"
         for name, s in scores.items():
@@ -446,6 +485,27 @@ def global_scores(data: dict, mean: torch.Tensor, std: torch.Tensor) -> torch.Te
     d = lambda x: torch.as_tensor(lw.mahalanobis(((x - mu) / sd).numpy())).float().sqrt()  # noqa: E731
     dv = d(va)
     return (d(te) - dv.mean()) / dv.std(), (dv - dv.mean()) / dv.std()
+
+
+def residual_global_scores(
+    ae: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, test: torch.Tensor, limit: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's residual global branch (model.global_source=residual): the Gaussian of the
+    training images' pooled residuals (the first `limit`, model.global_images; 0 = all), the
+    test and validation distances z-scored on the validation normals."""
+    from ad_lightning.models.families.global_branch import (
+        fit_global_gaussian,
+        global_distance,
+        residual_descriptor,
+    )
+
+    def distances(feats: torch.Tensor, gaussian: tuple | None = None) -> torch.Tensor:
+        descriptors = residual_descriptor(residuals(ae, feats))
+        return descriptors if gaussian is None else global_distance(descriptors, *gaussian)
+
+    gaussian = fit_global_gaussian(distances(train[: limit or None]))
+    dv, dt = distances(val, gaussian), distances(test, gaussian)
+    return (dt - dv.mean()) / dv.std(), (dv - dv.mean()) / dv.std()
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,11 @@ Three choices make the residual hold on real data, each a config key:
 - `global_weight` (opt-in, 0 = off): adds a global branch for logical anomalies, the
   Mahalanobis distance of the image's pooled features (families/global_branch.py, PUAD),
   z-scored on the normal validation images, to every image score (the map is unchanged):
-  it helped on magnetic tile and sank an unseen category (issue 20), so it is off by default.
+  it helped on magnetic tile and sank an unseen category (issue 20), so it is off by default;
+- `global_source` (with `global_weight`): what that branch pools, the `features` (fitted on
+  the training images before training) or the AE's `residual` (fitted on the training images'
+  residuals after training, at test start): the residual's pooled mean and magnitude see a
+  faint deviation spread over an area, which a map's max does not (item 30 there).
 
 Because FE is frozen, training reads features computed once per image from a
 `FeatureStore` (backbones/feature_store.py) when the batch carries them.
@@ -44,6 +48,7 @@ Because FE is frozen, training reads features computed once per image from a
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -54,9 +59,11 @@ from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.checks import choice
 from ad_lightning.models.base import AnomalyModule, Scores
 from ad_lightning.models.families.global_branch import (
+    GLOBAL_SOURCES,
     fit_global_gaussian,
     global_descriptor,
     global_distance,
+    residual_descriptor,
 )
 from ad_lightning.models.families.training_images import training_images
 from ad_lightning.nn.buffers import buffers_from_state
@@ -168,6 +175,8 @@ class FeatureReconstructionModule(AnomalyModule):
         pixel_distance: str | None = None,
         distance_combine: str = "sum",
         pixel_pool: int = 1,
+        global_source: str = "features",
+        global_images: int | None = None,
     ) -> None:
         super().__init__()
         if global_weight < 0:
@@ -210,6 +219,10 @@ class FeatureReconstructionModule(AnomalyModule):
         self.sigma = float(sigma)
         self.stats_images = stats_images
         self.global_weight = float(global_weight)
+        self.global_source = choice("model.global_source", global_source, GLOBAL_SOURCES)
+        if global_images is not None and global_images < 1:
+            raise ValueError(f"model.global_images={global_images} must be >= 1 (null = all)")
+        self.global_images = global_images
         self.input_dropout = float(input_dropout)
         # per-channel training statistics (identity until fitted); saved with the model
         self.register_buffer("feature_mean", torch.zeros(backbone.out_channels))
@@ -230,7 +243,8 @@ class FeatureReconstructionModule(AnomalyModule):
         # the pixel_pool that std was fitted at (files before it: 1, unpooled, as they were)
         self.register_buffer("residual_std_pool", torch.tensor(1))
         # global branch (registered even when off, so a file with it on loads strictly):
-        # descriptor mean and std [2C] and Ledoit-Wolf precision [2C, 2C] from training images;
+        # descriptor mean and std [D] and Ledoit-Wolf precision [D, D] from training images
+        # (D = 2C pooled features, 3C pooled residual);
         # the mean and std of its distance [2], and each image score's std [3], on normal
         # validation images
         for name in GLOBAL_BUFFERS:
@@ -254,6 +268,7 @@ class FeatureReconstructionModule(AnomalyModule):
         }
         if self.global_weight > 0:
             facts["global_weight"] = self.global_weight
+            facts["global_source"] = self.global_source
         if self._input_hw is not None and self.autoencoder is not None:
             facts["flops_per_image"] = self.flops()
         return facts
@@ -310,7 +325,11 @@ class FeatureReconstructionModule(AnomalyModule):
         if stage != "fit":
             return
         fit_stats = self.standardize and not bool(self.stats_fitted)
-        fit_global = self.global_weight > 0 and self.global_mean.numel() == 0
+        fit_global = (  # the residual's Gaussian needs the trained AE: at test start
+            self.global_weight > 0
+            and self.global_source == "features"
+            and self.global_mean.numel() == 0
+        )
         if not (fit_stats or fit_global):
             return
         feats = self.training_features(self.stats_images)  # once, for both
@@ -340,22 +359,49 @@ class FeatureReconstructionModule(AnomalyModule):
                 for i in range(0, len(feats), GLOBAL_CHUNK)
             ]
         )
+        self.set_global_gaussian(descriptors)
+
+    @torch.no_grad()
+    def fit_global_residual_statistics(self, loader: Iterable[dict[str, Any]]) -> None:
+        """The Gaussian of the pooled residuals of the training images (the first
+        `global_images`; null = all: 3C dimensions want every image there is), from the trained
+        AE (at test start every DDP rank reads the same images, so fits the same)."""
+        limit = self.global_images or float("inf")
+        descriptors, n = [], 0
+        for batch in loader:
+            feats = self.features(batch)
+            descriptors.append(residual_descriptor(self.autoencoder(feats) - feats).cpu())
+            n += len(feats)
+            if n >= limit:
+                break
+        self.set_global_gaussian(torch.cat(descriptors)[: self.global_images])
+
+    def set_global_gaussian(self, descriptors: torch.Tensor) -> None:
         device = self.feature_mean.device
         mean, std, precision = fit_global_gaussian(descriptors)
         self.global_mean, self.global_std = mean.to(device), std.to(device)
         self.global_precision = precision.to(device)
 
-    def global_score(self, feats: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] standardised features -> [B] Mahalanobis distances of their pooled
-        descriptors to the training images'."""
+    def global_score(self, feats: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] standardised features and their reconstruction -> [B] Mahalanobis
+        distances of the pooled `global_source` to the training images'."""
         if self.global_mean.numel() == 0:
             raise RuntimeError(
                 "model.global_weight > 0 but the global branch was not fitted: it is fitted "
-                "on the training images at fit time (a model trained without it lacks it)"
+                "on the training images, before training (global_source=features) or at test "
+                "start (residual); a model trained without it lacks it"
             )
-        return global_distance(
-            global_descriptor(feats), self.global_mean, self.global_std, self.global_precision
-        )
+        if self.global_source == "residual":
+            descriptor = residual_descriptor(reconstruction - feats)
+        else:
+            descriptor = global_descriptor(feats)
+        if descriptor.shape[1] != self.global_mean.numel():
+            raise RuntimeError(
+                f"the global branch was fitted on {self.global_mean.numel()} pooled values per "
+                f"image, but model.global_source={self.global_source} pools "
+                f"{descriptor.shape[1]}: score with the global_source the model was fitted with"
+            )
+        return global_distance(descriptor, self.global_mean, self.global_std, self.global_precision)
 
     @torch.no_grad()
     def fit_global_scale(self, loader: Any) -> None:
@@ -364,8 +410,8 @@ class FeatureReconstructionModule(AnomalyModule):
         distances, scores = [], {name: [] for name in self.score_names}
         for batch in loader:
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            feats, out = self.residual_scores(batch)
-            distances.append(self.global_score(feats).double().cpu())
+            feats, reconstruction, out = self.residual_scores(batch)
+            distances.append(self.global_score(feats, reconstruction).double().cpu())
             for name in self.score_names:
                 scores[name].append(out.image[name].double().cpu())
         g = torch.cat(distances)
@@ -526,8 +572,12 @@ class FeatureReconstructionModule(AnomalyModule):
 
     @property
     def global_fit_pending(self) -> bool:
-        """The global branch is on but lacks its statistics on normal validation images."""
-        return self.global_weight > 0 and self.global_val.numel() == 0
+        """The global branch is on but lacks its statistics on normal validation images (or,
+        pooling the residual, its training Gaussian, which needs the trained AE)."""
+        if self.global_weight == 0:
+            return False
+        residual_pending = self.global_source == "residual" and self.global_mean.numel() == 0
+        return self.global_val.numel() == 0 or residual_pending
 
     def unfitted_for_scoring(self) -> str | None:
         if self.distance_fit_pending:
@@ -557,6 +607,8 @@ class FeatureReconstructionModule(AnomalyModule):
             if fit_scale:
                 self.fit_distance_scale(loader)
             if fit_global:  # after the scale: the map scores it is weighed against use it
+                if self.global_source == "residual" and self.global_mean.numel() == 0:
+                    self.fit_global_residual_statistics(training_images(self))
                 self.fit_global_scale(loader)
 
     # ---- training ----------------------------------------------------------------------
@@ -578,8 +630,9 @@ class FeatureReconstructionModule(AnomalyModule):
         return self.reconstruction_loss(self.features(batch))
 
     # ---- scoring -----------------------------------------------------------------------
-    def residual_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Scores]:
-        """The standardised features, and the residual map with its image scores."""
+    def residual_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Scores]:
+        """The standardised features, their reconstruction, and the residual map with its
+        image scores."""
         feats = self.features(batch)
         reconstruction = self.autoencoder(feats)
         size = tuple(batch["image"].shape[-2:])
@@ -591,15 +644,15 @@ class FeatureReconstructionModule(AnomalyModule):
             anomaly_map = upsample_and_smooth(
                 self.residual_grid(reconstruction, feats, pixel=True), size, self.sigma
             )
-        return feats, Scores(image=image, map=anomaly_map)
+        return feats, reconstruction, Scores(image=image, map=anomaly_map)
 
     def score(self, batch: dict[str, Any]) -> Scores:
-        feats, scores = self.residual_scores(batch)
+        feats, reconstruction, scores = self.residual_scores(batch)
         if self.global_weight > 0:
-            scores = self.with_global(feats, scores)
+            scores = self.with_global(self.global_score(feats, reconstruction), scores)
         return scores
 
-    def with_global(self, feats: torch.Tensor, scores: Scores) -> Scores:
+    def with_global(self, g: torch.Tensor, scores: Scores) -> Scores:
         """Each image score s + w * std_val(s) * z(g), z(g) the global distance z-scored on
         normal validation images: ranks as z(s) + w z(g) does, and s keeps its units (and
         thresholds their meaning). The pure distance is reported as `global`."""
@@ -608,7 +661,6 @@ class FeatureReconstructionModule(AnomalyModule):
                 "model.global_weight > 0 but the global distance's validation statistics are "
                 "not fitted: on_test_start fits them on the normal validation images"
             )
-        g = self.global_score(feats)
         z = (g - self.global_val[0]) / self.global_val[1]
         image = {
             name: scores.image[name] + self.global_weight * self.score_val_std[i] * z
