@@ -100,6 +100,7 @@ RULES: tuple[Rule, ...] = (
     Rule("model.batch_size", int, 1),
     Rule("model.latent_dim", int, 1),
     Rule("model.stats_images", int, 1),
+    Rule("model.global_images", int, 1, note="null = every training image"),
     Rule("model.latent_steps", int, 0),
     Rule("model.n_samples", int, 1),
     Rule("trainer.max_epochs", int, 1, also=(-1,), note="-1: no epoch limit"),

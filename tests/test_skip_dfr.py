@@ -346,17 +346,44 @@ def test_global_branch_unfitted_or_negative_is_refused() -> None:
         residual.score(batch)  # ...and the pooled features do not pass for a pooled residual
 
 
-def test_global_images_caps_the_residual_gaussian_to_the_first_images() -> None:
-    from ad_lightning.models.families.global_branch import residual_descriptor
+def test_global_images_reads_that_many_training_images_evenly_spaced() -> None:
+    """The cap spreads over the split: its path order groups images (magnetic tile's by
+    exposure), and the first N would leave whole groups out of the Gaussian."""
+    from types import SimpleNamespace
 
-    model = _small_skip_dfr(global_weight=1.0, global_source="residual", global_images=10)
-    feats = torch.randn(24, model.backbone.out_channels, 8, 8)
-    model.fit_global_residual_statistics(_batches(feats))  # batches of 8: the cap cuts one
-    with torch.no_grad():
-        expected = residual_descriptor(model.autoencoder(feats[:10]) - feats[:10]).mean(0)
-    torch.testing.assert_close(model.global_mean, expected, atol=1e-5, rtol=1e-5)
+    from torch.utils.data import DataLoader
+
+    from ad_lightning.models.families.training_images import evenly_spaced, training_images
+
+    assert evenly_spaced(10, 4) == [0, 2, 5, 7]
+    assert evenly_spaced(10, None) == evenly_spaced(10, 12) == list(range(10))
+    dataset = [{"index": i, "image": torch.zeros(3, 4, 4)} for i in range(10)]
+    datamodule = SimpleNamespace(train_eval_dataloader=lambda: DataLoader(dataset, batch_size=3))
+    module = SimpleNamespace(
+        trainer=SimpleNamespace(datamodule=datamodule, world_size=2, global_rank=1),
+        device=torch.device("cpu"),
+    )
+    read = [int(i) for batch in training_images(module, limit=4) for i in batch["index"]]
+    assert read == [0, 2, 5, 7]  # the same on every rank (not sharded)
+    read = [int(i) for batch in training_images(module) for i in batch["index"]]
+    assert read == list(range(10))
     with pytest.raises(ValueError, match="model.global_images"):
         _small_skip_dfr(global_weight=1.0, global_source="residual", global_images=0)
+
+
+@pytest.mark.parametrize("source", ["features", "residual"])
+def test_training_again_refits_the_residual_gaussian_not_the_features_one(source: str) -> None:
+    """The residual's Gaussian describes one trained AE: a new fit clears it (and the branch's
+    validation statistics), so test start fits it again; the features' is the AE's input, kept."""
+    model, _ = _fitted_global_model(1.0, source)
+    fitted = model.global_mean.clone()
+    assert not model.global_fit_pending
+    model.setup("fit")
+    if source == "residual":
+        assert model.global_fit_pending and model.global_mean.numel() == 0
+        assert "residuals" in model.unfitted_for_scoring()
+    else:
+        assert not model.global_fit_pending and torch.equal(model.global_mean, fitted)
 
 
 def test_residual_descriptor_is_the_mean_the_mean_magnitude_and_the_peak_per_channel() -> None:

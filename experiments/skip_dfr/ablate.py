@@ -491,19 +491,20 @@ def residual_global_scores(
     ae: torch.nn.Module, train: torch.Tensor, val: torch.Tensor, test: torch.Tensor, limit: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pipeline's residual global branch (model.global_source=residual): the Gaussian of the
-    training images' pooled residuals (the first `limit`, model.global_images; 0 = all), the
-    test and validation distances z-scored on the validation normals."""
+    training images' pooled residuals (`limit` of them evenly spaced, model.global_images;
+    0 = all), the test and validation distances z-scored on the validation normals."""
     from ad_lightning.models.families.global_branch import (
         fit_global_gaussian,
         global_distance,
         residual_descriptor,
     )
+    from ad_lightning.models.families.training_images import evenly_spaced
 
     def distances(feats: torch.Tensor, gaussian: tuple | None = None) -> torch.Tensor:
         descriptors = residual_descriptor(residuals(ae, feats))
         return descriptors if gaussian is None else global_distance(descriptors, *gaussian)
 
-    gaussian = fit_global_gaussian(distances(train[: limit or None]))
+    gaussian = fit_global_gaussian(distances(train[evenly_spaced(len(train), limit or None)]))
     dv, dt = distances(val, gaussian), distances(test, gaussian)
     return (dt - dv.mean()) / dv.std(), (dv - dv.mean()) / dv.std()
 

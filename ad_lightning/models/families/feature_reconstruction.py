@@ -269,6 +269,8 @@ class FeatureReconstructionModule(AnomalyModule):
         if self.global_weight > 0:
             facts["global_weight"] = self.global_weight
             facts["global_source"] = self.global_source
+            if self.global_source == "residual":
+                facts["global_images"] = self.global_images
         if self._input_hw is not None and self.autoencoder is not None:
             facts["flops_per_image"] = self.flops()
         return facts
@@ -324,6 +326,9 @@ class FeatureReconstructionModule(AnomalyModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
+        if self.global_source == "residual":  # the AE is about to change: refit at test start
+            for name in GLOBAL_BUFFERS:
+                self._buffers[name] = self._unfitted[name].to(self._buffers[name].device)
         fit_stats = self.standardize and not bool(self.stats_fitted)
         fit_global = (  # the residual's Gaussian needs the trained AE: at test start
             self.global_weight > 0
@@ -363,18 +368,14 @@ class FeatureReconstructionModule(AnomalyModule):
 
     @torch.no_grad()
     def fit_global_residual_statistics(self, loader: Iterable[dict[str, Any]]) -> None:
-        """The Gaussian of the pooled residuals of the training images (the first
-        `global_images`; null = all: 3C dimensions want every image there is), from the trained
-        AE (at test start every DDP rank reads the same images, so fits the same)."""
-        limit = self.global_images or float("inf")
-        descriptors, n = [], 0
+        """The Gaussian of the pooled residuals of the training images in `loader` (at test
+        start: `global_images` of them, evenly spaced, null = all; every DDP rank reads the
+        same ones, so fits the same), from the trained AE."""
+        descriptors = []
         for batch in loader:
             feats = self.features(batch)
             descriptors.append(residual_descriptor(self.autoencoder(feats) - feats).cpu())
-            n += len(feats)
-            if n >= limit:
-                break
-        self.set_global_gaussian(torch.cat(descriptors)[: self.global_images])
+        self.set_global_gaussian(torch.cat(descriptors))
 
     def set_global_gaussian(self, descriptors: torch.Tensor) -> None:
         device = self.feature_mean.device
@@ -572,12 +573,9 @@ class FeatureReconstructionModule(AnomalyModule):
 
     @property
     def global_fit_pending(self) -> bool:
-        """The global branch is on but lacks its statistics on normal validation images (or,
-        pooling the residual, its training Gaussian, which needs the trained AE)."""
-        if self.global_weight == 0:
-            return False
-        residual_pending = self.global_source == "residual" and self.global_mean.numel() == 0
-        return self.global_val.numel() == 0 or residual_pending
+        """The global branch is on but lacks its statistics on normal validation images (and,
+        pooling the residual, its training Gaussian too: `setup` clears both before training)."""
+        return self.global_weight > 0 and self.global_val.numel() == 0
 
     def unfitted_for_scoring(self) -> str | None:
         if self.distance_fit_pending:
@@ -588,7 +586,11 @@ class FeatureReconstructionModule(AnomalyModule):
                 f"at pool {int(self.residual_std_pool)})"
             )
         if self.global_fit_pending:
-            return "the global branch's statistics on normal validation images"
+            return "the global branch's statistics on normal validation images" + (
+                " (and its Gaussian of the training images' residuals)"
+                if self.global_source == "residual" and self.global_mean.numel() == 0
+                else ""
+            )
         return None
 
     def on_test_start(self) -> None:
@@ -608,7 +610,8 @@ class FeatureReconstructionModule(AnomalyModule):
                 self.fit_distance_scale(loader)
             if fit_global:  # after the scale: the map scores it is weighed against use it
                 if self.global_source == "residual" and self.global_mean.numel() == 0:
-                    self.fit_global_residual_statistics(training_images(self))
+                    images = training_images(self, limit=self.global_images)
+                    self.fit_global_residual_statistics(images)
                 self.fit_global_scale(loader)
 
     # ---- training ----------------------------------------------------------------------

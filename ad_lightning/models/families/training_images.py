@@ -15,18 +15,35 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 
-def training_images(module: pl.LightningModule, shard: bool = False) -> Iterator[dict[str, Any]]:
+def evenly_spaced(n: int, limit: int | None) -> list[int]:
+    """`limit` indices spread evenly over range(n) (all of them when limit is None or >= n):
+    a split in path order groups its images (by exposure, by line, by day), and its first
+    `limit` would leave whole groups out."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return [(i * n) // limit for i in range(limit)]
+
+
+def training_images(
+    module: pl.LightningModule, shard: bool = False, limit: int | None = None
+) -> Iterator[dict[str, Any]]:
     """Batches of the training split in evaluation form, tensors on `module.device`.
 
     shard=False: every DDP rank reads the same images, so statistics fitted on them are the
     same on every rank. shard=True: this rank's share (every world_size-th image), for rows
-    that are gathered across ranks afterwards.
+    that are gathered across ranks afterwards. `limit`: that many images, evenly spaced over
+    the split (not sharded).
     """
     loader = module.trainer.datamodule.train_eval_dataloader()
     world = module.trainer.world_size if shard else 1
+    indices = None
     if world > 1:
         rank = module.trainer.global_rank
-        share = Subset(loader.dataset, list(range(rank, len(loader.dataset), world)))
+        indices = list(range(rank, len(loader.dataset), world))
+    elif limit is not None and limit < len(loader.dataset):
+        indices = evenly_spaced(len(loader.dataset), limit)
+    if indices is not None:
+        share = Subset(loader.dataset, indices)
         loader = DataLoader(share, batch_size=loader.batch_size, num_workers=loader.num_workers)
     for batch in loader:
         yield {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
