@@ -198,20 +198,22 @@ def local_corruption(
     out = x.clone()
     h, w = x.shape[-2:]
     donors = torch.roll(torch.arange(len(x)), 1).tolist()
+
+    def corner(bh: int, bw: int) -> tuple[int, int]:
+        """A random top-left corner for a bh x bw rectangle inside the map."""
+        return (
+            int(torch.randint(0, h - bh + 1, (1,), generator=gen)),
+            int(torch.randint(0, w - bw + 1, (1,), generator=gen)),
+        )
+
     for i, d in enumerate(donors):
         bh, bw = torch.randint(2, max_side + 1, (2,), generator=gen).tolist()
-        y, x0 = (
-            torch.randint(0, h - bh + 1, (1,), generator=gen).item(),
-            torch.randint(0, w - bw + 1, (1,), generator=gen).item(),
-        )
+        y, x0 = corner(bh, bw)
         if kind == "noise":
             noise = torch.randn(x.shape[1], bh, bw, generator=gen)
             out[i, :, y : y + bh, x0 : x0 + bw] += scale * noise
         else:
-            ys, xs = (
-                torch.randint(0, h - bh + 1, (1,), generator=gen).item(),
-                torch.randint(0, w - bw + 1, (1,), generator=gen).item(),
-            )
+            ys, xs = corner(bh, bw)
             out[i, :, y : y + bh, x0 : x0 + bw] = x[d, :, ys : ys + bh, xs : xs + bw]
     return out
 
@@ -500,12 +502,11 @@ def residual_global_scores(
     )
     from ad_lightning.models.families.training_images import evenly_spaced
 
-    def distances(feats: torch.Tensor, gaussian: tuple | None = None) -> torch.Tensor:
-        descriptors = residual_descriptor(residuals(ae, feats))
-        return descriptors if gaussian is None else global_distance(descriptors, *gaussian)
+    def descriptors(feats: torch.Tensor) -> torch.Tensor:
+        return residual_descriptor(residuals(ae, feats))
 
-    gaussian = fit_global_gaussian(distances(train[evenly_spaced(len(train), limit or None)]))
-    dv, dt = distances(val, gaussian), distances(test, gaussian)
+    gaussian = fit_global_gaussian(descriptors(train[evenly_spaced(len(train), limit or None)]))
+    dv, dt = (global_distance(descriptors(f), *gaussian) for f in (val, test))
     return (dt - dv.mean()) / dv.std(), (dv - dv.mean()) / dv.std()
 
 
