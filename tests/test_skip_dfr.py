@@ -363,27 +363,51 @@ def test_global_images_reads_that_many_training_images_evenly_spaced() -> None:
         trainer=SimpleNamespace(datamodule=datamodule, world_size=2, global_rank=1),
         device=torch.device("cpu"),
     )
-    read = [int(i) for batch in training_images(module, limit=4) for i in batch["index"]]
-    assert read == [0, 2, 5, 7]  # the same on every rank (not sharded)
-    read = [int(i) for batch in training_images(module) for i in batch["index"]]
-    assert read == list(range(10))
+
+    def read(**kw) -> list[int]:
+        return [int(i) for batch in training_images(module, **kw) for i in batch["index"]]
+
+    assert read(limit=4) == [0, 2, 5, 7]  # the same on every rank (not sharded)
+    assert read() == list(range(10))
+    # sharded, rank 1 of 2 reads its share of the images, of the evenly spaced ones with a cap
+    assert read(shard=True) == [1, 3, 5, 7, 9]
+    assert read(shard=True, limit=4) == [2, 7]
     with pytest.raises(ValueError, match="model.global_images"):
         _small_skip_dfr(global_weight=1.0, global_source="residual", global_images=0)
 
 
 @pytest.mark.parametrize("source", ["features", "residual"])
-def test_training_again_refits_the_residual_gaussian_not_the_features_one(source: str) -> None:
-    """The residual's Gaussian describes one trained AE: a new fit clears it (and the branch's
-    validation statistics), so test start fits it again; the features' is the AE's input, kept."""
-    model, _ = _fitted_global_model(1.0, source)
+def test_training_again_clears_what_was_fitted_on_the_trained_ae(source: str) -> None:
+    """A module fitted and tested before (or loaded from a model file) and trained again must
+    not score its new AE with the old one's statistics: a new fit clears the distances' scales,
+    the whitening RMS, the branch's validation statistics and the residual's Gaussian, so test
+    start fits them again. The features' Gaussian describes the AE's input: it is kept."""
+    model, normal = _fitted_global_model(1.0, source)
+    model.distance, model.distance_norm = "combined", "tail"
+    model.pixel_distance, model.pixel_pool = "l2_whitened", 3
+    val = torch.randn(24, model.backbone.out_channels, 8, 8, generator=torch.Generator()) + 2
+    model.fit_distance_scale(_batches(val))
+    model.fit_global_scale(_batches(val))
+    assert model.unfitted_for_scoring() is None
     fitted = model.global_mean.clone()
-    assert not model.global_fit_pending
     model.setup("fit")
+    assert model.distance_fit_pending and model.global_fit_pending
+    assert not bool(model.scale_fitted) and not bool(model.residual_std_fitted)
+    assert "validation" in model.unfitted_for_scoring()
     if source == "residual":
-        assert model.global_fit_pending and model.global_mean.numel() == 0
-        assert "residuals" in model.unfitted_for_scoring()
+        assert model.global_mean.numel() == 0
     else:
-        assert not model.global_fit_pending and torch.equal(model.global_mean, fitted)
+        assert torch.equal(model.global_mean, fitted)
+    with torch.no_grad():  # the new AE's statistics, as test start fits them
+        for p in model.autoencoder.parameters():
+            p.mul_(1.5)
+    if source == "residual":
+        model.fit_global_residual_statistics(_batches(normal))
+    old_scale = model.distance_scale.clone()
+    model.fit_distance_scale(_batches(val))
+    model.fit_global_scale(_batches(val))
+    assert model.unfitted_for_scoring() is None
+    assert not torch.allclose(model.distance_scale, old_scale)
 
 
 def test_residual_descriptor_is_the_mean_the_mean_magnitude_and_the_peak_per_channel() -> None:

@@ -98,6 +98,8 @@ LATE_BUFFERS = (
 #: the global branch's buffers: empty until fitted, sized by what a state dict holds, filled
 #: in when a state dict lacks them (files written before the branch load with it off)
 GLOBAL_BUFFERS = ("global_mean", "global_std", "global_precision", "global_val", "score_val_std")
+#: those of them fitted on normal validation images, through the AE
+GLOBAL_VALIDATION = ("global_val", "score_val_std")
 #: training images whose pooled descriptors are standardised per chunk (bounds the memory)
 GLOBAL_CHUNK = 64
 
@@ -326,9 +328,7 @@ class FeatureReconstructionModule(AnomalyModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
-        if self.global_source == "residual":  # the AE is about to change: refit at test start
-            for name in GLOBAL_BUFFERS:
-                self._buffers[name] = self._unfitted[name].to(self._buffers[name].device)
+        self.clear_scoring_statistics()
         fit_stats = self.standardize and not bool(self.stats_fitted)
         fit_global = (  # the residual's Gaussian needs the trained AE: at test start
             self.global_weight > 0
@@ -342,6 +342,18 @@ class FeatureReconstructionModule(AnomalyModule):
             self.fit_feature_statistics(feats)
         if fit_global:
             self.fit_global_statistics(feats)
+
+    def clear_scoring_statistics(self) -> None:
+        """Forget what was fitted on the trained AE's residuals (a module fitted and tested
+        before, or loaded from a model file, is about to be trained again): the distances'
+        scales and the whitening RMS, the global branch's validation statistics, and the
+        residual's Gaussian; test start fits them for the new AE. The feature statistics and
+        the features' Gaussian describe the AE's input, not the AE: they stay."""
+        self.scale_fitted = torch.tensor(False, device=self.scale_fitted.device)
+        self.residual_std_fitted = torch.tensor(False, device=self.residual_std_fitted.device)
+        cleared = GLOBAL_BUFFERS if self.global_source == "residual" else GLOBAL_VALIDATION
+        for name in cleared:
+            self._buffers[name] = self._unfitted[name].to(self._buffers[name].device)
 
     @torch.no_grad()
     def fit_feature_statistics(self, feats: torch.Tensor) -> None:

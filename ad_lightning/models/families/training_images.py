@@ -32,17 +32,15 @@ def training_images(
     shard=False: every DDP rank reads the same images, so statistics fitted on them are the
     same on every rank. shard=True: this rank's share (every world_size-th image), for rows
     that are gathered across ranks afterwards. `limit`: that many images, evenly spaced over
-    the split (not sharded).
+    the split; with `shard`, the ranks share those.
     """
     loader = module.trainer.datamodule.train_eval_dataloader()
+    n = len(loader.dataset)
+    indices = evenly_spaced(n, limit)
     world = module.trainer.world_size if shard else 1
-    indices = None
     if world > 1:
-        rank = module.trainer.global_rank
-        indices = list(range(rank, len(loader.dataset), world))
-    elif limit is not None and limit < len(loader.dataset):
-        indices = evenly_spaced(len(loader.dataset), limit)
-    if indices is not None:
+        indices = indices[module.trainer.global_rank :: world]
+    if len(indices) < n:
         share = Subset(loader.dataset, indices)
         loader = DataLoader(share, batch_size=loader.batch_size, num_workers=loader.num_workers)
     for batch in loader:
