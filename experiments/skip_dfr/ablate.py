@@ -75,6 +75,8 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "center": False,  # subtract each image's own per-channel mean from its standardised features
     "crop": 0,  # train on random crop x crop windows of the feature maps (0 = whole maps)
+    "coarse_steps": 0,  # the first steps (of `steps`) train on the maps 2 x 2 average-pooled
+    "coarse_batch": 0,  # the batch of those coarse steps (0 = batch)
     "backbone": "efficientnet_lite0",  # conf/backbone name (blocks 1-3), cached per backbone
     "sched": "none",  # none | cosine (learning rate annealed to 0 over the steps)
     "cl": False,  # AE weights, inputs and activations channels_last (true) or NCHW (the AE's own)
@@ -299,10 +301,14 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
     while step < p["steps"]:
         ae.train()
         order = torch.randperm(len(train), generator=gen)
-        for i in range(0, len(train), p["batch"]):
-            x = train[order[i : i + p["batch"]]]
+        coarse = step < p["coarse_steps"]
+        size = (p["coarse_batch"] or p["batch"]) if coarse else p["batch"]
+        for i in range(0, len(train), size):
+            x = train[order[i : i + size]]
             if len(x) < 2:
                 continue
+            if coarse:  # progressive resizing: a quarter of the positions per map
+                x = F.avg_pool2d(x, 2)
             if p["crop"]:
                 x = random_crops(x, p["crop"], gen)
             noisy = x + p["noise"] * torch.randn_like(x) if p["noise"] > 0 else x
@@ -321,7 +327,7 @@ def run_category(category: str, p: dict[str, Any]) -> dict[str, Any]:
             if ema is not None:
                 ema.update_parameters(ae)
             step += 1
-            if step >= p["steps"]:
+            if step >= p["steps"] or coarse and step >= p["coarse_steps"]:
                 break
         judged.eval()
         with torch.no_grad():
