@@ -138,6 +138,7 @@ def test_a_config_copied_from_padim_is_a_new_method_of_every_shared_test(tmp_pat
     shared = {
         "test_config_instantiates_the_registered_method",
         "test_same_seed_gives_identical_scores",
+        "test_test_only_rescores_the_run_as_its_test_did",
         "test_model_file_scores_as_the_test_did",
         "test_export_matches_pytorch_or_is_refused_by_name",
     }
@@ -172,6 +173,19 @@ def test_same_seed_gives_identical_scores(method: str, fitted: Path, tmp_path: P
     assert second["status"] == "finished"
     rows = scores(fitted)
     assert rows and rows == scores(tmp_path / "b")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_test_only_rescores_the_run_as_its_test_did(
+    method: str, fitted: Path, tmp_path: Path
+) -> None:
+    """`run.py test_only=RUN_DIR` rebuilds the method from the run's config and scores its
+    checkpoint again: every test image gets the score the run's own test gave it."""
+    again = run(compose_cfg(tmp_path, *tiny_overrides(method), f"test_only={fitted}"))
+    assert again["status"] == "finished", again.get("error")
+    rows = scores(fitted)
+    assert rows and scores(fitted / "rescore-1") == rows
 
 
 @pytest.mark.slow

@@ -84,9 +84,11 @@ class DFR(FeatureReconstructionModule):
         self.pca_images = pca_images
 
     def setup(self, stage: str) -> None:
-        """Apply the PCA rule on training features before the optimiser is built."""
+        """Apply the PCA rule on training features before the optimiser is built. Only to
+        train: a checkpoint or model file that is scored builds the AE at its stored size
+        (`_load_from_state_dict`), which a PCA on unfitted statistics need not match."""
         super().setup(stage)
-        if self.autoencoder is not None:
+        if stage != "fit" or self.autoencoder is not None:
             return
         feats = self.training_features(self.pca_images)
         feats = self.standardised(feats)
