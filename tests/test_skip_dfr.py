@@ -299,15 +299,21 @@ def test_global_weight_raises_the_score_of_globally_shifted_features_not_the_map
 
 
 def test_setup_computes_training_features_once_for_statistics_and_global_branch() -> None:
+    """Once per fit, for both; and on every fit: a module trained again on other images
+    standardises them with their own statistics and models their own pooled features."""
     model = _small_skip_dfr(global_weight=0.5)
-    feats = torch.randn(10, model.backbone.out_channels, 8, 8) * 3 + 1
     calls = []
-    model.training_features = lambda n: calls.append(n) or feats
-    model.setup("fit")
-    assert calls == [model.stats_images] and bool(model.stats_fitted)
-    z = model.standardised(feats)
-    expected_mean = torch.cat([z.mean((2, 3)), z.amax((2, 3))], 1).mean(0)
-    torch.testing.assert_close(model.global_mean, expected_mean, atol=1e-5, rtol=1e-5)
+    for shift in (1.0, -4.0):
+        feats = torch.randn(10, model.backbone.out_channels, 8, 8) * 3 + shift
+        model.training_features = lambda n, feats=feats: calls.append(n) or feats
+        model.setup("fit")
+        assert calls == [model.stats_images] and bool(model.stats_fitted)
+        calls.clear()
+        expected = feats.double().mean((0, 2, 3)).float()
+        torch.testing.assert_close(model.feature_mean, expected, atol=1e-5, rtol=1e-5)
+        z = model.standardised(feats)
+        expected_mean = torch.cat([z.mean((2, 3)), z.amax((2, 3))], 1).mean(0)
+        torch.testing.assert_close(model.global_mean, expected_mean, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("source", ["features", "residual"])
@@ -390,7 +396,7 @@ def test_training_again_clears_what_was_fitted_on_the_trained_ae(source: str) ->
     model.fit_global_scale(_batches(val))
     assert model.unfitted_for_scoring() is None
     fitted = model.global_mean.clone()
-    model.setup("fit")
+    model.on_fit_start()  # after setup, and after a checkpoint given to fit is restored
     assert model.distance_fit_pending and model.global_fit_pending
     assert not bool(model.scale_fitted) and not bool(model.residual_std_fitted)
     assert "validation" in model.unfitted_for_scoring()

@@ -326,29 +326,33 @@ class FeatureReconstructionModule(AnomalyModule):
         return torch.cat(feats)[:max_images]
 
     def setup(self, stage: str) -> None:
+        """Before training: the statistics of the training features the AE trains on, fitted
+        on every fit (a module trained again may be trained on other images; a resumed fit's
+        checkpoint restores its own just after)."""
         if stage != "fit":
             return
-        self.clear_scoring_statistics()
-        fit_stats = self.standardize and not bool(self.stats_fitted)
         fit_global = (  # the residual's Gaussian needs the trained AE: at test start
-            self.global_weight > 0
-            and self.global_source == "features"
-            and self.global_mean.numel() == 0
+            self.global_weight > 0 and self.global_source == "features"
         )
-        if not (fit_stats or fit_global):
+        if not (self.standardize or fit_global):
             return
         feats = self.training_features(self.stats_images)  # once, for both
-        if fit_stats:
+        if self.standardize:
             self.fit_feature_statistics(feats)
         if fit_global:
             self.fit_global_statistics(feats)
 
+    def on_fit_start(self) -> None:
+        """After a checkpoint given to `fit` is restored (which `setup` precedes)."""
+        self.clear_scoring_statistics()
+
     def clear_scoring_statistics(self) -> None:
         """Forget what was fitted on the trained AE's residuals (a module fitted and tested
-        before, or loaded from a model file, is about to be trained again): the distances'
-        scales and the whitening RMS, the global branch's validation statistics, and the
-        residual's Gaussian; test start fits them for the new AE. The feature statistics and
-        the features' Gaussian describe the AE's input, not the AE: they stay."""
+        before, loaded from a model file, or restored from a checkpoint saved after a test,
+        is about to be trained again): the distances' scales and the whitening RMS, the global
+        branch's validation statistics, and the residual's Gaussian; test start fits them for
+        the new AE. The feature statistics and the features' Gaussian describe the AE's
+        input: `setup` fits them."""
         self.scale_fitted = torch.tensor(False, device=self.scale_fitted.device)
         self.residual_std_fitted = torch.tensor(False, device=self.residual_std_fitted.device)
         cleared = GLOBAL_BUFFERS if self.global_source == "residual" else GLOBAL_VALIDATION

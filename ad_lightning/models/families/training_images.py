@@ -35,12 +35,10 @@ def training_images(
     the split; with `shard`, the ranks share those.
     """
     loader = module.trainer.datamodule.train_eval_dataloader()
-    n = len(loader.dataset)
-    indices = evenly_spaced(n, limit)
     world = module.trainer.world_size if shard else 1
-    if world > 1:
-        indices = indices[module.trainer.global_rank :: world]
-    if len(indices) < n:
+    if limit is not None or world > 1:
+        rank = module.trainer.global_rank if world > 1 else 0
+        indices = evenly_spaced(len(loader.dataset), limit)[rank::world]
         share = Subset(loader.dataset, indices)
         loader = DataLoader(share, batch_size=loader.batch_size, num_workers=loader.num_workers)
     for batch in loader:
