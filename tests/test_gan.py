@@ -190,6 +190,25 @@ def test_skip_ganomaly_learns_on_texture(synthetic_root, figure) -> None:
     assert not torch.allclose(model.part_scale, torch.ones(2))
 
 
+def test_skip_ganomaly_scales_its_parts_for_the_weights_it_scores(synthetic_root) -> None:
+    """A(x)'s parts are divided by their means on the normal validation images, measured at test
+    start through the weights being tested: a checkpoint written after its last validation (a
+    step budget that ends mid-epoch, an interrupt) carries scales of older weights."""
+    from tests.conftest import quiet_trainer
+
+    dm = datamodule(synthetic_root, "texture")
+    pl.seed_everything(TEST_SEED)
+    model = SkipGanomaly(32, 3, width=16, max_width=128)
+    model.part_scale.fill_(123.0)  # what older weights' validation left in a checkpoint
+    quiet_trainer().test(model, datamodule=dm, verbose=False)
+    model.eval()
+    with torch.no_grad():
+        parts = [model.residuals(batch["image"])[:2] for batch in dm.val_dataloader()]
+    expected = torch.stack([torch.cat([p[i] for p in parts]).double().mean() for i in (0, 1)])
+    assert len(dm.val_samples) > 0
+    torch.testing.assert_close(model.part_scale.double(), expected, rtol=1e-5, atol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.learning
 def test_anogan_learns_on_texture_and_the_latent_search_fits(synthetic_root, figure) -> None:

@@ -14,8 +14,8 @@ and the discriminator-feature error L(x):
     A(x) = lambda * R(x) + (1 - lambda) * L(x),  lambda = 0.9.
 
 The paper min-max scales A over the test set; here each part is instead divided by its mean
-over the normal validation images (measured at every validation epoch, kept in the
-checkpoint), so that lambda weighs comparable quantities without looking at test data.
+over the normal validation images, measured at test start for the weights being scored (kept
+in the model file), so that lambda weighs comparable quantities without looking at test data.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ad_lightning.models.base import Scores
 from ad_lightning.models.families.gan import AdversarialReconstruction, mean_over_pixels
 from ad_lightning.nn.dcgan import DCGANDiscriminator, check_image_size
 from ad_lightning.nn.unet import UNetGenerator
+from ad_lightning.precision import scoring_context
 
 SKIP_GANOMALY_SCORES = ("combined", "image_l1", "feature_l2")
 
@@ -73,7 +74,6 @@ class SkipGanomaly(AdversarialReconstruction):
         self.primary_score = score
         # mean R and L over the normal validation images: the scale of each part of A(x)
         self.register_buffer("part_scale", torch.ones(2))
-        self._val_sums = torch.zeros(3)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.generator(x)
@@ -100,25 +100,31 @@ class SkipGanomaly(AdversarialReconstruction):
         f_x, f_hat = features.flatten(1).chunk(2)
         return mean_over_pixels((x - x_hat).abs()), (f_x - f_hat).pow(2).mean(1), x_hat
 
-    # ---- the validation scale of R and L ---------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self._val_sums = torch.zeros(3, device=self.device)
-
     def validation_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """L_con for checkpoint selection; also accumulates R and L for their validation scale."""
+        """L_con, for checkpoint selection."""
         x = batch["image"]
-        rec, feat, x_hat = self.residuals(x)
-        self._val_sums = self._val_sums.to(self.device) + torch.stack(
-            [rec.sum(), feat.sum(), torch.tensor(float(len(x)), device=self.device)]
-        )
-        return F.l1_loss(x_hat, x)
+        return F.l1_loss(self.generator(x), x)
 
-    def on_validation_epoch_end(self) -> None:
-        sums = self.all_gather(self._val_sums)
-        if sums.dim() > 1:  # one row per DDP rank
-            sums = sums.sum(0)
+    # ---- the scale of R and L, on normal images ---------------------------------------
+    @torch.no_grad()
+    def on_test_start(self) -> None:
+        """Mean R and L over the normal validation images (the training images without a
+        validation split), for exactly the weights being scored: a checkpoint written
+        mid-epoch (a step budget, an interrupt) holds weights newer than its last validation.
+        Every DDP rank reads every image, so every rank holds the same scales."""
+        datamodule = self.trainer.datamodule
+        loader = (
+            datamodule.val_dataloader()
+            if datamodule.val_samples
+            else datamodule.train_eval_dataloader()
+        )
+        sums = torch.zeros(3, dtype=torch.float64)
+        with scoring_context(self):
+            for batch in loader:
+                rec, feat, _ = self.residuals(self._to_device(batch)["image"])
+                sums += torch.tensor([rec.sum(), feat.sum(), len(rec)], dtype=torch.float64)
         if sums[2] > 0:
-            self.part_scale.copy_((sums[:2] / sums[2]).clamp_min(1e-12))
+            self.part_scale.copy_((sums[:2] / sums[2]).clamp_min(1e-12).float())
 
     # ---- scoring ------------------------------------------------------------------
     def score(self, batch: dict[str, Any]) -> Scores:
