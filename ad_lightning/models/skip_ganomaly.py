@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ad_lightning.checks import choice
 from ad_lightning.models.base import Scores
 from ad_lightning.models.families.gan import AdversarialReconstruction, mean_over_pixels
+from ad_lightning.models.families.training_images import normal_images
 from ad_lightning.nn.dcgan import DCGANDiscriminator, check_image_size
 from ad_lightning.nn.unet import UNetGenerator
 from ad_lightning.precision import scoring_context
@@ -112,15 +113,9 @@ class SkipGanomaly(AdversarialReconstruction):
         validation split), for exactly the weights being scored: a checkpoint written
         mid-epoch (a step budget, an interrupt) holds weights newer than its last validation.
         Every DDP rank reads every image, so every rank holds the same scales."""
-        datamodule = self.trainer.datamodule
-        loader = (
-            datamodule.val_dataloader()
-            if datamodule.val_samples
-            else datamodule.train_eval_dataloader()
-        )
         sums = torch.zeros(3, dtype=torch.float64)
         with scoring_context(self):
-            for batch in loader:
+            for batch in normal_images(self):
                 rec, feat, _ = self.residuals(self._to_device(batch)["image"])
                 sums += torch.tensor([rec.sum(), feat.sum(), len(rec)], dtype=torch.float64)
         if sums[2] > 0:

@@ -65,7 +65,7 @@ from ad_lightning.models.families.global_branch import (
     global_distance,
     residual_descriptor,
 )
-from ad_lightning.models.families.training_images import training_images
+from ad_lightning.models.families.training_images import normal_images, training_images
 from ad_lightning.nn.buffers import buffers_from_state
 from ad_lightning.nn.flops import flops_per_image
 from ad_lightning.nn.smoothing import upsample_and_smooth
@@ -614,12 +614,7 @@ class FeatureReconstructionModule(AnomalyModule):
         fit_global = self.global_fit_pending
         if not (fit_scale or fit_global):
             return
-        datamodule = self.trainer.datamodule
-        loader = (
-            datamodule.val_dataloader()
-            if datamodule.val_samples
-            else datamodule.train_eval_dataloader()
-        )
+        loader = normal_images(self)
         self.autoencoder.eval()
         with scoring_context(self):  # the scale the test residuals are divided by
             if fit_scale:

@@ -1,4 +1,5 @@
-"""The training images in evaluation form, for fits that read them after or before training.
+"""The training images in evaluation form, for fits that read them after or before training;
+and the normal images that test-time statistics are fitted on.
 
 Skip-DFR and DFR fit feature statistics (and DFR its PCA size) on them before training; CPCAE
 fits its kNN bank on them after training. Both want the split without augmentation or
@@ -43,3 +44,12 @@ def training_images(
         loader = DataLoader(share, batch_size=loader.batch_size, num_workers=loader.num_workers)
     for batch in loader:
         yield {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def normal_images(module: pl.LightningModule) -> DataLoader:
+    """The normal images that a trained model's scoring statistics are fitted on at test start:
+    the validation split, or the training split (in-sample) when there is none."""
+    datamodule = module.trainer.datamodule
+    if datamodule.val_samples:
+        return datamodule.val_dataloader()
+    return datamodule.train_eval_dataloader()
