@@ -201,10 +201,23 @@ def _scores_by_path(run_dir: Path, name: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_ddp_scores_a_gradient_trained_model_like_one_process(tmp_path: Path) -> None:
-    """Skip-DFR trained in one process, then its checkpoint tested on 2 gloo ranks
-    (test_only): each test image is scored once and exactly as one process scores it."""
+@pytest.mark.parametrize(
+    ("method", "score", "size"),
+    [
+        ("skip_dfr", "residual_max", []),
+        ("skip_ganomaly", "combined", ["model.width=8", "model.max_width=32"]),
+    ],
+)
+def test_ddp_scores_a_gradient_trained_model_like_one_process(
+    tmp_path: Path, method: str, score: str, size: list[str]
+) -> None:
+    """A method trained in one process, then its checkpoint tested on 2 gloo ranks
+    (test_only): each test image is scored once and exactly as one process scores it. Both
+    fit statistics at test start on every rank (Skip-DFR its distance scales, Skip-GANomaly
+    its parts' scales), which must come out the same on each."""
     common = [
+        f"model={method}",
+        *size,
         "data.image_size=64",
         "data.category=object",
         "backbone.feature_size=16",
@@ -224,9 +237,9 @@ def test_ddp_scores_a_gradient_trained_model_like_one_process(tmp_path: Path) ->
         proc = run_py(args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         if args is train:
-            single = _scores_by_path(tmp_path / "single", "residual_max")
+            single = _scores_by_path(tmp_path / "single", score)
     assert "MEMBER: 2/2" in proc.stderr + (tmp_path / "ddp_hydra" / "run.log").read_text()
-    rescored = _scores_by_path(tmp_path / "single" / "rescore-1", "residual_max")
+    rescored = _scores_by_path(tmp_path / "single" / "rescore-1", score)
     saved = json.loads((tmp_path / "single" / "rescore-1" / "results.json").read_text())
     assert saved["status"] == "finished" and saved["timings"]["test_only"]
     assert len(rescored) == len(single) == saved["data"]["n_test"]
