@@ -91,6 +91,27 @@ def merge_run_config(
     return OmegaConf.create(merged)
 
 
+#: what two launches of one job may differ in without being two jobs: where and how a run is
+#: logged and shown, and the device a launcher pinned it to
+PLACEMENT = (
+    "logger",
+    "trainer.devices",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+)
+
+
+def job_differences(cfg: DictConfig, saved: dict[str, Any] | None) -> list[str]:
+    """The keys where `cfg` is another job than the run a folder's results.json holds
+    (`saved`, its resolved config), beside those in IGNORED and PLACEMENT."""
+    current: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    return [
+        key
+        for key in _differing(current, saved or {})
+        if key.split(".")[0] not in IGNORED and not _under(key, PLACEMENT)
+    ]
+
+
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 

@@ -49,7 +49,7 @@ from ad_lightning.results import (
     Timings,
     read_results,
 )
-from ad_lightning.run_config import merge_run_config
+from ad_lightning.run_config import job_differences, merge_run_config
 from ad_lightning.run_folder import register_resolvers, rescore_out
 
 log = logging.getLogger(__name__)
@@ -325,6 +325,20 @@ def refuse_finished(out: Path, previous: RunResults | None) -> None:
             f"{out} holds a finished run (results.json); it is not overwritten: choose another "
             "folder (paths.output_dir or hydra.run.dir), re-score it with test_only=, or pass "
             "skip_done=true to leave it"
+        )
+
+
+def refuse_another_job(cfg: DictConfig, out: Path, previous: RunResults) -> None:
+    """skip_done leaves a finished run only when it ran this job. A sweep relaunched with other
+    values numbers its jobs otherwise, so job N's folder may hold another job's run: its result
+    must not stand for this job's, nor be written over."""
+    differing = job_differences(cfg, previous.config)
+    if differing:
+        shown = ", ".join(differing[:5]) + (", ..." if len(differing) > 5 else "")
+        raise FileExistsError(
+            f"skip_done: {out} holds a finished run of another configuration (it differs in "
+            f"{shown}): relaunch a sweep into its own folder with the values it ran, or give "
+            "this one a new hydra.sweep.dir"
         )
 
 
@@ -623,6 +637,7 @@ def run(cfg: DictConfig) -> RunResults:
     previous = previous_results(rescore_of or out)
     if mode == "train":
         if cfg.get("skip_done") and previous and previous.finished:
+            refuse_another_job(cfg, out, previous)
             log.info("skip_done: %s is finished; not run again", out)
             return previous
         refuse_finished(out, previous)

@@ -82,6 +82,30 @@ def test_test_only_rescores_a_run_folder_and_skip_done_leaves_it(tmp_path: Path)
     assert (tmp_path / "results.json").stat().st_mtime_ns == stamp
 
 
+def test_skip_done_leaves_only_the_same_job_and_names_what_differs(tmp_path: Path) -> None:
+    """A sweep relaunched with other values numbers its jobs otherwise: job N's folder may hold
+    another job's finished run, whose result must not be returned for this job (nor the run be
+    written over). Where and how a run is shown is not what makes it another job."""
+    first = run(compose_cfg(tmp_path, *SMALL, "trainer.max_epochs=1"))
+    stamp = (tmp_path / "results.json").stat().st_mtime_ns
+    # a launcher's device pinning is placement (as the loggers are), not another job
+    same = run(
+        compose_cfg(
+            tmp_path, *SMALL, "trainer.max_epochs=1", "skip_done=true", "trainer.devices=[0]"
+        )
+    )
+    assert same["metrics"] == first["metrics"]
+    with pytest.raises(
+        FileExistsError, match=r"another configuration \(it differs in data.category\)"
+    ):
+        run(
+            compose_cfg(
+                tmp_path, *SMALL, "trainer.max_epochs=1", "skip_done=true", "data.category=texture"
+            )
+        )
+    assert (tmp_path / "results.json").stat().st_mtime_ns == stamp
+
+
 def test_a_run_that_raises_is_recorded_as_failed(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="last.ckpt"):
