@@ -380,6 +380,11 @@ def start_results(cfg: DictConfig, out: Path, datamodule: Any, model: AnomalyMod
         )
     if summary.mask_note:
         warnings.append(summary.mask_note)
+    if cfg.protocol == "leak_free" and not summary.n_val:
+        warnings.append(
+            "no normal validation images (data.val_split=0): no thresholds and no score "
+            "normalisation are fitted (leak_free does not take them from the test set)"
+        )
     warnings.extend(summary.notes)  # odd and skipped image files, named
     contamination_file = write_contamination(datamodule, out)
     if contamination_file:

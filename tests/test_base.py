@@ -205,8 +205,11 @@ def test_trainer_loop_pixel_auroc_is_the_same_for_any_test_batch_size(synthetic_
     assert results[0]["metrics"]["pixel_auroc"] == results[1]["metrics"]["pixel_auroc"]
     assert len(results[0]["records"]) == len(results[1]["records"]) == 40
     assert "f1_at_defect_ratio" in results[0]["test_label_metrics"]
+    # leak-free without normal validation images: nothing is normalised on the test set
+    assert not any(k.endswith("_normalized") for k in results[0]["records"][0])
     with_val = trainer_test(ChannelMean(), synthetic_dm(synthetic_root, eval_batch_size=5))
     assert "f1_at_false_alarm_rate" in with_val["metrics"]
+    assert "score_normalized" in with_val["records"][0]
     assert with_val["metrics"]["pixel_auroc"] == results[0]["metrics"]["pixel_auroc"]
 
 

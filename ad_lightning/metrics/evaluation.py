@@ -322,13 +322,15 @@ class Evaluation:
         scores = {n: torch.tensor([r[n] for r in records], dtype=torch.float64) for n in names}
         per_score = evaluate_scores(scores, labels, self.val_scores, self.config.false_alarm_rate)
         # Min-max normalisation: from validation scores (leak-free) or the test set itself
-        # (protocol=paper, as DPAE reports). AUROC does not change; the scale does.
+        # (protocol=paper, as DPAE reports). AUROC does not change; the scale does. Leak-free
+        # without validation images (data.val_split=0) has none: it never reads the test set.
         for n in names:
-            ref = (
-                scores[n]
-                if self.config.protocol == "paper" or n not in self.val_scores
-                else self.val_scores[n].double()
-            )
+            if self.config.protocol == "paper":
+                ref = scores[n]
+            elif n in self.val_scores:
+                ref = self.val_scores[n].double()
+            else:
+                continue
             lo, hi = float(ref.min()), float(ref.max())
             self.normalisation[n] = (lo, hi)
             for r in records:
