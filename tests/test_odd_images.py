@@ -249,3 +249,29 @@ def test_predict_names_every_unreadable_file_and_scores_every_readable_one(
         r.getMessage() for r in caplog.records if "differ from the majority" in r.message
     )
     assert all(str(p) in warning for p in files["odd"].values())
+
+
+def test_a_lossy_mask_is_its_drawn_regions_not_its_compression_noise(tmp_path: Path) -> None:
+    """A `.jpg` mask (beside `.jpg` images) carries ringing around every edge and specks: read
+    with > 0 they would enlarge the defect and split off regions that AUPRO counts on their own.
+    It reads as the regions drawn; a lossless mask keeps every non-zero value (0 / 1 masks)."""
+    from scipy import ndimage
+
+    from ad_lightning.data.io import read_mask
+
+    drawn = np.zeros((128, 128), np.uint8)
+    yy, xx = np.mgrid[:128, :128]
+    drawn[((yy - 40) / 20.0) ** 2 + ((xx - 50) / 30.0) ** 2 <= 1] = 255  # an ellipse
+    drawn[90:92, 20:110] = 255  # a 2 px scratch
+    truth = drawn > 0
+    for quality in (75, 95):
+        path = tmp_path / f"q{quality}_mask.jpg"
+        Image.fromarray(drawn).save(path, quality=quality)
+        raw = np.asarray(Image.open(path)) > 0
+        assert raw.sum() > 1.1 * truth.sum() and ndimage.label(raw)[1] > 2  # the noise
+        mask = read_mask(path, tmp_path / "x.jpg", (128, 128)).astype(bool)
+        assert ndimage.label(mask)[1] == 2, quality
+        assert (mask & truth).sum() / (mask | truth).sum() > 0.9, quality
+    binary = tmp_path / "binary_mask.png"
+    Image.fromarray(truth.astype(np.uint8)).save(binary)  # 0 / 1, lossless
+    assert np.array_equal(read_mask(binary, tmp_path / "x.png", (128, 128)), truth)

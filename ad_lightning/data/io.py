@@ -125,10 +125,20 @@ def read_image(path: Path, channels: int, bit_depth: int | None = None) -> np.nd
     return inspect_image(path, channels, bit_depth)[0]
 
 
+#: formats whose compression blurs a mask's edges (ringing) and speckles its background
+LOSSY_MASK_FORMATS = frozenset({"JPEG", "MPO", "WEBP"})
+
+
 def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.ndarray:
-    """Decode a mask to HxW {0, 1} float32; it must have its image's size."""
+    """Decode a mask to HxW {0, 1} float32; it must have its image's size.
+
+    Any non-zero value is defect, except in a lossily compressed mask (a `.jpg` beside `.jpg`
+    images): there the compression's faint ringing around every edge and its specks would
+    count too (larger regions, and specks that AUPRO scores as regions of their own), so
+    defect is above half the mask's largest value."""
     try:
         with Image.open(path) as img:
+            lossy = img.format in LOSSY_MASK_FORMATS
             mask = np.asarray(img.convert("L"))
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise ImageReadError(
@@ -138,4 +148,5 @@ def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.nda
         raise ImageReadError(
             f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is {image_hw[1]}x{image_hw[0]}; masks must match their image's size."
         )
-    return (mask > 0).astype(np.float32)
+    level = mask.max() / 2 if lossy else 0
+    return (mask > level).astype(np.float32)
