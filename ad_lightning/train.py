@@ -457,10 +457,7 @@ def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
             epochs=job.trainer.current_epoch,
         )
         return ckpt_path
-    best = checkpoint.best_model_path
-    if not best:  # test-only: the callback did not run; read the folder
-        found = sorted(ckpt_dir.glob("best-*.ckpt"))
-        best = str(found[-1]) if found else ""
+    best = checkpoint.best_model_path if fitted else recorded_best(ckpt_dir, job.results.checkpoint)
     last = checkpoint.last_model_path or str(ckpt_dir / "last.ckpt")
     ckpt_path = best if cfg.protocol == "leak_free" and best else last
     job.results.checkpoint = CheckpointChoice(
@@ -474,6 +471,18 @@ def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
         epochs=job.trainer.current_epoch,
     )
     return ckpt_path
+
+
+def recorded_best(ckpt_dir: Path, recorded: CheckpointChoice | None) -> str:
+    """The best checkpoint a re-score reads (the callback did not run): the one the run
+    recorded scoring, when the folder holds it; else the newest `best-*.ckpt`. A folder that a
+    retrained job reused keeps an abandoned attempt's best beside the new one, and names do not
+    order by epoch ("best-epoch=12" sorts before "best-epoch=3")."""
+    name = Path(recorded.scored).name if recorded and recorded.scored else ""
+    if name.startswith("best-") and (ckpt_dir / name).is_file():
+        return str(ckpt_dir / name)
+    found = sorted(ckpt_dir.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1]) if found else ""
 
 
 def test(job: Job, ckpt_path: str | None) -> None:

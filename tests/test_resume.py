@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,23 @@ def test_multirun_finishes_after_a_failed_job_and_skip_done_reruns_only_it(
     )
     assert (sweep / "0" / "results.json").stat().st_mtime_ns == stamp  # not run again
     assert json.loads((sweep / "1" / "results.json").read_text())["status"] == "failed"
+
+
+def test_test_only_scores_the_checkpoint_the_run_scored(tmp_path: Path) -> None:
+    """A folder reused by a retrained job (skip_done reruns an unfinished one) keeps the
+    abandoned attempt's best-*.ckpt beside the new one, and names do not order by epoch
+    ("best-epoch=12" sorts before "best-epoch=3"): a re-score reads the one the run recorded."""
+    import torch
+
+    first = run(compose_cfg(tmp_path, *SMALL, "trainer.max_epochs=2"))
+    scored = Path(first["checkpoint"]["scored"])
+    assert scored.name.startswith("best-epoch=")
+    leftover = torch.load(scored, weights_only=False)
+    for value in leftover["state_dict"].values():
+        if value.is_floating_point():
+            value.mul_(0.5)  # other weights, as an earlier attempt's
+    torch.save(leftover, scored.parent / "best-epoch=9.ckpt")  # after the scored one by name
+    os.utime(scored.parent / "best-epoch=9.ckpt", (1, 1))  # and older
+    again = run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={tmp_path}"))
+    assert again["checkpoint"]["scored"] == str(scored)
+    assert scores(tmp_path / "rescore-1") == scores(tmp_path)
