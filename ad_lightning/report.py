@@ -37,6 +37,7 @@ import pandas as pd
 
 from ad_lightning.deploy.cli import parse_args
 from ad_lightning.results import SchemaError, read_results
+from ad_lightning.run_folder import RESCORE_PREFIX
 
 MISSING = "—"
 FINISHED = "finished"
@@ -87,12 +88,17 @@ def find_results(folders: list[str]) -> list[dict[str, Any]]:
 
 
 def find_unreported(folders: list[str]) -> list[Path]:
-    """Hydra job folders without results.json: jobs that crashed before writing it (or still run)."""
+    """Hydra job folders without results.json: jobs that crashed before writing it (or still
+    run). A run's `rescore-N` folders are not jobs of the sweep (as their results are not)."""
     missing = []
     for folder in map(Path, folders):
         if folder.is_dir():
             jobs = (d.parent for d in folder.rglob(".hydra") if d.is_dir())
-            missing += [job for job in jobs if not (job / "results.json").exists()]
+            missing += [
+                job
+                for job in jobs
+                if not (job / "results.json").exists() and not job.name.startswith(RESCORE_PREFIX)
+            ]
     return sorted(missing, key=_natural_key)
 
 

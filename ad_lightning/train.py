@@ -615,12 +615,16 @@ class RunStatus:
         return False
 
     def _failed_start(self, err: BaseException) -> RunResults:
+        """A run that failed before its record was built; a re-score says whose (the report
+        counts a run once, not its re-scores)."""
+        test_only = self.cfg.get("test_only")
         return RunResults(
             status="failed",
             error=f"{type(err).__name__}: {err}",
             run_dir=str(self.out),
             choices=config_choices(),
             config=OmegaConf.to_container(self.cfg, resolve=False),
+            **({"rescore_of": str(test_only)} if test_only else {}),
         )
 
     def _write(self) -> None:

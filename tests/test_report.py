@@ -296,6 +296,21 @@ def test_failed_and_interrupted_runs_are_listed_not_hidden_in_a_cell(tmp_path: P
     assert f"`{s / '3'}` (bottle, SkipDFR): failed: DataLayoutError: x" in listed
 
 
+def test_a_rescore_that_failed_is_not_a_run_of_the_sweep(tmp_path: Path) -> None:
+    """A re-score (RUN/rescore-N) that failed before its record was built, or before it wrote
+    any: the run it re-scores is counted once, and a crashed job of the sweep is still listed."""
+    s = tmp_path / "s"
+    fake_run(s / "0", "bottle", "r", 0.9)
+    failed = {"status": "failed", "error": "ValueError: x", "rescore_of": str(s / "0")}
+    fake_run(s / "0" / "rescore-1", "bottle", "r", 0.5, **failed)
+    (s / "0" / "rescore-2" / ".hydra").mkdir(parents=True)  # stopped before any record
+    (s / "1" / ".hydra").mkdir(parents=True)  # a job of the sweep that crashed
+    md = main([str(s), "cols=model", "wandb=false"])
+    assert cells(md) == [["data.category", "SkipDFR"], ["bottle", "0.900"]]
+    listed = md.split("Runs that did not finish")[1]
+    assert f"`{s / '1'}`" in listed and "rescore-" not in listed
+
+
 def test_benchmark_splits_a_method_run_with_other_settings_into_its_own_row(
     tmp_path: Path,
 ) -> None:

@@ -186,3 +186,13 @@ def test_test_only_scores_the_checkpoint_the_run_scored(tmp_path: Path) -> None:
     again = run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={tmp_path}"))
     assert again["checkpoint"]["scored"] == str(scored)
     assert scores(tmp_path / "rescore-1") == scores(tmp_path)
+    # a re-score that fails before its record is built still says whose it is (the report
+    # counts the run once, not its re-scores as failed runs)
+    with pytest.raises(ValueError, match="data.threshold_split"):
+        run(
+            compose_cfg(
+                tmp_path / "x", *SMALL, f"test_only={tmp_path}", "eval.threshold=f1_optimal"
+            )
+        )
+    failed = json.loads((tmp_path / "rescore-2" / "results.json").read_text())
+    assert failed["status"] == "failed" and failed["rescore_of"] == str(tmp_path)
