@@ -167,6 +167,13 @@ RUN_SPECIFIC = (
 )
 
 
+def one_device(devices: Any) -> Any:
+    """`trainer.devices` as a setting: a joblib launcher pins each job of a multi-GPU machine
+    to one GPU (`[0]`, `[1]`, ...), which is where a repeat ran, not another setting; the
+    number of devices (DDP) is one."""
+    return 1 if isinstance(devices, list) and len(devices) == 1 else devices
+
+
 def settings(run: dict[str, Any]) -> dict[str, str]:
     """The run's resolved config as dotted key -> value label, less the RUN_SPECIFIC keys."""
     flat: dict[str, str] = {}
@@ -176,7 +183,7 @@ def settings(run: dict[str, Any]) -> dict[str, str]:
             for key, value in node.items():
                 walk(value, f"{prefix}.{key}" if prefix else str(key))
         elif not any(fnmatchcase(prefix, pattern) for pattern in RUN_SPECIFIC):
-            flat[prefix] = label(node)
+            flat[prefix] = label(one_device(node) if prefix == "trainer.devices" else node)
 
     walk(run.get("config") or {}, "")
     return flat

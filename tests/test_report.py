@@ -296,6 +296,20 @@ def test_failed_and_interrupted_runs_are_listed_not_hidden_in_a_cell(tmp_path: P
     assert f"`{s / '3'}` (bottle, SkipDFR): failed: DataLayoutError: x" in listed
 
 
+def test_repeats_pinned_to_different_gpus_are_one_setting(tmp_path: Path) -> None:
+    """A joblib sweep on a multi-GPU machine pins each job to one GPU (trainer.devices=[k]):
+    repeats on GPUs 0 and 1 are averaged together; two devices (DDP) are another setting."""
+    s = tmp_path / "s"
+    for i, (devices, auroc) in enumerate([([0], 0.7), ([1], 0.8), (1, 0.9), (2, 0.6)]):
+        fake_run(s / str(i), "bottle", "r", auroc, seed=i)
+        set_config(s / str(i), trainer__devices=devices)
+    md = main([str(s), "cols=model", "wandb=false"])
+    assert cells(md) == [
+        ["data.category", "SkipDFR [trainer.devices=1]", "SkipDFR [trainer.devices=2]"],
+        ["bottle", "0.800 ± 0.100", "0.600"],
+    ]
+
+
 def test_a_rescore_that_failed_is_not_a_run_of_the_sweep(tmp_path: Path) -> None:
     """A re-score (RUN/rescore-N) that failed before its record was built, or before it wrote
     any: the run it re-scores is counted once, and a crashed job of the sweep is still listed."""
