@@ -127,6 +127,9 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
         conf = OmegaConf.to_container(conf, resolve=True)
         if wandb_run.is_wandb(conf):
             args = wandb_init_args(cfg, conf)
+            if cfg.get("test_only"):  # the run's own group, but not its name nor its job type:
+                # a dashboard that averages a group's fits would count the re-scored one twice
+                args["job_type"], args["name"] = "rescore", f"{args['name']}-{out.name}"
             with open_dict(cfg):
                 for key in ("group", "job_type", "name"):
                     cfg.logger[name][key] = args[key]

@@ -176,6 +176,23 @@ def test_wandb_run_is_grouped_named_and_tagged(sweep_job: dict[str, Any]) -> Non
     assert wandb_conf["group"] == "sweep-wb" and wandb_conf["name"] == init.display_name
 
 
+def test_a_rescore_logs_beside_its_run_not_as_it(sweep_job: dict[str, Any]) -> None:
+    """test_only=RUN logs to the run's W&B group under its own name and job type `rescore`, so
+    a dashboard that groups or averages the sweep's fits does not count the fit twice."""
+    run_dir = sweep_job["sweep"] / "1"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(  # as `python run.py test_only=RUN`: the run's own loggers
+            "config", return_hydra_config=True, overrides=[f"test_only={run_dir}"]
+        )
+    results = run(cfg)
+    assert results["status"] == "finished"
+    (original,) = of_type(sweep_job["records"], "run")
+    _, records = run_files(run_dir / "rescore-1")
+    (init,) = of_type(records, "run")
+    assert init.run_group == original.run_group == "sweep-wb"
+    assert init.job_type == "rescore" and init.display_name == original.display_name + "-rescore-1"
+
+
 def test_wandb_summary_holds_test_metrics_and_best_validation_loss(
     sweep_job: dict[str, Any],
 ) -> None:
