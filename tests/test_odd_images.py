@@ -275,3 +275,21 @@ def test_a_lossy_mask_is_its_drawn_regions_not_its_compression_noise(tmp_path: P
     binary = tmp_path / "binary_mask.png"
     Image.fromarray(truth.astype(np.uint8)).save(binary)  # 0 / 1, lossless
     assert np.array_equal(read_mask(binary, tmp_path / "x.png", (128, 128)), truth)
+
+
+def test_an_image_a_viewer_shows_rotated_is_named(tmp_path: Path) -> None:
+    """Pixels are read as stored. An image with an EXIF orientation is shown rotated or mirrored
+    by viewers and annotation tools, so a mask drawn there would not match what is scored: the
+    image is named among the odd ones (results.json data.odd_images), not rotated silently."""
+    from ad_lightning.data.audit import find_odd_images
+    from ad_lightning.data.io import inspect_image
+
+    plain, turned = tmp_path / "plain.jpg", tmp_path / "turned.jpg"
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(plain)
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotated 180 degrees by a viewer
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(turned, exif=exif)
+    infos = {p: inspect_image(p, 3)[1] for p in (plain, turned)}
+    assert infos[plain].orientation == 1 and infos[turned].orientation == 3
+    odd, _ = find_odd_images(infos)
+    assert [o.path for o in odd] == [turned] and "EXIF orientation 3" in odd[0].why

@@ -64,8 +64,9 @@ def _size_problems(infos: dict[Path, ImageInfo]) -> tuple[dict[Path, str], str]:
 
 
 def find_odd_images(infos: dict[Path, ImageInfo]) -> tuple[list[OddImage], str]:
-    """Images whose size, mode (channels) or bit depth is not the dataset's majority; and a
-    note when sizes vary with no majority (then only far-off sizes are listed)."""
+    """Images whose size, mode (channels) or bit depth is not the dataset's majority, or that
+    a viewer shows rotated or mirrored (EXIF orientation); and a note when sizes vary with no
+    majority (then only far-off sizes are listed)."""
     if not infos:
         return [], ""
     problems: dict[Path, list[str]] = {p: [] for p in infos}
@@ -80,6 +81,11 @@ def find_odd_images(infos: dict[Path, ImageInfo]) -> tuple[list[OddImage], str]:
             problems[path].append(f"mode {info.mode}, majority {mode} ({n_mode} of {n} images)")
         if str(info.bits) != bits:
             problems[path].append(f"{info.bits}-bit, majority {bits}-bit ({n_bits} of {n} images)")
+        if info.orientation != 1:  # whatever the majority: a viewer shows it otherwise
+            problems[path].append(
+                f"EXIF orientation {info.orientation}: read as stored, not rotated or mirrored "
+                "as a viewer shows it (a mask drawn on the viewer's picture would not match)"
+            )
     odd = [OddImage(p, "; ".join(w)) for p, w in sorted(problems.items()) if w]
     return odd, note
 
@@ -90,7 +96,8 @@ def odd_images_note(odd: list[OddImage], where: Path) -> str:
         return ""
     first = f"{odd[0].path.name}: {odd[0].why}"
     return (
-        f"{len(odd)} images of {where} differ from the majority in size, mode or bit depth "
+        f"{len(odd)} images of {where} differ from the majority in size, mode or bit depth, "
+        "or carry an EXIF orientation "
         f"(first: {first}); see data.odd_images, or set data.strict=true to stop on them"
     )
 

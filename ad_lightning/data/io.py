@@ -20,6 +20,10 @@ IMAGE_BANDS = (1, 3, 4)
 HIGH_BIT_MODES = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 16, "F": None}
 
 
+#: the EXIF tag of how a viewer rotates or mirrors the stored pixels
+EXIF_ORIENTATION = 0x0112
+
+
 class ImageReadError(ValueError):
     """An image or mask could not be decoded; the message names the file."""
 
@@ -32,6 +36,8 @@ class ImageInfo:
     height: int
     mode: str  # PIL mode as stored (L, RGB, CMYK, I;16, ...)
     bits: int  # bits per sample as stored
+    #: the EXIF orientation tag (1 = as stored); pixels are read as stored, never rotated
+    orientation: int = 1
 
     @property
     def size(self) -> str:
@@ -114,7 +120,8 @@ def inspect_image(
     check_regular_file(path)
     try:
         with Image.open(path) as img:
-            info = ImageInfo(img.width, img.height, img.mode, stored_bits(img))
+            orientation = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+            info = ImageInfo(img.width, img.height, img.mode, stored_bits(img), orientation)
             return decode(img, path, channels, bit_depth), info
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise _open_error(path, err) from err
