@@ -37,6 +37,7 @@ import pandas as pd
 
 from ad_lightning.deploy.cli import parse_args
 from ad_lightning.results import SchemaError, read_results
+from ad_lightning.run_config import one_device
 from ad_lightning.run_folder import RESCORE_PREFIX
 
 MISSING = "—"
@@ -165,13 +166,6 @@ RUN_SPECIFIC = (
     "trainer.enable_model_summary",
     "trainer.default_root_dir",
 )
-
-
-def one_device(devices: Any) -> Any:
-    """`trainer.devices` as a setting: a joblib launcher pins each job of a multi-GPU machine
-    to one GPU (`[0]`, `[1]`, ...), which is where a repeat ran, not another setting; the
-    number of devices (DDP) is one."""
-    return 1 if isinstance(devices, list) and len(devices) == 1 else devices
 
 
 def settings(run: dict[str, Any]) -> dict[str, str]:

@@ -92,24 +92,33 @@ def merge_run_config(
 
 
 #: what two launches of one job may differ in without being two jobs: where and how a run is
-#: logged and shown, and the device a launcher pinned it to
-PLACEMENT = (
-    "logger",
-    "trainer.devices",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-)
+#: logged and shown
+PLACEMENT = ("logger", "trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
-def job_differences(cfg: DictConfig, saved: dict[str, Any] | None) -> list[str]:
-    """The keys where `cfg` is another job than the run a folder's results.json holds
-    (`saved`, its resolved config), beside those in IGNORED and PLACEMENT."""
+def one_device(devices: Any) -> Any:
+    """`trainer.devices` as a setting: a joblib launcher pins each job of a multi-GPU machine
+    to one GPU (`[0]`, `[1]`, ...), which is where the run went, not another setting; the
+    number of devices (DDP: another effective batch) is one."""
+    return 1 if isinstance(devices, list) and len(devices) == 1 else devices
+
+
+def job_differences(cfg: DictConfig, saved: dict[str, Any]) -> list[str]:
+    """The keys where `cfg` is another job than the run whose resolved config is `saved`,
+    beside those in IGNORED and PLACEMENT and the GPU a one-device job was pinned to. A key on
+    one side only (a default that a later version added or dropped) is not compared."""
     current: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    return [
-        key
-        for key in _differing(current, saved or {})
-        if key.split(".")[0] not in IGNORED and not _under(key, PLACEMENT)
-    ]
+    differing = []
+    for key in _differing(current, saved):
+        if key.split(".")[0] in IGNORED or _under(key, PLACEMENT):
+            continue
+        new, old = _get(current, key), _get(saved, key)
+        if new is _ABSENT or old is _ABSENT:
+            continue
+        if key == "trainer.devices" and one_device(new) == one_device(old):
+            continue
+        differing.append(key)
+    return differing
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:

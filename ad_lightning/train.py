@@ -335,6 +335,9 @@ def refuse_another_job(cfg: DictConfig, out: Path, previous: RunResults) -> None
     """skip_done leaves a finished run only when it ran this job. A sweep relaunched with other
     values numbers its jobs otherwise, so job N's folder may hold another job's run: its result
     must not stand for this job's, nor be written over."""
+    if not previous.config:
+        log.warning("skip_done: %s records no config; it is taken to be this job", out)
+        return
     differing = job_differences(cfg, previous.config)
     if differing:
         shown = ", ".join(differing[:5]) + (", ..." if len(differing) > 5 else "")
@@ -384,9 +387,10 @@ def start_results(cfg: DictConfig, out: Path, datamodule: Any, model: AnomalyMod
     if summary.mask_note:
         warnings.append(summary.mask_note)
     if cfg.protocol == "leak_free" and not summary.n_val:
+        unfitted = "thresholds and no " if cfg.eval.threshold == "false_alarm_rate" else ""
         warnings.append(
-            "no normal validation images (data.val_split=0): no thresholds and no score "
-            "normalisation are fitted (leak_free does not take them from the test set)"
+            f"no normal validation images (data.val_split=0): no {unfitted}score normalisation "
+            "is fitted (leak_free does not take it from the test set)"
         )
     warnings.extend(summary.notes)  # odd and skipped image files, named
     contamination_file = write_contamination(datamodule, out)

@@ -181,8 +181,10 @@ def test_test_only_scores_the_checkpoint_the_run_scored(tmp_path: Path) -> None:
     for value in leftover["state_dict"].values():
         if value.is_floating_point():
             value.mul_(0.5)  # other weights, as an earlier attempt's
-    torch.save(leftover, scored.parent / "best-epoch=9.ckpt")  # after the scored one by name
-    os.utime(scored.parent / "best-epoch=9.ckpt", (1, 1))  # and older
+    # after the scored one by name, and newer: only the run's record names the right one
+    torch.save(leftover, scored.parent / "best-epoch=9.ckpt")
+    later = scored.stat().st_mtime + 60
+    os.utime(scored.parent / "best-epoch=9.ckpt", (later, later))
     again = run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={tmp_path}"))
     assert again["checkpoint"]["scored"] == str(scored)
     assert scores(tmp_path / "rescore-1") == scores(tmp_path)
@@ -196,3 +198,43 @@ def test_test_only_scores_the_checkpoint_the_run_scored(tmp_path: Path) -> None:
         )
     failed = json.loads((tmp_path / "rescore-2" / "results.json").read_text())
     assert failed["status"] == "failed" and failed["rescore_of"] == str(tmp_path)
+
+
+def test_a_rescore_without_a_recorded_checkpoint_reads_the_newest_best(tmp_path: Path) -> None:
+    from ad_lightning.results import CheckpointChoice
+    from ad_lightning.train import recorded_best
+
+    for i, name in enumerate(["best-epoch=12.ckpt", "best-epoch=3.ckpt", "last.ckpt"]):
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (100 + i, 100 + i))
+    os.utime(tmp_path / "best-epoch=12.ckpt", (200, 200))  # the retrained attempt's, newest
+    assert recorded_best(tmp_path, None) == str(tmp_path / "best-epoch=12.ckpt")
+    recorded = CheckpointChoice(scored=str(tmp_path.parent / "moved" / "best-epoch=3.ckpt"))
+    assert recorded_best(tmp_path, recorded) == str(tmp_path / "best-epoch=3.ckpt")
+    assert recorded_best(tmp_path / "none", None) == ""
+
+
+def test_skip_done_compares_what_makes_a_job_not_where_it_ran_nor_keys_a_version_added() -> None:
+    from omegaconf import OmegaConf
+
+    from ad_lightning.run_config import job_differences
+
+    cfg = OmegaConf.create(
+        {
+            "model": {"lr": 1e-3},
+            "trainer": {"devices": [1], "enable_progress_bar": True},
+            "logger": {"wandb": {"name": None}},
+            "eval": {"aupro_fpr_limit": 0.3},  # a key added since the run was saved
+            "paths": {"output_dir": "b"},
+        }
+    )
+    saved = {
+        "model": {"lr": 1e-3, "dropped": 1},  # a key a later version dropped
+        "trainer": {"devices": [0], "enable_progress_bar": False},
+        "logger": {"wandb": {"name": "skip_dfr-j1"}},
+        "eval": {},
+        "paths": {"output_dir": "a"},
+    }
+    assert job_differences(cfg, saved) == []
+    saved["trainer"]["devices"], saved["model"]["lr"] = 2, 1e-2  # DDP on 2: another batch
+    assert job_differences(cfg, saved) == ["model.lr", "trainer.devices"]

@@ -396,7 +396,7 @@ def test_training_again_clears_what_was_fitted_on_the_trained_ae(source: str) ->
     model.fit_global_scale(_batches(val))
     assert model.unfitted_for_scoring() is None
     fitted = model.global_mean.clone()
-    model.on_fit_start()  # after setup, and after a checkpoint given to fit is restored
+    model.on_train_start()  # after setup, and after a checkpoint given to fit is restored
     assert model.distance_fit_pending and model.global_fit_pending
     assert not bool(model.scale_fitted) and not bool(model.residual_std_fitted)
     assert "validation" in model.unfitted_for_scoring()
@@ -414,6 +414,31 @@ def test_training_again_clears_what_was_fitted_on_the_trained_ae(source: str) ->
     model.fit_global_scale(_batches(val))
     assert model.unfitted_for_scoring() is None
     assert not torch.allclose(model.distance_scale, old_scale)
+
+
+def test_a_fit_from_a_checkpoint_saved_after_a_test_scores_with_new_scales(
+    synthetic_root, tmp_path
+) -> None:
+    """Lightning restores a checkpoint given to fit after `setup`: one saved after a test holds
+    the tested AE's scales, which must not survive into the new training (cleared at train
+    start, fitted again at test start)."""
+    from tests.conftest import quiet_trainer
+
+    dm = synthetic_dm(synthetic_root, "object", 64)
+
+    def build() -> SkipDFR:
+        backbone = FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8)
+        return SkipDFR(backbone, distance_norm="tail", pixel_distance="l2_whitened")
+
+    first, trainer = build(), quiet_trainer(1)
+    trainer.fit(first, datamodule=dm)
+    trainer.test(first, datamodule=dm, verbose=False)
+    assert bool(first.scale_fitted) and bool(first.residual_std_fitted)
+    trainer.save_checkpoint(tmp_path / "tested.ckpt")
+    second = build()
+    quiet_trainer(2).fit(second, datamodule=dm, ckpt_path=tmp_path / "tested.ckpt")
+    assert not bool(second.scale_fitted) and not bool(second.residual_std_fitted)
+    assert second.unfitted_for_scoring() is not None
 
 
 def test_residual_descriptor_is_the_mean_the_mean_magnitude_and_the_peak_per_channel() -> None:

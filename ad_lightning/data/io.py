@@ -8,6 +8,7 @@ make a dark defect and a bright normal part look alike.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,15 @@ class ImageInfo:
     @property
     def size(self) -> str:
         return f"{self.width}x{self.height}"
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag, 1 when there is none or the EXIF block cannot be parsed (a
+    broken EXIF block does not make pixels that decode unreadable)."""
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except (OSError, SyntaxError, ValueError, TypeError, struct.error):
+        return 1
 
 
 def stored_bits(img: Image.Image) -> int:
@@ -120,8 +130,7 @@ def inspect_image(
     check_regular_file(path)
     try:
         with Image.open(path) as img:
-            orientation = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
-            info = ImageInfo(img.width, img.height, img.mode, stored_bits(img), orientation)
+            info = ImageInfo(img.width, img.height, img.mode, stored_bits(img), orientation(img))
             return decode(img, path, channels, bit_depth), info
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise _open_error(path, err) from err
@@ -132,8 +141,9 @@ def read_image(path: Path, channels: int, bit_depth: int | None = None) -> np.nd
     return inspect_image(path, channels, bit_depth)[0]
 
 
-#: formats whose compression blurs a mask's edges (ringing) and speckles its background
-LOSSY_MASK_FORMATS = frozenset({"JPEG", "MPO", "WEBP"})
+#: formats whose compression always blurs a mask's edges (ringing) and speckles its background
+#: (WebP may be lossless, with label values that a cut at half the largest would drop)
+LOSSY_MASK_FORMATS = frozenset({"JPEG", "MPO"})
 
 
 def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.ndarray:

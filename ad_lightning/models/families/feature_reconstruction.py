@@ -229,6 +229,8 @@ class FeatureReconstructionModule(AnomalyModule):
         # per-channel training statistics (identity until fitted); saved with the model
         self.register_buffer("feature_mean", torch.zeros(backbone.out_channels))
         self.register_buffer("feature_std", torch.ones(backbone.out_channels))
+        # whether they were fitted (informational: every fit fits them; kept in the state
+        # dict, which files written before every fit did so load strictly with)
         self.register_buffer("stats_fitted", torch.tensor(False))
         # mean l2 and cosine residual on normal validation images, for distance=combined (or
         # their tail: the spread q0.995 - q0.9 as the scale, q0.9 as the shift)
@@ -342,8 +344,9 @@ class FeatureReconstructionModule(AnomalyModule):
         if fit_global:
             self.fit_global_statistics(feats)
 
-    def on_fit_start(self) -> None:
-        """After a checkpoint given to `fit` is restored (which `setup` precedes)."""
+    def on_train_start(self) -> None:
+        """After a checkpoint given to `fit` is restored (which `setup` precedes; strategies
+        that restore after their own setup, FSDP and DeepSpeed, restore after `on_fit_start`)."""
         self.clear_scoring_statistics()
 
     def clear_scoring_statistics(self) -> None:
@@ -590,7 +593,7 @@ class FeatureReconstructionModule(AnomalyModule):
     @property
     def global_fit_pending(self) -> bool:
         """The global branch is on but lacks its statistics on normal validation images (and,
-        pooling the residual, its training Gaussian too: `setup` clears both before training)."""
+        pooling the residual, its training Gaussian too: a new fit clears both)."""
         return self.global_weight > 0 and self.global_val.numel() == 0
 
     def unfitted_for_scoring(self) -> str | None:
