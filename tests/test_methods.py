@@ -137,12 +137,23 @@ def test_a_config_copied_from_padim_is_a_new_method_of_every_shared_test(tmp_pat
     ids = set(re.findall(r"::(\w+)\[padim_copy\]", collected.stdout))
     shared = {
         "test_config_instantiates_the_registered_method",
+        "test_a_statistics_method_refuses_augmented_training_images",  # padim's family
         "test_same_seed_gives_identical_scores",
         "test_test_only_rescores_the_run_as_its_test_did",
         "test_model_file_scores_as_the_test_did",
         "test_export_matches_pytorch_or_is_refused_by_name",
     }
     assert ids == shared
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if method_info(m).family == "statistics"])
+def test_a_statistics_method_refuses_augmented_training_images(method: str, tmp_path: Path) -> None:
+    """One pass collects the bank or the Gaussians from the training images as they are: a
+    random flip would put images that never occur into them. Refused, naming the key."""
+    augment = "data.train_augmentations=[{_target_:albumentations.HorizontalFlip,p:0.5}]"
+    with pytest.raises(ValueError, match=r"data\.train_augmentations"):
+        run(compose_cfg(tmp_path, *tiny_overrides(method), augment))
+    assert not list(tmp_path.glob("checkpoints/*.ckpt"))
 
 
 # ---- slow: a tiny fitted run per method ---------------------------------------------------

@@ -40,3 +40,15 @@ def test_smoothing_spreads_a_single_hot_cell() -> None:
     assert smooth.max() < 0.05 and smooth.argmax() == maps.argmax()
     assert torch.isclose(smooth.sum(), torch.tensor(1.0), atol=1e-3)
     torch.testing.assert_close(upsample_and_smooth(maps, (64, 64), 0.0), maps)
+
+
+def test_maps_are_float32_under_mixed_precision() -> None:
+    """Under bf16 autocast (trainer.precision=bf16-mixed scores the test so) the products would
+    run in bf16: the map's values, and its max (most methods' image score), rounded to a few
+    distinct levels."""
+    grid = torch.rand(4, 16, 16, generator=torch.Generator().manual_seed(0)) + 3.0
+    exact = upsample_and_smooth(grid, (64, 64), 4.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = upsample_and_smooth(grid, (64, 64), 4.0)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=1e-6, atol=1e-6)

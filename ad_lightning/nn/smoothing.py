@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ad_lightning.precision import full_precision
+
 _MATRICES: dict[tuple, torch.Tensor] = {}
 
 
@@ -75,4 +77,7 @@ def upsample_and_smooth(grid: torch.Tensor, size: tuple[int, int], sigma: float)
     # int(): while an export traces, shapes are traced values; the matrices are constants
     rows = axis_matrix(int(grid.shape[-2]), int(size[0]), sigma, grid.device)
     cols = axis_matrix(int(grid.shape[-1]), int(size[1]), sigma, grid.device)
-    return rows @ grid.float() @ cols.T
+    with full_precision(grid.device):  # under mixed precision autocast would run the two
+        # products in bf16 / fp16: a map of a few distinct values, and its max (the image
+        # score of most methods) rounded to 3 significant digits
+        return rows @ grid.float() @ cols.T

@@ -141,6 +141,17 @@ class StatisticsModule(AnomalyModule):
     def configure_optimizers(self) -> None:
         return None
 
+    def on_fit_start(self) -> None:
+        """The statistics are of the training images as they are: a random augmentation
+        (a flip, a crop) would put images that never occur into the bank or the Gaussians,
+        and misalign a per-pixel model. Refused before the pass, naming the key."""
+        if getattr(self.trainer.datamodule, "has_random_augmentation", False):
+            raise ValueError(
+                f"{type(self).__name__} fits its statistics in one pass over the training "
+                "images as they are, but data.train_augmentations is set: remove it for this "
+                "method (data.train_augmentations=[])"
+            )
+
     def on_train_epoch_start(self) -> None:
         self._collected, self._indices = [], []  # the statistics are of one pass
 
