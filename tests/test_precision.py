@@ -77,3 +77,24 @@ def test_padim_mahalanobis_is_float32_under_autocast() -> None:
         mixed = mahalanobis(embeddings, samples.mean(0), inv_covariance)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_cpcae_embeds_its_bank_in_the_precision_of_its_queries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kNN bank (fitted after training and after a checkpoint loads for testing) and the
+    test queries are embedded under the same autocast: distances between the two mean
+    something only then."""
+    from ad_lightning.models.cpcae import CPCAE
+
+    states: list[bool] = []
+    original = CPCAE.embed
+
+    def spy(self: CPCAE, anomaly_map: torch.Tensor) -> torch.Tensor:
+        states.append(torch.is_autocast_enabled("cpu"))
+        return original(self, anomaly_map)
+
+    monkeypatch.setattr(CPCAE, "embed", spy)
+    cfg = compose_cfg(tmp_path, *tiny_overrides("cpcae"), "trainer.precision=bf16-mixed")
+    assert run(cfg).status == "finished"
+    assert states and all(states), states

@@ -34,6 +34,7 @@ from ad_lightning.models.knn import KNNScorer
 from ad_lightning.nn.cpcae import ConditionalPatchAE
 from ad_lightning.nn.patches import PatchGrid, assemble_patches, extract_patches
 from ad_lightning.nn.pooling import ParallelCascadedPooling
+from ad_lightning.precision import scoring_context
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,9 @@ class CPCAE(SingleObjective, AutoencoderModule):
         was_training = self.training
         self.eval()
         rows = []
-        for batch in training_images(self, shard=True):
-            rows.append(self.embed(self.anomaly_map(batch["image"])[0]))
+        with scoring_context(self):  # the precision the queries are embedded in at test time
+            for batch in training_images(self, shard=True):
+                rows.append(self.embed(self.anomaly_map(batch["image"])[0]).float())
         # under DDP: rows gathered on rank 0, fitted there, the bank broadcast to every rank
         fit_on_rank_zero(self, torch.cat(rows), self._fit_scorer, self.scorer)
         self.train(was_training)
