@@ -85,6 +85,22 @@ def test_symlink_loops_are_named_and_the_rest_is_scored(run_dir: Path, tmp_path:
         assert (out / "overlays" / "good1.png.png").is_file()
 
 
+def test_a_second_predict_does_not_score_the_first_ones_overlays(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """The README's glob over a line's folder with `out` inside it, and `out` the input folder
+    itself: the overlays and masks an earlier predict wrote there are not images of the line."""
+    for case in ("glob", "folder"):
+        line = tmp_path / case / "line3"
+        image(line / "a.png", 40, 30, 0)
+        image(line / "cam2" / "b.png", 40, 30, 1)
+        input, out = (f"'{line}/**/*.png'", line / "verdicts") if case == "glob" else (line, line)
+        for _ in range(2):
+            assert predict(run_dir, input, out) == 0
+            assert {Path(f).name for f in predictions(out)} == {"a.png", "b.png"}
+        assert (out / "overlays" / "a.png.png").is_file()
+
+
 def test_the_command_line_is_hydras_with_every_key_in_its_help(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

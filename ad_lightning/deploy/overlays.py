@@ -8,6 +8,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+#: the folders of `out` that predict writes images into
+OVERLAYS, MASKS = "overlays", "masks"
+
 
 def heat_colours(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """Map values -> BGR colours: blue at the normal median, the middle of the scale at the
@@ -48,7 +51,7 @@ class Writer:
         full = cv2.resize(amap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
         above = None if self.pixel is None else full > self.pixel
         if masks and above is not None:
-            self.save(self.target("masks", path), above.astype(np.uint8) * 255)
+            self.save(self.target(MASKS, path), above.astype(np.uint8) * 255)
         if overlays:
             if self.pixel is None:
                 low, high = float(full.min()), float(full.min() + full.max()) / 2
@@ -64,5 +67,5 @@ class Writer:
                     above.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
                 )
                 cv2.drawContours(blended, contours, -1, (255, 255, 255), 1)
-            self.save(self.target("overlays", path), blended)
+            self.save(self.target(OVERLAYS, path), blended)
         return float("nan") if above is None else float(above.mean())
