@@ -10,10 +10,12 @@ settings); any other override that differs from the run is refused, naming the k
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,6 +29,46 @@ SAFE = {
     "test": ("trainer", "logger", "callbacks", "feature_store", "eval", "protocol"),
 }
 _ABSENT = object()
+
+
+#: the packages whose classes a run folder's config may build on resume or re-score: ours,
+#: Lightning's (trainer, loggers, callbacks, strategies, plugins) and albumentations' transforms
+RUN_PACKAGES = ("ad_lightning", "pytorch_lightning", "lightning", "albumentations")
+
+
+class UntrustedRunFolder(ValueError):
+    """A run folder's config or checkpoint would build or run something other than the
+    classes a run of ours builds."""
+
+
+def check_targets(node: Any, folder: Path, given: tuple[str, ...] = (), where: str = "") -> None:
+    """Every `_target_` in a run folder's config names a class of RUN_PACKAGES: resume and
+    test_only build what the folder's config names, and a folder from elsewhere is data (it
+    could name `os.system`). Modules outside those packages are never imported. The keys
+    under `given` are the command line's (`+callbacks.mine=null` drops a callback of the
+    run's own that is not ours), not the folder's."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            at = f"{where}.{key}" if where else str(key)
+            if _under(at, given):
+                continue
+            if key == "_target_":
+                ours = isinstance(value, str) and value.split(".")[0] in RUN_PACKAGES
+                try:
+                    ours = ours and inspect.isclass(hydra.utils.get_class(value))
+                except (ImportError, ValueError, AttributeError):
+                    ours = False
+                if not ours:
+                    raise UntrustedRunFolder(
+                        f"{folder}: its config's {at}={value!r} is not a class of "
+                        f"{', '.join(RUN_PACKAGES)}: it is not built (a run folder from "
+                        "elsewhere is data)"
+                    )
+            elif not (not where and key in IGNORED):  # hydra's own node is never built
+                check_targets(value, folder, given, at)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_targets(value, folder, given, f"{where}[{i}]")
 
 
 def saved_config(folder: Path) -> dict[str, Any]:
@@ -71,13 +113,14 @@ def merge_run_config(
     saved = saved_config(folder)
     current: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     merged = json.loads(json.dumps(saved))  # a deep copy
-    refused = []
+    refused, given = [], []
     for key in override_keys(overrides, current, saved):
         new, old = _get(current, key), _get(saved, key)
         if new == old:
             continue
         if _under(key, SAFE[mode]):
             _set(merged, key, new)
+            given.append(key)
             continue
         leaf = next(iter(_differing(new, old, key)), key) if isinstance(new, dict) else key
         refused.append(
@@ -86,6 +129,7 @@ def merge_run_config(
         )
     if refused:
         raise ValueError("\n".join(refused))
+    check_targets(merged, folder, tuple(given))
     for key in IGNORED[:4]:
         merged[key] = current.get(key)
     return OmegaConf.create(merged)

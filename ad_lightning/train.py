@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import pickle
 import platform
 import subprocess
 import time
@@ -49,7 +50,7 @@ from ad_lightning.results import (
     Timings,
     read_results,
 )
-from ad_lightning.run_config import job_differences, merge_run_config
+from ad_lightning.run_config import UntrustedRunFolder, job_differences, merge_run_config
 from ad_lightning.run_folder import register_resolvers, rescore_out
 
 log = logging.getLogger(__name__)
@@ -495,7 +496,16 @@ def recorded_best(ckpt_dir: Path, recorded: CheckpointChoice | None) -> str:
 def test(job: Job, ckpt_path: str | None) -> None:
     """Score the test split once with the chosen checkpoint."""
     start = time.perf_counter()
-    job.trainer.test(job.model, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=False)
+    try:  # weights only: a checkpoint from elsewhere is data, never code that unpickling runs
+        job.trainer.test(
+            job.model, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=True
+        )
+    except pickle.UnpicklingError as err:
+        raise UntrustedRunFolder(
+            f"{ckpt_path} holds more than tensors and plain values, so it is not loaded (a "
+            "checkpoint from elsewhere could run code when unpickled); a checkpoint written by "
+            f"this version loads. {str(err).splitlines()[-1] if str(err) else ''}"
+        ) from err
     test_s = time.perf_counter() - start
     # TestResults (read dict-style, as the base's older untyped dict also allows)
     result: TestResults = job.model.test_results

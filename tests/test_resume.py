@@ -238,3 +238,45 @@ def test_skip_done_compares_what_makes_a_job_not_where_it_ran_nor_keys_a_version
     assert job_differences(cfg, saved) == []
     saved["trainer"]["devices"], saved["model"]["lr"] = 2, 1e-2  # DDP on 2: another batch
     assert job_differences(cfg, saved) == ["model.lr", "trainer.devices"]
+
+
+class _Payload:
+    """What a checkpoint from elsewhere could hold: unpickling it would create a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_run_folder_from_elsewhere_is_data_not_code(tmp_path: Path) -> None:
+    """test_only (and resume) build what a run folder's config names and load its checkpoint:
+    a config naming anything but a class of ours, Lightning's or albumentations', and a
+    checkpoint holding more than tensors and plain values, are refused before either runs."""
+    import torch
+
+    from ad_lightning.run_config import UntrustedRunFolder
+
+    run(compose_cfg(tmp_path, *SMALL, "trainer.max_epochs=1"))
+    results = tmp_path / "results.json"
+    original = results.read_text()
+    record = json.loads(original)
+    record["config"]["data"]["_target_"] = "os.system"
+    results.write_text(json.dumps(record))
+    with pytest.raises(UntrustedRunFolder, match=r"data\._target_='os\.system'"):
+        run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={tmp_path}"))
+    record["config"]["data"]["_target_"] = "pytorch_lightning.seed_everything"  # not a class
+    results.write_text(json.dumps(record))
+    with pytest.raises(UntrustedRunFolder, match="seed_everything"):
+        run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={tmp_path}"))
+
+    results.write_text(original)
+    marker = tmp_path / "ran"
+    for checkpoint in (tmp_path / "checkpoints").glob("*.ckpt"):
+        state = torch.load(checkpoint, weights_only=True)
+        state["payload"] = _Payload(marker)
+        torch.save(state, checkpoint)
+    with pytest.raises(UntrustedRunFolder, match="more than tensors"):
+        run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={tmp_path}"))
+    assert not marker.exists()

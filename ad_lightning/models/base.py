@@ -15,6 +15,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ad_lightning.backbones.features import FeatureExtractor
 from ad_lightning.metrics.evaluation import EvalConfig, Evaluation, log_values
@@ -23,6 +24,17 @@ from ad_lightning.precision import scoring_context
 from ad_lightning.results import TestResults
 
 __all__ = ["AnomalyModule", "DivergenceError", "EvalConfig", "Scores", "SingleObjective"]
+
+
+def plain(value: Any) -> Any:
+    """Hydra's containers (DictConfig, ListConfig) at any depth as plain dicts and lists."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    return value
 
 
 @dataclass
@@ -129,6 +141,9 @@ class AnomalyModule(pl.LightningModule):
             checkpoint["state_dict"] = {
                 k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)
             }
+        # plain values (Hydra passes lists as ListConfig): a checkpoint loads weights-only
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = plain(checkpoint["hyper_parameters"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Fill the frozen backbones' entries from the model as built, so loading stays
