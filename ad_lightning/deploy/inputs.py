@@ -45,22 +45,20 @@ def _walk_images(folder: Path, skip: Path) -> tuple[list[Path], list[tuple[Path,
     return sorted(files), unreadable
 
 
-def _written_by_predict(path: Path, out: Path) -> bool:
-    """An overlay or mask an earlier predict wrote into `out`: a glob over the line's folder
-    (the README's `input='/line3/**/*.png'` with `out=/line3/verdicts`), or `out` the input
-    folder itself, would score them as images of the line."""
+def _written_by_predict(path: Path, own: list[Path]) -> bool:
+    """An overlay or mask an earlier predict wrote into `out` (its folders `own`): a glob over
+    the line's folder (the README's `input='/line3/**/*.png'` with `out=/line3/verdicts`), or
+    `out` the input folder itself, would score them as images of the line."""
     folder = _resolved(path.parent)
-    return folder is not None and any(
-        folder.is_relative_to(_resolved(out / kind) or out / kind) for kind in (OVERLAYS, MASKS)
-    )
+    return folder is not None and any(folder.is_relative_to(kind) for kind in own)
 
 
 def find_inputs(pattern: str, out: Path) -> tuple[list[Path], Path, list[tuple[Path, str]]]:
     """Image files of a folder (recursive), a glob or a file, the folder names are taken
     relative to, and the sub-folders that could not be listed; never the files of an earlier
     predict's `out` inside that folder, nor the overlays and masks predict writes into `out`
-    (whatever the input); a clear error when nothing matches. Files are
-    listed by name, never opened or resolved here (only their folders are): a looping symlink or an unreadable file
+    (whatever the input); a clear error when nothing matches. Files are listed by name, never
+    opened or resolved here (only their folders are): a looping symlink or an unreadable file
     is listed, and fails by name when it is read."""
     path = Path(pattern).expanduser()
     unreadable: list[tuple[Path, str]] = []
@@ -76,7 +74,8 @@ def find_inputs(pattern: str, out: Path) -> tuple[list[Path], Path, list[tuple[P
             if not Path(p).is_dir() and Path(p).suffix.lower() in IMAGE_EXTENSIONS
         )
         root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else path
-    files = [p for p in files if not _written_by_predict(p, out)]
+    own = [_resolved(out / kind) or out / kind for kind in (OVERLAYS, MASKS)]
+    files = [p for p in files if not _written_by_predict(p, own)]
     if not files and not unreadable:
         raise SystemExit(
             f"input={pattern}: no images found (extensions {sorted(IMAGE_EXTENSIONS)}); give a folder, a glob such as 'line3/*.png', or one image file"
