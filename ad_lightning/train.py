@@ -9,6 +9,7 @@ writes into a new `rescore-N` subfolder of the run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -16,6 +17,7 @@ import pickle
 import platform
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -32,6 +34,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 import ad_lightning
 from ad_lightning.backbones.feature_store import serve_features
+from ad_lightning.backbones.features import BackboneChanged
 from ad_lightning.config_check import validate
 from ad_lightning.ddp_checks import apply_ddp_rules
 from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
@@ -434,10 +437,31 @@ def carry_over(
         results.timings.test_only = True
 
 
+@contextlib.contextmanager
+def reading(ckpt_path: str | None) -> Iterator[None]:
+    """Load a checkpoint weights-only, as data: one holding more than tensors and plain values
+    could run code when unpickled, and one fitted on another backbone would score silently
+    wrong; both are refused, naming the file."""
+    if not ckpt_path:
+        yield
+        return
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        raise UntrustedRunFolder(
+            f"{ckpt_path} holds more than tensors and plain values, so it is not loaded (a "
+            "checkpoint from elsewhere could run code when unpickled); a checkpoint written by "
+            f"this version loads. {str(err).splitlines()[-1] if str(err) else ''}"
+        ) from err
+    except BackboneChanged as err:
+        raise BackboneChanged(f"{ckpt_path}: {err}") from err
+
+
 def fit(job: Job, ckpt_path: str | None = None) -> None:
     """Train (or continue from `ckpt_path`); record fit, feature-pass and epoch times."""
     start = time.perf_counter()
-    job.trainer.fit(job.model, datamodule=job.fit_data, ckpt_path=ckpt_path)
+    with reading(ckpt_path):
+        job.trainer.fit(job.model, datamodule=job.fit_data, ckpt_path=ckpt_path, weights_only=True)
     fit_s = time.perf_counter() - start
     feature_pass_s = getattr(job.fit_data, "feature_pass_s", 0.0)
     for logger in job.loggers:  # the one-off feature pass, apart from the per-epoch time/epoch_s
@@ -496,16 +520,10 @@ def recorded_best(ckpt_dir: Path, recorded: CheckpointChoice | None) -> str:
 def test(job: Job, ckpt_path: str | None) -> None:
     """Score the test split once with the chosen checkpoint."""
     start = time.perf_counter()
-    try:  # weights only: a checkpoint from elsewhere is data, never code that unpickling runs
+    with reading(ckpt_path):
         job.trainer.test(
             job.model, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=True
         )
-    except pickle.UnpicklingError as err:
-        raise UntrustedRunFolder(
-            f"{ckpt_path} holds more than tensors and plain values, so it is not loaded (a "
-            "checkpoint from elsewhere could run code when unpickled); a checkpoint written by "
-            f"this version loads. {str(err).splitlines()[-1] if str(err) else ''}"
-        ) from err
     test_s = time.perf_counter() - start
     # TestResults (read dict-style, as the base's older untyped dict also allows)
     result: TestResults = job.model.test_results

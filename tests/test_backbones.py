@@ -110,3 +110,42 @@ def test_blocks_past_the_deepest_chosen_one_are_not_run() -> None:
         got = extractor.net(x.contiguous(memory_format=torch.channels_last))
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_the_digest_tells_the_weights_apart_not_their_layout() -> None:
+    """Checkpoints record the frozen backbone's digest instead of its weights: two builds
+    from the same weights agree whatever their memory layout, other weights differ, and
+    weights loaded after construction (a model file's) are what the digest then reads."""
+    torch.manual_seed(0)
+    a = FeatureExtractor("efficientnet_lite0", blocks=[1, 2], pretrained=False)
+    b = FeatureExtractor("efficientnet_lite0", blocks=[1, 2], pretrained=False, channels_last=False)
+    b.load_state_dict(a.state_dict())
+    assert a.digest() == b.digest() and len(a.digest()) == 64
+    before = b.digest()
+    nudged = {k: v.clone() for k, v in a.state_dict().items()}
+    nudged["net.conv_stem.weight"][0, 0, 0, 0] += 1e-3
+    b.load_state_dict(nudged)
+    assert b.digest() != before
+
+
+def test_a_checkpoint_refuses_a_backbone_rebuilt_with_other_weights() -> None:
+    """The checkpoint leaves the frozen backbone out; loading it into a model whose backbone
+    was rebuilt with other weights (another weights file, a new package version) is refused
+    by name, instead of scoring the AE's reconstructions of features it never saw."""
+    from ad_lightning.backbones.features import BackboneChanged
+    from ad_lightning.models.skip_dfr import SkipDFR
+
+    def model(seed: int) -> SkipDFR:
+        torch.manual_seed(seed)
+        return SkipDFR(FeatureExtractor("efficientnet_lite0", blocks=[1, 2], pretrained=False))
+
+    fitted = model(0)
+    checkpoint = {"state_dict": fitted.state_dict()}
+    fitted.on_save_checkpoint(checkpoint)
+    assert not any(k.startswith("backbone.") for k in checkpoint["state_dict"])
+    same = model(0)
+    same.on_load_checkpoint({**checkpoint, "state_dict": dict(checkpoint["state_dict"])})
+    with pytest.raises(
+        BackboneChanged, match="efficientnet_lite0.*other weights.*backbone.weights"
+    ):
+        model(1).on_load_checkpoint({**checkpoint, "state_dict": dict(checkpoint["state_dict"])})

@@ -280,3 +280,33 @@ def test_a_run_folder_from_elsewhere_is_data_not_code(tmp_path: Path) -> None:
     with pytest.raises(UntrustedRunFolder, match="more than tensors"):
         run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={tmp_path}"))
     assert not marker.exists()
+
+
+def test_a_rescore_refuses_a_backbone_whose_weights_changed_since_the_fit(tmp_path: Path) -> None:
+    """Checkpoints rebuild the frozen backbone from its config and weights source: a weights
+    file (or package) that changed between the fit and a re-score would feed the AE features
+    it was never fitted on. The re-score names the checkpoint and the key instead."""
+    import timm
+    import torch
+
+    from ad_lightning.backbones import resolve_weights
+    from ad_lightning.backbones.features import BackboneChanged
+
+    full = timm.create_model("efficientnet_lite0")
+    resolve_weights(full, "efficientnet_lite0", None, False)
+    weights = tmp_path / "efficientnet_lite0_ours.pth"
+    torch.save(full.state_dict(), weights)
+    run_dir = tmp_path / "run"
+    run(compose_cfg(run_dir, *SMALL, "trainer.max_epochs=1", f"backbone.weights={weights}"))
+    again = run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={run_dir}"))
+    assert scores(run_dir / "rescore-1") == scores(run_dir)  # the same file: re-scored
+
+    state = full.state_dict()
+    state["conv_stem.weight"].mul_(1.01)  # the "same" file, another version
+    torch.save(state, weights)
+    with pytest.raises(
+        BackboneChanged, match=r"best-epoch=0\.ckpt: .*other weights.*backbone\.weights"
+    ):
+        run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={run_dir}"))
+    assert not (run_dir / "rescore-2" / "scores.csv").exists()
+    assert again["status"] == "finished"

@@ -6,6 +6,7 @@ blocks 1..4), so `blocks: [1, 2, 3]` means the same stages for every timm backbo
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 
@@ -17,6 +18,11 @@ from torch import nn
 from ad_lightning.backbones.weights import resolve_weights
 
 log = logging.getLogger(__name__)
+
+
+class BackboneChanged(ValueError):
+    """A frozen backbone, rebuilt from its config and weights source, is not the one a
+    checkpoint was fitted on (another weights file or package version at the same name)."""
 
 
 class FeatureExtractor(nn.Module):
@@ -86,6 +92,9 @@ class FeatureExtractor(nn.Module):
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.train(False)
+        self._digest: str | None = None
+        # weights loaded later (a model file's) make the digest computed before stale
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_digest", None))
 
     def _drop_unused_blocks(self) -> None:
         """timm's EfficientNet / MobileNet feature nets run every block, also those past the
@@ -102,6 +111,19 @@ class FeatureExtractor(nn.Module):
         """Stay in eval mode: BatchNorm statistics of a frozen backbone must not drift."""
         super().train(False)
         return self
+
+    def digest(self) -> str:
+        """SHA-256 of the weights and buffers, layout-independent. Checkpoints leave the frozen
+        backbone out and rebuild it from its config and weights source, so they record this
+        to tell whether the rebuild still computes the features the rest was fitted on.
+        Computed once (ResNeXt101 holds 340 MB), again after a `load_state_dict`."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for key, tensor in self.state_dict().items():
+                h.update(key.encode())
+                h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._digest = h.hexdigest()
+        return self._digest
 
     def describe(self) -> dict:
         return {

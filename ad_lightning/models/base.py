@@ -10,6 +10,7 @@ so they travel in the state dict. The base knows nothing about any method.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +18,13 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ad_lightning.backbones.features import FeatureExtractor
+from ad_lightning.backbones.features import BackboneChanged, FeatureExtractor
 from ad_lightning.metrics.evaluation import EvalConfig, Evaluation, log_values
 from ad_lightning.metrics.postprocess import PostProcessor
 from ad_lightning.precision import scoring_context
 from ad_lightning.results import TestResults
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AnomalyModule", "DivergenceError", "EvalConfig", "Scores", "SingleObjective"]
 
@@ -127,31 +130,55 @@ class AnomalyModule(pl.LightningModule):
         )
 
     # ---- checkpoints ----------------------------------------------------------------
-    def frozen_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes of frozen feature extractors (rebuilt from their config)."""
-        return tuple(
-            f"{name}." for name, m in self.named_children() if isinstance(m, FeatureExtractor)
-        )
+    def frozen_extractors(self) -> dict[str, FeatureExtractor]:
+        """Frozen feature extractors by state-dict prefix (rebuilt from their config)."""
+        return {
+            f"{name}.": m for name, m in self.named_children() if isinstance(m, FeatureExtractor)
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave frozen backbones out of checkpoints: they are rebuilt from the config and
-        their weights source (340 MB saved per checkpoint for ResNeXt101)."""
-        prefixes = self.frozen_prefixes()
-        if prefixes:
+        their weights source (340 MB saved per checkpoint for ResNeXt101). Their digests
+        stay, so that a rebuild with other weights is caught on load."""
+        extractors = self.frozen_extractors()
+        if extractors:
             checkpoint["state_dict"] = {
-                k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)
+                k: v
+                for k, v in checkpoint["state_dict"].items()
+                if not k.startswith(tuple(extractors))
             }
+            checkpoint["frozen_digests"] = {p: m.digest() for p, m in extractors.items()}
         # plain values (Hydra passes lists as ListConfig): a checkpoint loads weights-only
         if "hyper_parameters" in checkpoint:
             checkpoint["hyper_parameters"] = plain(checkpoint["hyper_parameters"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Fill the frozen backbones' entries from the model as built, so loading stays
-        strict for everything a checkpoint must hold."""
-        prefixes = self.frozen_prefixes()
+        strict for everything a checkpoint must hold; refuse a backbone whose weights are not
+        the ones the checkpoint was fitted on (its scores would be silently wrong)."""
+        extractors = self.frozen_extractors()
+        recorded = checkpoint.get("frozen_digests", {})
+        if extractors and not recorded:
+            log.warning(
+                "this checkpoint predates backbone digests: its %s backbone is rebuilt from %s "
+                "unchecked",
+                type(self).__name__,
+                ", ".join(m.weights_source for m in extractors.values()),
+            )
+        for prefix, extractor in extractors.items():
+            fitted, built = recorded.get(prefix), extractor.digest()
+            if fitted is not None and fitted != built:
+                raise BackboneChanged(
+                    f"{type(self).__name__}'s backbone {extractor.alias} ({prefix[:-1]}), rebuilt "
+                    f"now from {extractor.weights_source}, has other weights (sha256 "
+                    f"{built[:12]}) than the one this checkpoint was fitted on ({fitted[:12]}): "
+                    "its scores would be silently wrong. Give backbone.weights the file the run "
+                    "used (results.json: method.backbone.weights) or the package version it "
+                    "had, or fit again"
+                )
         stored = checkpoint["state_dict"]
         for key, value in self.state_dict().items():
-            if key.startswith(prefixes) and key not in stored:
+            if key.startswith(tuple(extractors)) and key not in stored:
                 stored[key] = value
 
     # ---- training safety -----------------------------------------------------------
