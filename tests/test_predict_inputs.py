@@ -57,9 +57,9 @@ def predictions(out: Path) -> dict[str, dict[str, str]]:
         return {r["file"]: r for r in csv.DictReader(f)}
 
 
-def predict(run_dir: Path, input: Path | str, out: Path) -> int:
+def predict(run_dir: Path, input: Path | str, out: Path, *extra: str) -> int:
     with pytest.raises(SystemExit) as exit_info:
-        predict_main([f"model={run_dir}", f"input={input}", f"out={out}"])
+        predict_main([f"model={run_dir}", f"input={input}", f"out={out}", *extra])
     return exit_info.value.code
 
 
@@ -95,10 +95,37 @@ def test_a_second_predict_does_not_score_the_first_ones_overlays(
         image(line / "a.png", 40, 30, 0)
         image(line / "cam2" / "b.png", 40, 30, 1)
         input, out = (f"'{line}/**/*.png'", line / "verdicts") if case == "glob" else (line, line)
-        for _ in range(2):
-            assert predict(run_dir, input, out) == 0
+        for again in ((), ("overwrite=true",)):
+            assert predict(run_dir, input, out, *again) == 0
             assert {Path(f).name for f in predictions(out)} == {"a.png", "b.png"}
         assert (out / "overlays" / "a.png.png").is_file()
+
+
+def test_an_earlier_predicts_verdicts_are_not_written_over(run_dir: Path, tmp_path: Path) -> None:
+    """A second predict into the same out would replace the first's predictions.csv and mix
+    its overlays and masks with the first's: refused, naming what is there, unless
+    overwrite=true, which replaces all three (no overlay left of an image no longer input)."""
+    image(tmp_path / "monday" / "a.png", 40, 30, 0)
+    image(tmp_path / "tuesday" / "b.png", 40, 30, 1)
+    out = tmp_path / "verdicts"
+    assert predict(run_dir, tmp_path / "monday", out) == 0
+    first = (out / "predictions.csv").read_bytes()
+    with pytest.raises(
+        SystemExit,
+        match=r"verdicts holds an earlier predict's outputs \(predictions.csv, overlays, masks\).*overwrite=true",
+    ):
+        predict_main([f"model={run_dir}", f"input={tmp_path / 'tuesday'}", f"out={out}"])
+    assert (out / "predictions.csv").read_bytes() == first
+    assert predict(run_dir, tmp_path / "tuesday", out, "overwrite=true") == 0
+    assert {Path(f).name for f in predictions(out)} == {"b.png"}
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["b.png.png"]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["b.png.png"]
+    assert not list(out.glob(".*partial"))
+    # the README's glob over the line with a folder per day: yesterday's overlays and masks,
+    # in another out, are not images of the line either
+    day2 = tmp_path / "verdicts2"
+    assert predict(run_dir, f"'{tmp_path}/**/*.png'", day2) == 0
+    assert {Path(f).name for f in predictions(day2)} == {"a.png", "b.png"}
 
 
 def test_the_command_line_is_hydras_with_every_key_in_its_help(
@@ -160,14 +187,20 @@ def test_an_unlistable_sub_folder_is_named(
 
 
 def test_an_output_that_cannot_be_written_is_named_and_the_rest_is_scored(
-    run_dir: Path, tmp_path: Path
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import cv2
+
     folder = tmp_path / "in"
     image(folder / "a.png", 40, 30, 0)
     image(folder / "b" / "b.png", 40, 30, 1)
     out = tmp_path / "out"
-    (out / "overlays").mkdir(parents=True)
-    (out / "overlays" / "b").write_text("a file where b's overlay folder would go")
+    real_imwrite = cv2.imwrite
+
+    def imwrite(name: str, *args, **kwargs):  # as a full disk, for b's outputs only
+        return False if Path(name).name == "b.png.png" else real_imwrite(name, *args, **kwargs)
+
+    monkeypatch.setattr(cv2, "imwrite", imwrite)
     assert predict(run_dir, folder, out) == 1
     rows = predictions(out)
     assert rows[str(folder / "a.png")]["error"] == ""

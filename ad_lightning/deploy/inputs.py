@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from ad_lightning.data.folder import IMAGE_EXTENSIONS
 from ad_lightning.data.io import ImageReadError
 from ad_lightning.deploy.bundle import Preprocess
-from ad_lightning.deploy.overlays import MASKS, OVERLAYS
+from ad_lightning.deploy.overlays import MASKS, OVERLAYS, PREDICTIONS
 
 
 def _resolved(path: Path) -> Path | None:
@@ -45,19 +45,28 @@ def _walk_images(folder: Path, skip: Path) -> tuple[list[Path], list[tuple[Path,
     return sorted(files), unreadable
 
 
-def _written_by_predict(path: Path, own: list[Path]) -> bool:
-    """An overlay or mask an earlier predict wrote into `out` (its folders `own`): a glob over
-    the line's folder (the README's `input='/line3/**/*.png'` with `out=/line3/verdicts`), or
-    `out` the input folder itself, would score them as images of the line."""
-    folder = _resolved(path.parent)
-    return folder is not None and any(folder.is_relative_to(kind) for kind in own)
+def _written_by_predict(parent: Path, own: list[Path]) -> bool:
+    """Whether files in `parent` are overlays or masks a predict wrote: into this run's `out`
+    (its folders `own`), or into an earlier run's (an `overlays` or `masks` folder beside a
+    predictions.csv). A glob over the line's folder (the README's `input='/line3/**/*.png'`
+    with `out=/line3/verdicts/DAY`), or `out` the input folder itself, would score them as
+    images of the line."""
+    folder = _resolved(parent)
+    if folder is None:
+        return False
+    if any(folder.is_relative_to(kind) for kind in own):
+        return True
+    return any(
+        a.name in (OVERLAYS, MASKS) and (a.parent / PREDICTIONS).is_file()
+        for a in (folder, *folder.parents)
+    )
 
 
 def find_inputs(pattern: str, out: Path) -> tuple[list[Path], Path, list[tuple[Path, str]]]:
     """Image files of a folder (recursive), a glob or a file, the folder names are taken
-    relative to, and the sub-folders that could not be listed; never the files of an earlier
-    predict's `out` inside that folder, nor the overlays and masks predict writes into `out`
-    (whatever the input); a clear error when nothing matches. Files are listed by name, never
+    relative to, and the sub-folders that could not be listed; never the files of this run's
+    `out` inside that folder, nor the overlays and masks any predict wrote (whatever the
+    input); a clear error when nothing matches. Files are listed by name, never
     opened or resolved here (only their folders are): a looping symlink or an unreadable file
     is listed, and fails by name when it is read."""
     path = Path(pattern).expanduser()
@@ -75,7 +84,8 @@ def find_inputs(pattern: str, out: Path) -> tuple[list[Path], Path, list[tuple[P
         )
         root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else path
     own = [_resolved(out / kind) or out / kind for kind in (OVERLAYS, MASKS)]
-    files = [p for p in files if not _written_by_predict(p, own)]
+    skipped = {parent for parent in {p.parent for p in files} if _written_by_predict(parent, own)}
+    files = [p for p in files if p.parent not in skipped]
     if not files and not unreadable:
         raise SystemExit(
             f"input={pattern}: no images found (extensions {sorted(IMAGE_EXTENSIONS)}); give a folder, a glob such as 'line3/*.png', or one image file"

@@ -8,8 +8,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-#: the folders of `out` that predict writes images into
+#: the folders of `out` that predict writes images into, and the file of its verdicts
 OVERLAYS, MASKS = "overlays", "masks"
+PREDICTIONS = "predictions.csv"
 
 
 def heat_colours(values: np.ndarray, low: float, high: float) -> np.ndarray:

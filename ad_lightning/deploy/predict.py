@@ -8,7 +8,8 @@ with its extension, `a.jpg` -> `a.jpg.png`, so that `a.jpg` and `a.png` keep one
 a model trained on registered images, in the frame of its reference image). An
 unreadable image (corrupt, a symlink that loops or dangles) or sub-folder is reported by
 name in the log and in predictions.csv's error column, and the others are still scored;
-the failures are listed at the end and the exit status is 1 when any input failed.
+the failures are listed at the end and the exit status is 1 when any input failed. An
+`out` holding an earlier predict's outputs is refused unless `overwrite=true`.
 Images are decoded as in training (the run's channels and `data.bit_depth`), and readable
 images that differ from the majority of the inputs in size, mode or bit depth (a 10x10
 thumbnail, a grayscale or CMYK image among RGB ones, a 16-bit one among 8-bit ones) are
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ from ad_lightning.deploy.bundle import Bundle, load_bundle
 from ad_lightning.deploy.cli import parse_args, setup_logging
 from ad_lightning.deploy.engines import Engine, Scored, graph_engine, torch_engine
 from ad_lightning.deploy.inputs import InputImages, collate, find_inputs
-from ad_lightning.deploy.overlays import Writer
+from ad_lightning.deploy.overlays import MASKS, OVERLAYS, PREDICTIONS, Writer
 
 log = logging.getLogger("ad_lightning.predict")
 
@@ -73,6 +76,7 @@ class PredictArgs:
     device: str = "cpu"
     overlays: bool = True  # heat-map overlays (methods with maps)
     masks: bool = True  # binary masks at the pixel threshold (methods with maps)
+    overwrite: bool = False  # replace an earlier predict's outputs in out (else refused)
 
 
 @dataclass
@@ -218,11 +222,27 @@ def note_odd_images(rows: list[dict[str, Any]], infos: dict[Path, ImageInfo]) ->
     return len(odd)
 
 
+def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
+    """What an earlier predict wrote into `out`: its verdicts are a result, so they are
+    refused unless `overwrite=true` (a second run would otherwise mix its overlays with the
+    first's and replace its predictions.csv)."""
+    earlier = [out / name for name in (PREDICTIONS, OVERLAYS, MASKS) if (out / name).exists()]
+    if earlier and not overwrite:
+        raise SystemExit(
+            f"{out} holds an earlier predict's outputs ({', '.join(p.name for p in earlier)}), "
+            "which are not written over: pass another out=, or overwrite=true to replace them"
+        )
+    return earlier
+
+
 def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
+    """Written whole, then renamed: an interrupted write leaves no half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("w", newline="") as f:
         writer_csv = csv.DictWriter(f, fieldnames=FIELDS)
         writer_csv.writeheader()
         writer_csv.writerows(sorted(rows, key=lambda r: r["file"]))
+    os.replace(partial, path)
 
 
 def log_summary(outcome: Outcome, n_odd: int, csv_path: Path) -> None:
@@ -247,11 +267,17 @@ def log_summary(outcome: Outcome, n_odd: int, csv_path: Path) -> None:
 
 def predict(args: PredictArgs) -> int:
     """Score every input; return the number of inputs that failed."""
+    out = Path(args.out).expanduser()
+    earlier = earlier_outputs(out, args.overwrite)
     bundle = load_bundle(args.model, args.device)
     decide = decision(args, bundle)
     engine = make_engine(args, bundle)
-    out = Path(args.out).expanduser()
     files, root, unlisted = find_inputs(args.input, out)
+    for path in earlier:  # overwrite=true, and the new run can start
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     if decide.pixel is None and not bundle.thresholds and (args.masks or args.overlays):
         log.warning(
@@ -279,8 +305,8 @@ def predict(args: PredictArgs) -> int:
     for batch in tqdm(loader, desc="predict", unit="batch"):
         score_batch(batch, engine, decide, writer, args, name, outcome)
     n_odd = note_odd_images(outcome.rows, outcome.infos)
-    write_predictions(out / "predictions.csv", outcome.rows)
-    log_summary(outcome, n_odd, out / "predictions.csv")
+    write_predictions(out / PREDICTIONS, outcome.rows)
+    log_summary(outcome, n_odd, out / PREDICTIONS)
     return len(outcome.failed)
 
 
