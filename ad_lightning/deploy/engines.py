@@ -15,6 +15,7 @@ within 6.5e-7 of onnxruntime's.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 
 from ad_lightning.deploy.scoring import OUTPUTS
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ad_lightning.deploy.bundle import Bundle
@@ -113,6 +116,12 @@ def openvino_model(path: Path, precision: str = "f32") -> Any:
     import openvino as ov
 
     core = ov.Core()
+    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        log.warning(
+            "openvino_precision=bf16: this CPU has no bf16 units (OpenVINO's capabilities: %s), "
+            "so OpenVINO runs the graph at f32",
+            ", ".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+        )
     return core.compile_model(
         core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": precision}
     )
