@@ -103,17 +103,20 @@ def find_unreported(folders: list[str]) -> list[Path]:
     return sorted(missing, key=_natural_key)
 
 
-def lookup(run: dict[str, Any], key: str) -> Any:
-    """A dotted key, looked up in the run's results first, then in its resolved config.
+def lookup(run: dict[str, Any], key: str, config_first: bool = False) -> Any:
+    """A dotted key, looked up in the run's results first, then in its resolved config (the
+    other way round with `config_first`: a row or column key names a setting, which the
+    results may record as a fact of its own, e.g. `data.contamination`'s images moved).
 
     Shorthands: `backbone` is the backbone's name; `model` is the config group choice
     (`patchcore`, `ae_ssim`) when the run recorded it, since several choices share a class.
     """
     if key == "model" and (run.get("choices") or {}).get("model"):
         return run["choices"]["model"]
-    if key == "backbone":
-        key = "method.backbone.name"
-    for source in (run, run.get("config", {})):
+    config = run.get("config", {})
+    if key == "backbone":  # a run that failed before its test has no method record
+        key = "backbone.alias" if config_first else "method.backbone.name"
+    for source in (config, run) if config_first else (run, config):
         node: Any = source
         for part in key.split("."):
             if isinstance(node, dict) and part in node:
@@ -124,6 +127,17 @@ def lookup(run: dict[str, Any], key: str) -> Any:
         if node is not None:
             return node
     return None
+
+
+def setting(run: dict[str, Any], key: str) -> Any:
+    """The run's value of a row or column key: one setting, not a group of them."""
+    value = lookup(run, key, config_first=True)
+    if isinstance(value, dict):
+        raise SystemExit(
+            f"report: {key} is a group of settings, not one: name one of its keys "
+            f"({', '.join(f'{key}.{k}' for k in list(value)[:4])})"
+        )
+    return value
 
 
 def metric_key(metric: str) -> str:
@@ -230,8 +244,8 @@ def runs_frame(
     """
     records = [
         {
-            ROW: label(lookup(run, rows)),
-            COL: label(lookup(run, cols)),
+            ROW: label(setting(run, rows)),
+            COL: label(setting(run, cols)),
             **{name: metric_value(run, key) for name, key in metrics.items()},
             STATUS: run_status(run),
             "error": str(run.get("error") or "")

@@ -3,6 +3,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ad_lightning.report import lookup, main
 
 
@@ -340,3 +342,33 @@ def test_benchmark_splits_a_method_run_with_other_settings_into_its_own_row(
         ["skip_dfr [model.sigma=4.0]", "0.900"],
         ["skip_dfr [model.sigma=0.0]", "0.700"],
     ]
+
+
+def test_row_and_column_keys_are_the_settings_not_what_the_results_recorded(
+    tmp_path: Path,
+) -> None:
+    """The documented `cols=data.contamination` and `cols=backbone`: results.json records
+    `data.contamination` as what was moved (a dict naming each run's own file) and the
+    backbone under `method`, which a run that failed before its test lacks. Columns come from
+    the settings, so seeds of one ratio share a cell and a failed run stays in its column."""
+    s = tmp_path / "s"
+    summary = dict.fromkeys(("name", "root", "mask_note", "size_note"), "")
+    summary |= dict.fromkeys(("n_train", "n_val", "n_test", "n_test_defective"), 1)
+    summary |= {"category": "bottle", "image_size": 64, "channels": 3, "n_threshold_split": 0}
+    summary |= {"defect_ratio": 0.5, "has_masks": True, "skipped_files": [], "odd_images": []}
+    summary |= {"notes": [], "strict": True, "bit_depth": 8, "registered": False}
+    for i, (ratio, seed, auroc) in enumerate([(0.0, 0, 0.9), (0.06, 0, 0.7), (0.06, 1, 0.8)]):
+        moved = {"ratio": ratio, "n_moved": 3, "file": str(s / str(i) / "contamination.csv")}
+        data = summary | {"contamination": moved}
+        fake_run(s / str(i), "bottle", "r18", auroc, seed=seed, data=data)
+        set_config(s / str(i), data__contamination=ratio)
+    md = main([str(s), "cols=data.contamination", "wandb=false"])
+    assert cells(md) == [["data.category", "0.0", "0.06"], ["bottle", "0.900", "0.750 ± 0.071"]]
+
+    b = tmp_path / "b"
+    fake_run(b / "0", "bottle", "r18", 0.9, method={"backbone": {"name": "r18"}})
+    fake_run(b / "1", "bottle", "r18", 0.5, seed=1, status="failed", error="OOM")
+    md = main([str(b), "cols=backbone", "wandb=false"])
+    assert cells(md) == [["data.category", "r18"], ["bottle", "0.900 (+1 failed)"]]
+    with pytest.raises(SystemExit, match=r"data is a group of settings.*data\.category"):
+        main([str(s), "cols=data", "wandb=false"])
