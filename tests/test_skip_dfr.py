@@ -427,6 +427,7 @@ def test_a_fit_from_a_checkpoint_saved_after_a_test_scores_with_new_scales(
     dm = synthetic_dm(synthetic_root, "object", 64)
 
     def build() -> SkipDFR:
+        torch.manual_seed(0)  # the same random backbone: a checkpoint refuses another
         backbone = FeatureExtractor("efficientnet_lite0", pretrained=False, feature_size=8)
         return SkipDFR(backbone, distance_norm="tail", pixel_distance="l2_whitened")
 

@@ -172,9 +172,14 @@ class AnomalyModule(pl.LightningModule):
                     f"{type(self).__name__}'s backbone {extractor.alias} ({prefix[:-1]}), rebuilt "
                     f"now from {extractor.weights_source}, has other weights (sha256 "
                     f"{built[:12]}) than the one this checkpoint was fitted on ({fitted[:12]}): "
-                    "its scores would be silently wrong. Give backbone.weights the file the run "
-                    "used (results.json: method.backbone.weights) or the package version it "
-                    "had, or fit again"
+                    "its scores would be silently wrong. "
+                    + (
+                        "Random weights are drawn from the seed: use the run's seed"
+                        if extractor.weights_source == "random"
+                        else "Give backbone.weights the file the run used (results.json: "
+                        "method.backbone.weights) or the package version it had"
+                    )
+                    + ", or fit again"
                 )
         stored = checkpoint["state_dict"]
         for key, value in self.state_dict().items():
