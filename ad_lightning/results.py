@@ -184,6 +184,9 @@ class DataSummary(Record):
     strict: bool | None
     bit_depth: int | None
     registered: str | bool  # "<method> to <reference image>" or False
+    #: per split (train, val, test, contaminated, threshold), a SHA-256 of its files' paths
+    #: (relative to the category) and sizes: a re-score or resume on other files is refused
+    splits: dict[str, str] = ABSENT
 
 
 @dataclass
@@ -194,6 +197,8 @@ class Timings(Record):
     feature_pass_s: float = ABSENT
     epoch_s: dict[str, Any] = ABSENT  # EpochTimer.summary(): n, median, first, total
     resumed_from: str | None = ABSENT
+    #: of fit_s, the seconds of fit behind the checkpoint resumed from (its own record)
+    fit_s_before_resume: float = ABSENT
     test_only: bool = ABSENT
     test_s: float = ABSENT
     inference_ms_per_image: float = ABSENT

@@ -64,6 +64,14 @@ def test_contamination_needs_enough_defects(tiny_folder: Path) -> None:
         make_dm(tiny_folder, contamination=0.5)
 
 
+def test_a_contamination_that_moves_no_image_is_refused(tiny_folder: Path) -> None:
+    """0.02 of 18 training images rounds to 0: a clean run recorded (and reported) as a
+    contaminated one. The error names the smallest ratio that moves one image."""
+    with pytest.raises(DataLayoutError, match=r"0\.02 of 18 training images moves none.*0\.0556"):
+        make_dm(tiny_folder, contamination=0.02)
+    assert len(make_dm(tiny_folder, contamination=0.0556).contaminated) == 1
+
+
 def test_grayscale_is_expanded_to_three_channels(tiny_folder: Path) -> None:
     gray = tiny_folder / "widget" / "train" / "good" / "000.png"
     Image.fromarray(np.full((32, 32), 77, np.uint8), "L").save(gray)
@@ -326,3 +334,19 @@ def test_when_sizes_vary_only_far_off_sizes_are_named(tmp_path: Path) -> None:
     odd, note = find_odd_images(infos)
     assert [o.path for o in odd] == [Path("thumb.png")] and "median" in odd[0].why
     assert "21 sizes among 21 images" in note
+
+
+@pytest.mark.parametrize("where", ["test/scratch/lot7", "train/good/cam2"])
+def test_images_in_a_sub_folder_are_refused_not_left_out(tiny_folder: Path, where: str) -> None:
+    """Images are listed one level deep (masks are matched by file name): a defect type kept in
+    a sub-folder would vanish from the results, extra training images would never be trained
+    on. Refused, naming the folder, before anything runs; a hidden folder is not looked at."""
+    hidden = tiny_folder / "widget" / "train" / "good" / ".thumbnails"
+    hidden.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(hidden / "000.png")
+    assert len(make_dm(tiny_folder).train_samples) == 18
+    nested = tiny_folder / "widget" / where
+    nested.mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(nested / "100.png")
+    with pytest.raises(DataLayoutError, match=rf"{where}.*holds images.*Move them up"):
+        make_dm(tiny_folder)

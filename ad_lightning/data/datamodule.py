@@ -7,6 +7,7 @@ test (scored once, at the end). Batches are dicts: image, label, mask, path, ind
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from collections.abc import Sequence
@@ -259,6 +260,12 @@ class AnomalyDataModule(pl.LightningDataModule):
         # Contamination: round(ratio * clean training-set size) defective test images move
         # into training (chosen by seed) and leave the test set, so none is trained on and scored.
         n_moved = int(round(self.contamination * len(train)))
+        if self.contamination > 0 and n_moved == 0:
+            raise DataLayoutError(
+                f"data.contamination={self.contamination} of {len(train)} training images moves "
+                "none (it rounds to 0): the run would be a clean one recorded as contaminated. "
+                f"Use at least {1 / len(train):.3g} (one image), or 0"
+            )
         anomalous = [s for s in test if s.label == 1]
         if n_moved > len(anomalous) - 1:
             raise DataLayoutError(
@@ -340,7 +347,32 @@ class AnomalyDataModule(pl.LightningDataModule):
             registered=f"{self.register_method} to {self.train_samples[0].path}"
             if self.register
             else False,
+            splits=self.split_digests(),
         )
+
+    def split_digests(self) -> dict[str, str]:
+        """A SHA-256 per split of its files' paths (relative to the category folder, so a
+        dataset moved elsewhere matches) and sizes. One file added to train/good reshuffles
+        the whole validation split, so a re-score of a changed folder would fit its
+        thresholds and statistics on images the model was trained on."""
+        where = Path(str(self.root)).expanduser() / self.category
+        contaminated = {s.path for s in self.contaminated}
+        splits = {
+            "train": [s for s in self.train_samples if s.path not in contaminated],
+            "val": self.val_samples,
+            "test": self.test_samples,
+            "contaminated": self.contaminated,
+            "threshold": self.threshold_samples,
+        }
+        digests = {}
+        for name, samples in splits.items():
+            h = hashlib.sha256()
+            for sample in sorted(samples, key=lambda s: s.path):
+                path = Path(sample.path)
+                relative = path.relative_to(where) if path.is_relative_to(where) else path
+                h.update(f"{relative}\t{path.stat().st_size}\n".encode())
+            digests[name] = h.hexdigest()
+        return digests
 
     def notes(self) -> list[str]:
         """Human lines for results.json's warnings: files left out, odd images."""

@@ -83,10 +83,22 @@ def _check_test_labels(test: list[Sample], test_dir: Path) -> None:
 def list_images(folder: Path) -> list[Path]:
     """Every entry with an image extension that is not a folder: a broken symlink or a symlink
     loop is listed too (is_file() is False for both), so reading it names it instead of the
-    image silently going missing."""
-    return sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
-    )
+    image silently going missing. Images are never looked for deeper (masks are matched by
+    name alone), so a sub-folder holding some is refused rather than silently left out."""
+    entries = sorted(folder.iterdir())
+    for sub in (p for p in entries if p.is_dir() and not p.name.startswith(".")):
+        nested = next((p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS), None)
+        if nested is not None:
+            raise DataLayoutError(
+                f"{sub} is a folder inside {folder} and holds images (first: {nested}), which "
+                f"would be left out: the MVTec layout has its images directly in {folder.name}/. "
+                "Move them up, or make the folder a defect type of its own under test/"
+            )
+    return _image_entries(entries)
+
+
+def _image_entries(entries: list[Path]) -> list[Path]:
+    return [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()]
 
 
 def _find_mask(gt_dir: Path, defect: str, image: Path) -> Path | None:
@@ -130,7 +142,7 @@ def scan_category(root: str | Path, category: str) -> CategoryFiles:
         raise DataLayoutError(
             f"{test_dir} is missing: the MVTec layout needs <category>/test/good/ and test/<defect>/ folders."
         )
-    loose = list_images(test_dir)
+    loose = _image_entries(sorted(test_dir.iterdir()))
     if loose:
         raise DataLayoutError(
             f"{len(loose)} images lie directly in {test_dir} (first: {loose[0].name}); move them into test/good/ (normal) or test/<defect>/ (defective)."
