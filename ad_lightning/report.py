@@ -62,8 +62,13 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def find_results(folders: list[str]) -> list[dict[str, Any]]:
-    """Every readable results.json under the folders, in sweep order, each tagged with its path."""
-    runs = []
+    """Every readable results.json under the folders, in sweep order, each tagged with its path.
+
+    A re-score (test_only=RUN -> RUN/rescore-N) measures the same fit again, so the run counts
+    once: as itself when it finished, else as its latest finished re-score (a test step that
+    failed, scored again). Name a rescore folder itself to report it."""
+    runs: list[dict[str, Any]] = []
+    rescores: dict[Path, list[dict[str, Any]]] = {}
     for folder in folders:
         path = Path(folder)
         if not path.exists():
@@ -77,14 +82,24 @@ def find_results(folders: list[str]) -> list[dict[str, Any]]:
                 continue
             except SchemaError as err:
                 raise SystemExit(f"report: {err}") from None
-            if results.rescore_of and file not in (path, path / "results.json"):
-                # a re-score (test_only=RUN -> RUN/rescore-N) measures the same fit again: the
-                # run counts once; name the rescore folder itself to report it
-                print(f"report: {file.parent} re-scores {results.rescore_of}; not counted twice")
-                continue
             data = results.to_json()
             data["_file"] = str(file)
-            runs.append(data)
+            if results.rescore_of and file not in (path, path / "results.json"):
+                rescores.setdefault(file.parent.parent, []).append(data)
+            else:
+                runs.append(data)
+    for i, run in enumerate(runs):
+        folder = Path(run["_file"]).parent
+        finished = [r for r in rescores.pop(folder, []) if run_status(r) == FINISHED]
+        if run_status(run) == FINISHED or not finished:
+            if finished:
+                print(f"report: {folder}'s re-scores are not counted twice")
+            continue
+        runs[i] = finished[-1]
+        print(
+            f"report: {folder} did not finish ({run_status(run)}); its re-score "
+            f"{Path(finished[-1]['_file']).parent} stands in for it"
+        )
     return runs
 
 

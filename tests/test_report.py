@@ -372,3 +372,24 @@ def test_row_and_column_keys_are_the_settings_not_what_the_results_recorded(
     assert cells(md) == [["data.category", "r18"], ["bottle", "0.900 (+1 failed)"]]
     with pytest.raises(SystemExit, match=r"data is a group of settings.*data\.category"):
         main([str(s), "cols=data", "wandb=false"])
+
+
+def test_a_finished_rescore_stands_in_for_a_run_whose_test_failed(tmp_path: Path, capsys) -> None:
+    """test_only=RUN after a test step that failed (say, out of GPU memory: re-scored with
+    trainer=cpu) gives the run's number; the report counts it once, in the run's place, and
+    says so, instead of showing the run as failed and its re-score as a duplicate."""
+    s = tmp_path / "s"
+    fake_run(s / "0", "bottle", "r", 0.5, status="failed", error="OutOfMemoryError")
+    again = {"rescore_of": str(s / "0")}
+    fake_run(s / "0" / "rescore-1", "bottle", "r", 0.8, **again)
+    fake_run(s / "0" / "rescore-2", "bottle", "r", 0.9, **again)
+    fake_run(s / "1", "bottle", "r", 0.7, seed=1)
+    fake_run(s / "1" / "rescore-1", "bottle", "r", 0.1, seed=1, rescore_of=str(s / "1"))
+    md = main([str(s), "cols=model", "wandb=false"])
+    assert cells(md) == [["data.category", "SkipDFR"], ["bottle", "0.800 ± 0.141"]]
+    out = capsys.readouterr().out
+    assert (
+        f"{s / '0'} did not finish (failed); its re-score {s / '0' / 'rescore-2'} stands in" in out
+    )
+    assert f"{s / '1'}'s re-scores are not counted twice" in out
+    assert "Runs that did not finish" not in md
