@@ -538,3 +538,25 @@ def test_predict_from_a_run_of_each_family_scores_like_its_test(case: str, tmp_p
         predict_main([f"model={out}", f"input={tmp_path}/*.png", f"out={tmp_path / 'q'}"])
     assert exit_info.value.code == 1
     assert read_predictions(tmp_path / "q")[str(tmp_path / "broken.png")]["verdict"] == "error"
+
+
+def test_predict_refuses_a_graph_exported_from_another_model_file(tmp_path: Path) -> None:
+    """A model.pt rewritten after its export (a retrain, new weights at the same path) leaves
+    the old model.onnx beside it: its scores are the old model's, whatever the threshold. The
+    graph records the model file's digest, and predict refuses a graph that does not match."""
+    run_dir = cheap_run(tmp_path)
+    image(tmp_path / "in" / "0.png", 40, 30, 0)
+    export_main([f"model={run_dir}"])
+    args = [f"model={run_dir}", f"input={tmp_path / 'in'}", "engine=onnx", "threshold=-1"]
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main([*args, f"out={tmp_path / 'same'}"])
+    assert exit_info.value.code == 0  # the graph of this very file
+    path = run_dir / "model.pt"
+    payload = torch.load(path, weights_only=True)
+    weight = next(
+        k for k, v in payload["state_dict"].items() if v.is_floating_point() and v.ndim == 4
+    )
+    payload["state_dict"][weight] = payload["state_dict"][weight] * 1.1
+    torch.save(payload, path)
+    with pytest.raises(SystemExit, match=r"model.onnx was exported from another model file than"):
+        predict_main([*args, f"out={tmp_path / 'other'}"])

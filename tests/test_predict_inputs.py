@@ -116,8 +116,29 @@ def test_an_earlier_predicts_verdicts_are_not_written_over(run_dir: Path, tmp_pa
     ):
         predict_main([f"model={run_dir}", f"input={tmp_path / 'tuesday'}", f"out={out}"])
     assert (out / "predictions.csv").read_bytes() == first
+    # a replacing run that stops before its predictions.csv puts the earlier outputs back
+    import ad_lightning.deploy.predict as predict_module
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(predict_module, "write_predictions", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            predict_main(
+                [
+                    f"model={run_dir}",
+                    f"input={tmp_path / 'tuesday'}",
+                    f"out={out}",
+                    "overwrite=true",
+                ]
+            )
+    assert (out / "predictions.csv").read_bytes() == first
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["a.png.png"]
+    assert not (out / ".predict-earlier").exists()
     assert predict(run_dir, tmp_path / "tuesday", out, "overwrite=true") == 0
     assert {Path(f).name for f in predictions(out)} == {"b.png"}
+    assert not (out / ".predict-earlier").exists()
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["b.png.png"]
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["b.png.png"]
     assert not list(out.glob(".*partial"))

@@ -6,7 +6,6 @@ blocks 1..4), so `blocks: [1, 2, 3]` means the same stages for every timm backbo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ad_lightning.backbones.weights import resolve_weights
+from ad_lightning.nn.digest import state_digest
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,7 @@ class FeatureExtractor(nn.Module):
         to tell whether the rebuild still computes the features the rest was fitted on.
         Computed once (ResNeXt101 holds 340 MB), again after a `load_state_dict`."""
         if self._digest is None:
-            h = hashlib.sha256()
-            for key, tensor in self.state_dict().items():
-                h.update(key.encode())
-                h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-            self._digest = h.hexdigest()
+            self._digest = state_digest(self.state_dict())
         return self._digest
 
     def describe(self) -> dict:

@@ -29,6 +29,7 @@ from ad_lightning.data.transforms import build_transform, normalization
 from ad_lightning.deploy.scoring import ScoringGraph
 from ad_lightning.deploy.trusted import trusted_model_config
 from ad_lightning.models.base import AnomalyModule
+from ad_lightning.nn.digest import state_digest
 
 FORMAT = "ad_lightning.model/1"
 FILE_NAME = "model.pt"
@@ -98,6 +99,21 @@ class Bundle:
 
     def graph(self) -> ScoringGraph:
         return ScoringGraph(self.model, self.preprocess).eval()
+
+    def digest(self) -> str:
+        """What the exported graph's scores are computed from: the weights and buffers and
+        the preprocessing. The graph records it, so that a graph left beside a model file
+        rewritten since is refused. The post-processor's thresholds are left out: a graph
+        that decides at other ones is refused by its verdicts (`check_graph_verdicts`), and
+        its scores stand at a threshold given on the command line."""
+        pre = self.preprocess
+        state = {
+            k: v for k, v in self.model.state_dict().items() if not k.startswith("post_processor.")
+        }
+        if pre.reference is not None:
+            state["preprocess.reference"] = pre.reference
+        facts = [list(pre.image_size), pre.channels, pre.normalize, pre.register_method]
+        return state_digest(state, json.dumps([*facts, pre.bit_depth]))
 
     def image_threshold(self) -> float | None:
         return None if not self.thresholds else self.thresholds["image"]["value"]

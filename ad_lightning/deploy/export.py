@@ -181,6 +181,7 @@ def export_onnx(
                 if pre.reference is not None
                 else False,
                 "thresholds": bundle.thresholds,
+                "model_digest": bundle.digest(),  # predict refuses the graph for another file
                 "outputs": outputs,
                 "parity": figures,
             }

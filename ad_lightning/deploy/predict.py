@@ -22,10 +22,13 @@ check (data/audit.py).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,11 +140,34 @@ def exported_graph(args: PredictArgs, bundle: Bundle) -> Path:
             f"engine={args.engine}: {type(bundle.model).__name__} has no ONNX graph: {bundle.model.export_blocker}. Use engine=torch."
         )
     path = Path(args.onnx).expanduser() if args.onnx else bundle.path.with_suffix(".onnx")
+    export = f"python -m ad_lightning.deploy.export model={bundle.path} format=onnx"
     if not path.exists():
+        raise SystemExit(f"engine={args.engine}: {path} is missing; export it first: {export}")
+    recorded = exported_from(path)
+    if recorded is None:
+        log.warning(
+            "%s records no model file digest (exported by an older version): it cannot be "
+            "checked against %s; export it again to have it checked (%s)",
+            path,
+            bundle.path,
+            export,
+        )
+    elif recorded != bundle.digest():
         raise SystemExit(
-            f"engine={args.engine}: {path} is missing; export it first: python -m ad_lightning.deploy.export model={bundle.path.parent} format=onnx"
+            f"engine={args.engine}: {path} was exported from another model file than "
+            f"{bundle.path} (other weights or preprocessing: the file was rewritten "
+            f"since); its scores would not be this model's. Export it again: {export}"
         )
     return path
+
+
+def exported_from(path: Path) -> str | None:
+    """The model file digest an exported graph records (None: exported before it was)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in proto.metadata_props}.get("ad_lightning")
+    return json.loads(meta).get("model_digest") if meta else None
 
 
 def make_engine(args: PredictArgs, bundle: Bundle) -> Engine:
@@ -222,6 +248,10 @@ def note_odd_images(rows: list[dict[str, Any]], infos: dict[Path, ImageInfo]) ->
     return len(odd)
 
 
+#: where overwrite=true keeps the earlier outputs until the new run has written its own
+ASIDE = ".predict-earlier"
+
+
 def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
     """What an earlier predict wrote into `out`: its verdicts are a result, so they are
     refused unless `overwrite=true` (a second run would otherwise mix its overlays with the
@@ -233,6 +263,44 @@ def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
             "which are not written over: pass another out=, or overwrite=true to replace them"
         )
     return earlier
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+@contextlib.contextmanager
+def replacing(out: Path, earlier: list[Path]) -> Iterator[None]:
+    """overwrite=true: the earlier outputs are set aside (`out/.predict-earlier`) while the new
+    run writes, deleted once it has written its predictions.csv, and put back in place of its
+    partial outputs if it stops before (an error, Ctrl-C): `out` never ends up holding
+    neither run's verdicts."""
+    if not earlier:
+        yield
+        return
+    aside = out / ASIDE
+    if aside.exists():
+        raise SystemExit(
+            f"{aside} holds an earlier predict's outputs, set aside by a run that did not "
+            "finish: move them back into its parent folder, or delete it"
+        )
+    aside.mkdir()
+    for path in earlier:
+        path.rename(aside / path.name)
+    try:
+        yield
+    except BaseException:
+        for name in (PREDICTIONS, OVERLAYS, MASKS):
+            if (out / name).exists() or (out / name).is_symlink():
+                _remove(out / name)
+        for path in aside.iterdir():
+            path.rename(out / path.name)
+        aside.rmdir()
+        raise
+    _remove(aside)
 
 
 def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -270,14 +338,26 @@ def predict(args: PredictArgs) -> int:
     out = Path(args.out).expanduser()
     earlier = earlier_outputs(out, args.overwrite)
     bundle = load_bundle(args.model, args.device)
+    if bundle.info.get("precision_note"):
+        log.warning("%s: %s", bundle.path, bundle.info["precision_note"])
     decide = decision(args, bundle)
     engine = make_engine(args, bundle)
     files, root, unlisted = find_inputs(args.input, out)
-    for path in earlier:  # overwrite=true, and the new run can start
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    with replacing(out, earlier):
+        return score_all(args, bundle, decide, engine, out, files, root, unlisted)
+
+
+def score_all(
+    args: PredictArgs,
+    bundle: Bundle,
+    decide: Decision,
+    engine: Engine,
+    out: Path,
+    files: list[Path],
+    root: Path,
+    unlisted: list[tuple[Path, str]],
+) -> int:
+    """Score the listed inputs into `out`; return how many failed."""
     out.mkdir(parents=True, exist_ok=True)
     if decide.pixel is None and not bundle.thresholds and (args.masks or args.overlays):
         log.warning(
