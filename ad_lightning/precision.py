@@ -72,3 +72,19 @@ def full_precision(device: torch.device) -> Iterator[None]:
     """Autocast off on `device`: the caller casts its inputs to float32 inside."""
     with torch.autocast(device_type=device.type, enabled=False):
         yield
+
+
+def deploy_note(trainer_cfg: Any, run_dir: str) -> str | None:
+    """What a mixed-precision run's model file must say: its thresholds and fitted statistics
+    come from scores computed under autocast, and every engine scores in float32, so verdicts
+    near a threshold may differ from those the run reports. A float32 re-score writes a model
+    file whose thresholds match the engines'."""
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    if precision in ("32-true", "32"):
+        return None
+    return (
+        f"trainer.precision={precision}: the thresholds and test-time statistics were fitted on "
+        "scores computed under autocast, while predict and export score in float32, so verdicts "
+        "near a threshold may differ from this run's; for a model file to deploy, re-score in "
+        f"float32: python run.py test_only={run_dir} trainer.precision=32-true"
+    )

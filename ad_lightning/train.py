@@ -36,6 +36,7 @@ import ad_lightning
 from ad_lightning.backbones.feature_store import serve_features
 from ad_lightning.backbones.features import BackboneChanged
 from ad_lightning.config_check import validate
+from ad_lightning.data import DataLayoutError
 from ad_lightning.ddp_checks import apply_ddp_rules
 from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
 from ad_lightning.interrupt import InterruptCheckpoint, interrupt_record, is_interrupt
@@ -44,8 +45,9 @@ from ad_lightning.models.base import AnomalyModule, DivergenceError
 from ad_lightning.outputs import wandb_run
 from ad_lightning.outputs.artifacts import TestArtifacts, write_results
 from ad_lightning.outputs.timing import EpochTimer
-from ad_lightning.precision import check_precision
+from ad_lightning.precision import check_precision, deploy_note
 from ad_lightning.results import (
+    ABSENT,
     CheckpointChoice,
     DataSummary,
     RunResults,
@@ -352,11 +354,34 @@ def refuse_another_job(cfg: DictConfig, out: Path, previous: RunResults) -> None
         )
 
 
-def prepare(cfg: DictConfig, out: Path, ckpt_dir: Path | None = None) -> Job:
-    """Data (validated before any training), model, loggers, callbacks, trainer."""
+def refuse_other_files(datamodule: Any, fitted_on: DataSummary | None) -> None:
+    """A resume or re-score lists the data folder again and splits it by seed: an image added
+    to or removed from train/good reshuffles the whole validation split (and a changed test/
+    the contamination sample), so the thresholds and statistics would be fitted on images the
+    model was trained on. Refused, naming the splits, before anything is written."""
+    then = fitted_on.splits if isinstance(fitted_on, DataSummary) else ABSENT
+    if then is ABSENT or not then:  # a run that failed before its data record, or older
+        return
+    now = datamodule.split_digests()
+    changed = [name for name, digest in now.items() if then.get(name) != digest]
+    if changed:
+        raise DataLayoutError(
+            f"{Path(str(datamodule.root)).expanduser() / datamodule.category}: the "
+            f"{', '.join(changed)} split{'s' if len(changed) > 1 else ''} now hold other files "
+            "(or sizes) than when the run was fitted, so its validation images could include "
+            "training images. Restore the folder as it was, or fit a new run"
+        )
+
+
+def prepare(
+    cfg: DictConfig, out: Path, ckpt_dir: Path | None = None, fitted_on: DataSummary | None = None
+) -> Job:
+    """Data (validated before any training; for a resume or re-score, the files the run was
+    fitted on), model, loggers, callbacks, trainer."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
+    refuse_other_files(datamodule, fitted_on)
     check_preconditions(cfg, datamodule)
     model: AnomalyModule = hydra.utils.instantiate(cfg.model)
     model.configure_evaluation(
@@ -397,6 +422,9 @@ def start_results(cfg: DictConfig, out: Path, datamodule: Any, model: AnomalyMod
             "is fitted (leak_free does not take it from the test set)"
         )
     warnings.extend(summary.notes)  # odd and skipped image files, named
+    note = deploy_note(cfg.trainer, str(cfg.get("test_only") or out))
+    if note:
+        warnings.append(note)
     contamination_file = write_contamination(datamodule, out)
     if contamination_file:
         summary.contamination.file = str(contamination_file)
@@ -458,19 +486,22 @@ def reading(ckpt_path: str | None) -> Iterator[None]:
 
 
 def fit(job: Job, ckpt_path: str | None = None) -> None:
-    """Train (or continue from `ckpt_path`); record fit, feature-pass and epoch times."""
-    start = time.perf_counter()
+    """Train (or continue from `ckpt_path`); record fit, feature-pass and epoch times (a
+    resumed fit's fit_s includes the seconds behind its checkpoint)."""
+    timer = job.callbacks.timer
+    timer.fit_start = time.perf_counter()
     with reading(ckpt_path):
         job.trainer.fit(job.model, datamodule=job.fit_data, ckpt_path=ckpt_path, weights_only=True)
-    fit_s = time.perf_counter() - start
+    fit_s = timer.fit_s()
     feature_pass_s = getattr(job.fit_data, "feature_pass_s", 0.0)
     for logger in job.loggers:  # the one-off feature pass, apart from the per-epoch time/epoch_s
         logger.log_metrics({"time/feature_pass_s": feature_pass_s, "time/fit_s": fit_s})
     job.results.timings = Timings(
         fit_s=round(fit_s, 2),
         feature_pass_s=round(feature_pass_s, 2),
-        epoch_s=job.callbacks.timer.summary(),
+        epoch_s=timer.summary(),
         resumed_from=ckpt_path,
+        fit_s_before_resume=round(timer.before_resume, 2) if ckpt_path else ABSENT,
     )
 
 
@@ -480,16 +511,24 @@ def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
     last.ckpt when nothing was fitted in this process (test-only)."""
     model, cfg, ckpt_dir = job.model, job.cfg, job.ckpt_dir
     checkpoint = job.callbacks.checkpoint
+    recorded = job.results.checkpoint  # a re-score's: the fit's record, carried over
+    if fitted:
+        score = checkpoint.best_model_score
+        best_score = None if score is None else float(score)
+        epochs = job.trainer.current_epoch
+    else:  # this trainer has not trained: the fit's figures stand
+        best_score = recorded.best_score if recorded else None
+        epochs = recorded.epochs if recorded else ABSENT
     if not model.trains_by_gradient:
         ckpt_path = None if fitted else str(ckpt_dir / "last.ckpt")
         job.results.checkpoint = CheckpointChoice(
             scored=ckpt_path or "in-memory model after fit",
             selection="statistics of one pass (no gradient training)",
             best_score=None,
-            epochs=job.trainer.current_epoch,
+            epochs=epochs,
         )
         return ckpt_path
-    best = checkpoint.best_model_path if fitted else recorded_best(ckpt_dir, job.results.checkpoint)
+    best = checkpoint.best_model_path if fitted else recorded_best(ckpt_dir, recorded)
     last = checkpoint.last_model_path or str(ckpt_dir / "last.ckpt")
     ckpt_path = best if cfg.protocol == "leak_free" and best else last
     job.results.checkpoint = CheckpointChoice(
@@ -497,10 +536,8 @@ def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
         selection=f"lowest {model.monitor} (normal validation images only)"
         if ckpt_path == best
         else "last epoch",
-        best_score=float(checkpoint.best_model_score)
-        if checkpoint.best_model_score is not None
-        else None,
-        epochs=job.trainer.current_epoch,
+        best_score=best_score,
+        epochs=epochs,
     )
     return ckpt_path
 
@@ -562,6 +599,8 @@ def write_model_file(job: Job) -> None:
         "metrics": results.get("metrics"),
         "checkpoint": results.checkpoint.get("scored") if results.checkpoint else None,
         "versions": results.get("versions"),
+        # predict says it: the thresholds are not those of its float32 scores
+        "precision_note": deploy_note(job.cfg.trainer, str(job.cfg.get("test_only") or job.out)),
     }
     try:
         path = save_bundle(
@@ -696,7 +735,7 @@ def run(cfg: DictConfig) -> RunResults:
         refuse_finished(out, previous)
     rerun = rerun_command(cfg, overrides)
     with RunStatus(cfg, out, ckpt_dir, rerun, record_start=mode != "resume") as status:
-        job = prepare(cfg, out, ckpt_dir)
+        job = prepare(cfg, out, ckpt_dir, previous.data if previous and mode != "train" else None)
         carry_over(job, mode, previous, rescore_of, rerun)
         status.running(job)
         if mode != "test":
@@ -715,4 +754,5 @@ def finish_loggers(loggers: list[Any], status: str = "success") -> None:
     for logger in loggers:
         logger.finalize(status)
         if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
+            # an exit code: W&B would show a failed or interrupted run as finished
+            logger.experiment.finish(exit_code=0 if status == "success" else 1)

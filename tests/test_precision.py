@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from ad_lightning.deploy.bundle import load_bundle
 from ad_lightning.metrics.thresholds import false_alarm_threshold
 from ad_lightning.models.base import AnomalyModule
 from ad_lightning.models.padim import mahalanobis
@@ -62,6 +63,10 @@ def test_bf16_mixed_runs_and_thresholds_come_from_scores_under_the_same_autocast
     rate = results.thresholds["image"]["false_alarm_rate"]
     assert results.thresholds["image"]["value"] == false_alarm_threshold(val, rate)
     assert math.isfinite(results.metrics["image_auroc"])
+    # the engines score in float32: the run and its model file say how to get its thresholds
+    note = f"re-score in float32: python run.py test_only={tmp_path} trainer.precision=32-true"
+    assert any(note in w for w in results.warnings)
+    assert note in load_bundle(tmp_path).info["precision_note"]
 
 
 def test_padim_mahalanobis_is_float32_under_autocast() -> None:

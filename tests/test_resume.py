@@ -60,6 +60,8 @@ def test_killed_fit_resumes_to_the_scores_of_an_uninterrupted_run(tmp_path: Path
     saved = json.loads((killed / "results.json").read_text())
     assert saved["status"] == "failed" and "simulated kill" in saved["error"]
     assert (killed / "checkpoints" / "last.ckpt").exists() and not (killed / "scores.csv").exists()
+    last = tmp_path / "last_at_kill.ckpt"  # resume writes over last.ckpt
+    last.write_bytes((killed / "checkpoints" / "last.ckpt").read_bytes())
 
     # the run's own config, without its simulated kill (callbacks may be changed on resume)
     resumed = run(compose_cfg(tmp_path / "other", f"resume={killed}", "+callbacks.kill=null"))
@@ -69,6 +71,15 @@ def test_killed_fit_resumes_to_the_scores_of_an_uninterrupted_run(tmp_path: Path
     assert 0 < resumed["timings"]["epoch_s"]["n"] < 4  # only the epochs after last.ckpt
     # each epoch timed from its own start: none longer than the resumed fit
     assert resumed["timings"]["epoch_s"]["total"] <= resumed["timings"]["fit_s"]
+    # the fit time is the whole fit's: the checkpoint carries the seconds behind it
+    import torch
+
+    timer = next(
+        v for k, v in torch.load(last, weights_only=True)["callbacks"].items() if "EpochTimer" in k
+    )
+    before = resumed["timings"]["fit_s_before_resume"]
+    assert 0 < timer["fit_s"] == pytest.approx(before, abs=0.01)
+    assert resumed["timings"]["fit_s"] > before + resumed["timings"]["epoch_s"]["total"]
     assert scores(killed) == scores(full)
 
 
@@ -76,6 +87,9 @@ def test_test_only_rescores_a_run_folder_and_skip_done_leaves_it(tmp_path: Path)
     first = run(compose_cfg(tmp_path, *SMALL, "trainer.max_epochs=2"))
     again = run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={tmp_path}"))
     assert again["timings"]["test_only"] and again["metrics"] == first["metrics"]
+    # the fit's record of the checkpoint, not the re-scoring trainer's (epoch 0, no loss)
+    assert again["checkpoint"]["epochs"] == first["checkpoint"]["epochs"] == 2
+    assert again["checkpoint"]["best_score"] == first["checkpoint"]["best_score"] > 0
     assert scores(tmp_path / "rescore-1") == scores(tmp_path)
     stamp = (tmp_path / "results.json").stat().st_mtime_ns
     skipped = run(compose_cfg(tmp_path, *SMALL, "trainer.max_epochs=2", "skip_done=true"))
@@ -310,3 +324,26 @@ def test_a_rescore_refuses_a_backbone_whose_weights_changed_since_the_fit(tmp_pa
         run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={run_dir}"))
     assert not (run_dir / "rescore-2" / "scores.csv").exists()
     assert again["status"] == "finished"
+
+
+def test_a_rescore_refuses_a_data_folder_that_changed_since_the_fit(
+    tmp_path: Path, synthetic_root: Path
+) -> None:
+    """The split is drawn again from the folder's listing: one image added to train/good
+    reshuffles the validation split, so a re-score would fit its thresholds on images the
+    model was trained on. Refused before anything is written, naming the splits."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    run_dir = tmp_path / "run"
+    first = run(compose_cfg(run_dir, *SMALL, "trainer.max_epochs=1", f"data.root={data}"))
+    assert set(first["data"]["splits"]) == {"train", "val", "test", "contaminated", "threshold"}
+    again = run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={run_dir}"))
+    assert again["metrics"] == first["metrics"]
+
+    train = data / "object" / "train" / "good"
+    shutil.copy(next(train.glob("*.png")), train / "zz_extra.png")
+    with pytest.raises(Exception, match=r"object: the train, val splits now hold other files"):
+        run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={run_dir}"))
+    assert not (run_dir / "rescore-2" / "scores.csv").exists()

@@ -257,3 +257,24 @@ def test_report_group_is_the_runs_group_else_the_sweep_folder(tmp_path: Path) ->
     assert wandb_group([logged(None), logged(None)], [str(sweep)]) == "sweep-a"  # older runs
     assert wandb_group([logged("g1"), logged("g2")], [str(sweep)]) is None
     assert wandb_group([logged(None)], [str(sweep), str(tmp_path)]) is None
+
+
+def test_a_run_that_fails_ends_its_wandb_run_as_failed(tmp_path: Path) -> None:
+    """W&B takes a run closed without an exit code as finished: a fit that raised would show
+    on the dashboard beside the sweep's finished runs, its partial curves and all."""
+    from tests.test_resume import SMALL
+    from tests.test_run import compose_cfg
+
+    cfg = compose_cfg(
+        tmp_path,
+        *SMALL,
+        "logger=wandb",
+        "trainer.max_epochs=3",
+        "+callbacks.kill._target_=tests.test_resume.KillAfterEpoch",
+        "+callbacks.kill.epoch=0",
+    )
+    with pytest.raises(RuntimeError, match="simulated kill"):  # Hydra imports its own copy
+        run(cfg)
+    _, records = run_files(tmp_path)
+    (end,) = of_type(records, "exit")
+    assert end.exit_code == 1

@@ -22,6 +22,23 @@ class EpochTimer(pl.Callback):
         self._start: float | None = None
         self._val_start = 0.0
         self._val_s = 0.0
+        #: when this process's fit began (set just before `trainer.fit`, so that the feature
+        #: pass in the datamodule's setup counts), and the fit seconds a checkpoint resumed
+        #: from had behind it: a resumed run's fit time is the whole fit's, not its last part
+        self.fit_start: float | None = None
+        self.before_resume = 0.0
+
+    def fit_s(self) -> float:
+        """Seconds of fit so far, including those behind a checkpoint resumed from (work
+        after the last checkpoint of a killed process is done again, so it is not counted)."""
+        elapsed = 0.0 if self.fit_start is None else time.perf_counter() - self.fit_start
+        return self.before_resume + elapsed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fit_s": self.fit_s()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before_resume = float(state_dict.get("fit_s", 0.0))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start, self._val_s = time.perf_counter(), 0.0
