@@ -145,7 +145,5 @@ def test_a_checkpoint_refuses_a_backbone_rebuilt_with_other_weights() -> None:
     assert not any(k.startswith("backbone.") for k in checkpoint["state_dict"])
     same = model(0)
     same.on_load_checkpoint({**checkpoint, "state_dict": dict(checkpoint["state_dict"])})
-    with pytest.raises(
-        BackboneChanged, match="efficientnet_lite0.*other weights.*the run's seed"
-    ):
+    with pytest.raises(BackboneChanged, match="efficientnet_lite0.*other weights.*the run's seed"):
         model(1).on_load_checkpoint({**checkpoint, "state_dict": dict(checkpoint["state_dict"])})
