@@ -13,6 +13,7 @@ import contextlib
 import csv
 import json
 import logging
+import os
 import pickle
 import platform
 import subprocess
@@ -288,7 +289,12 @@ def resolve_out(cfg: DictConfig, overrides: list[str] | None) -> tuple[DictConfi
         raise ValueError("give resume=RUN_DIR or test_only=RUN_DIR, not both")
     if not (cfg.get("resume") or cfg.get("test_only")):
         out = run_dir(cfg)
-        return set_output_dir(cfg, out), out, out / "checkpoints", "train"
+        cfg = set_output_dir(cfg, out)
+        if not requeued(cfg, out):
+            return cfg, out, out / "checkpoints", "train"
+        # the job's own config (the folder's, but for where and how it is logged)
+        log.info("requeued by SLURM: the fit in %s continues from its last.ckpt", out)
+        return cfg, out, out / "checkpoints", "resume"
     key, mode = ("resume", "resume") if cfg.get("resume") else ("test_only", "test")
     folder = Path(cfg[key])
     previous = previous_results(folder)
@@ -317,6 +323,23 @@ def resolve_out(cfg: DictConfig, overrides: list[str] | None) -> tuple[DictConfi
             out.rmdir()  # the rescore folder made for nothing
         raise
     return merged, out, folder / "checkpoints", mode
+
+
+def requeued(cfg: DictConfig, out: Path) -> bool:
+    """A SLURM job requeued after a timeout or a preemption (SLURM_RESTART_COUNT > 0; the
+    submitit launcher's `max_num_timeout`) starts again with its own arguments in its own
+    folder: where that folder holds this very job's unfinished fit and its last.ckpt, the
+    fit continues from there (as resume=) instead of starting over."""
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
+        return False
+    previous = previous_results(out)
+    return bool(
+        previous
+        and not previous.finished
+        and previous.config
+        and (out / "checkpoints" / "last.ckpt").exists()
+        and not job_differences(cfg, previous.config)
+    )
 
 
 def set_output_dir(cfg: DictConfig, out: Path) -> DictConfig:

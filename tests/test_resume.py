@@ -40,6 +40,21 @@ class KillAfterEpoch(pl.Callback):
             raise SimulatedKill("simulated kill")
 
 
+class KillOnceAfterEpoch(KillAfterEpoch):
+    """A preemption: the first start dies after the epoch, the requeued one (same arguments)
+    runs on."""
+
+    def __init__(self, epoch: int, marker: str) -> None:
+        super().__init__(epoch)
+        self.marker = Path(marker)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.marker.exists():
+            if trainer.current_epoch == self.epoch:
+                self.marker.touch()
+            super().on_train_epoch_end(trainer, pl_module)
+
+
 def scores(folder: Path) -> list[dict[str, str]]:
     with (folder / "scores.csv").open() as f:
         return list(csv.DictReader(f))
@@ -81,6 +96,29 @@ def test_killed_fit_resumes_to_the_scores_of_an_uninterrupted_run(tmp_path: Path
     assert 0 < timer["fit_s"] == pytest.approx(before, abs=0.01)
     assert resumed["timings"]["fit_s"] > before + resumed["timings"]["epoch_s"]["total"]
     assert scores(killed) == scores(full)
+
+
+def test_a_requeued_slurm_job_continues_its_fit_from_its_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """submitit requeues a job after a timeout or a preemption with its own arguments in its
+    own folder; SLURM counts the restart. The job continues the fit its first start left
+    (as resume= would) instead of training from scratch over it."""
+    job = (
+        *SMALL,
+        "trainer.max_epochs=4",
+        "+callbacks.kill._target_=tests.test_resume.KillOnceAfterEpoch",
+        "+callbacks.kill.epoch=1",
+        f"+callbacks.kill.marker={tmp_path / 'preempted'}",
+    )
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(compose_cfg(tmp_path, *job))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    again = run(compose_cfg(tmp_path, *job))  # the same arguments, the same folder
+    assert again["status"] == "finished" and again["previous_status"] == "failed"
+    assert again["timings"]["resumed_from"] == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert 0 < again["timings"]["epoch_s"]["n"] < 4  # only the epochs after last.ckpt
+    assert again["checkpoint"]["epochs"] == 4
 
 
 def test_test_only_rescores_a_run_folder_and_skip_done_leaves_it(tmp_path: Path) -> None:
