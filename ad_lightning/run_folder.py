@@ -9,14 +9,68 @@ its own folder and a re-score gets a numbered subfolder of the run it scores.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
 import secrets
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 RESCORE_PREFIX = "rescore-"
 _RESCORE_ENV = "AD_LIGHTNING_RESCORE_DIR"
+LOCK = ".lock"
+
+log = logging.getLogger(__name__)
+
+
+class RunFolderBusy(FileExistsError):
+    """Another live process holds the run folder (a sweep relaunched while its jobs run)."""
+
+
+def is_child_rank() -> bool:
+    """A DDP rank other than the global zero: started by Lightning (LOCAL_RANK, NODE_RANK),
+    by torchrun (RANK) or by srun (SLURM_PROCID). Rank zero owns the run folder."""
+    keys = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
+    return any(int(os.environ.get(key) or 0) > 0 for key in keys)
+
+
+@contextlib.contextmanager
+def holding(out: Path) -> Iterator[None]:
+    """Hold `out` for this run: an exclusive lock on `out/.lock` (pid and host written in it),
+    released when the run ends or its process dies, even killed. A second live process on the
+    same folder (a relaunched sweep whose jobs still run, a resume beside the fit it resumes)
+    would write the same checkpoints, results.json and feature files: it is refused instead."""
+    if is_child_rank():
+        yield
+        return
+    with (out / LOCK).open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunFolderBusy(
+                f"{out} is in use by {holder}: another run is writing there (a sweep relaunched "
+                "while its jobs still run?). Wait for it to end, or give this run another folder"
+            ) from None
+        except OSError as err:  # a file system without locks (some network mounts)
+            log.warning(
+                "%s cannot be locked (%s): two runs there would not be told apart", out, err
+            )
+            yield
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_token() -> str:

@@ -57,7 +57,7 @@ from ad_lightning.results import (
     read_results,
 )
 from ad_lightning.run_config import UntrustedRunFolder, job_differences, merge_run_config
-from ad_lightning.run_folder import register_resolvers, rescore_out
+from ad_lightning.run_folder import RunFolderBusy, holding, register_resolvers, rescore_out
 
 log = logging.getLogger(__name__)
 register_resolvers()  # conf/config.yaml names its run folders through them
@@ -749,7 +749,29 @@ def run(cfg: DictConfig) -> RunResults:
     apply_ddp_rules(cfg)  # a -m sweep Lightning would multiply refused; GAN DDP strategy
     rescore_of = Path(cfg.test_only) if mode == "test" else None
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        with holding(out):
+            return run_in(cfg, overrides, out, ckpt_dir, mode, rescore_of)
+    except RunFolderBusy:
+        previous = previous_results(out)
+        if not (cfg.get("skip_done") and previous):
+            raise
+        log.warning("skip_done: %s is in use by another run; left to it", out)
+        return previous
+
+
+def run_in(
+    cfg: DictConfig,
+    overrides: list[str] | None,
+    out: Path,
+    ckpt_dir: Path,
+    mode: str,
+    rescore_of: Path | None,
+) -> RunResults:
+    """run()'s work, in a run folder this process holds."""
     previous = previous_results(rescore_of or out)
+    if mode == "resume" and previous and previous.finished:  # finished while we waited
+        raise ValueError(f"resume={out}: that run is finished and is not trained over")
     if mode == "train":
         if cfg.get("skip_done") and previous and previous.finished:
             refuse_another_job(cfg, out, previous)

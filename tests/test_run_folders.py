@@ -147,3 +147,33 @@ def test_runs_composed_in_the_same_second_get_their_own_folders(
             break
     assert stamp(dirs[0]) == stamp(dirs[1])  # the case under test: the same timestamp
     assert dirs[0] != dirs[1] and all(Path(d).is_dir() for d in dirs)
+
+
+HOLD = """
+import sys, time
+from ad_lightning.run_folder import holding
+from pathlib import Path
+with holding(Path(sys.argv[1])):
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_folder_another_live_process_runs_in_is_refused(tmp_path: Path) -> None:
+    """A sweep relaunched while its jobs still run (on SLURM, or in another shell) would train a
+    second copy into the same folder, and the last to write results.json and model.pt wins.
+    Each run holds its folder for its lifetime, released even when its process is killed."""
+    cfg = (*TINY, "trainer.max_epochs=1")
+    other = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "holding"
+        with pytest.raises(FileExistsError, match=rf"{tmp_path} is in use by pid {other.pid} on"):
+            run(compose_cfg(tmp_path, *cfg))
+        assert not (tmp_path / "results.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+    # a killed holder leaves the folder free
+    assert run(compose_cfg(tmp_path, *cfg))["status"] == "finished"
