@@ -15,14 +15,33 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning_fabric.plugins.environments import (
+    LSFEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger(__name__)
 
 #: strategies whose ranks Lightning starts in-process (multiprocessing), not by re-running argv
 _IN_PROCESS_STARTS = ("spawn", "fork", "notebook")
-#: set by the launchers and cluster schedulers that start every rank themselves
-_EXTERNAL_RANK_VARIABLES = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "LSB_JOBID")
+
+
+def ranks_started_outside() -> bool:
+    """Whether a launcher or scheduler starts every rank itself, decided as Lightning decides
+    it: srun (but not in an interactive SLURM shell, a job named `bash` or `interactive`, where
+    Lightning starts the ranks by re-running the command), torchrun, LSF, or a rank of ours."""
+    slurm = "SLURM_NTASKS" in os.environ and SLURMEnvironment.job_name() not in (
+        "bash",
+        "interactive",
+    )
+    return (
+        slurm
+        or "LOCAL_RANK" in os.environ
+        or TorchElasticEnvironment.detect()
+        or LSFEnvironment.detect()
+    )
 
 
 def apply_ddp_rules(cfg: DictConfig) -> None:
@@ -52,7 +71,7 @@ def device_count(trainer: Any) -> int:
 def launches_ranks_by_script(trainer: Any) -> bool:
     """True when Lightning itself would start the other ranks by re-running this command."""
     processes = device_count(trainer) * int(trainer.get("num_nodes", 1) or 1)
-    if processes <= 1 or any(v in os.environ for v in _EXTERNAL_RANK_VARIABLES):
+    if processes <= 1 or ranks_started_outside():
         return False
     strategy = trainer.get("strategy", "auto")
     if isinstance(strategy, str):

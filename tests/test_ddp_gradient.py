@@ -298,3 +298,30 @@ def test_dpae_prototypes_agree_across_ranks(tmp_path: Path) -> None:
         assert not torch.equal(start[0]["buffers"][k], end[0]["buffers"][k]), k
     for kind in ("parameters", "buffers"):  # the checkpoint both ranks test
         assert_same(test[0][kind], test[1][kind])
+
+
+@pytest.mark.parametrize(
+    ("environment", "by_script"),
+    [
+        ({}, True),
+        ({"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train"}, False),  # srun starts each rank
+        ({"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "bash"}, True),  # srun --pty bash: Lightning does
+        ({"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "interactive"}, True),
+        ({"LOCAL_RANK": "1"}, False),  # a rank Lightning started
+    ],
+)
+def test_who_starts_the_ranks_is_decided_as_lightning_decides_it(
+    environment: dict[str, str], by_script: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside an interactive SLURM shell Lightning ignores SLURM and re-runs the command line
+    for each rank, so a -m sweep there must be refused as anywhere else."""
+    from omegaconf import OmegaConf
+
+    from ad_lightning.ddp_checks import launches_ranks_by_script
+
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    trainer = OmegaConf.create({"devices": 2, "accelerator": "cpu", "strategy": "ddp"})
+    assert launches_ranks_by_script(trainer) is by_script
