@@ -69,12 +69,17 @@ def find_results(folders: list[str]) -> list[dict[str, Any]]:
     failed, scored again). Name a rescore folder itself to report it."""
     runs: list[dict[str, Any]] = []
     rescores: dict[Path, list[dict[str, Any]]] = {}
+    seen: set[Path] = set()
     for folder in folders:
         path = Path(folder)
         if not path.exists():
             raise SystemExit(f"report: {folder} does not exist")
         files = [path] if path.is_file() else sorted(path.rglob("results.json"), key=_natural_key)
         for file in files:
+            if file.resolve() in seen:  # folders that overlap (a sweep and one of its jobs)
+                print(f"report: {file} is under two of the folders given; counted once")
+                continue
+            seen.add(file.resolve())
             try:
                 results = read_results(file)
             except json.JSONDecodeError as err:

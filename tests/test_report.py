@@ -393,3 +393,13 @@ def test_a_finished_rescore_stands_in_for_a_run_whose_test_failed(tmp_path: Path
     )
     assert f"{s / '1'}'s re-scores are not counted twice" in out
     assert "Runs that did not finish" not in md
+
+
+def test_folders_that_overlap_count_each_run_once(tmp_path: Path) -> None:
+    """`report /s /s/1`: run 1 read twice would weigh double in its cell's mean and shrink
+    the spread, as if two seeds agreed."""
+    s = tmp_path / "s"
+    fake_run(s / "0", "bottle", "r", 0.7)
+    fake_run(s / "1", "bottle", "r", 0.8, seed=1)
+    md = main([str(s), str(s / "1"), "cols=model", "wandb=false"])
+    assert cells(md) == [["data.category", "SkipDFR"], ["bottle", "0.750 ± 0.071"]]
