@@ -382,8 +382,16 @@ def refuse_other_files(datamodule: Any, fitted_on: DataSummary | None) -> None:
     to or removed from train/good reshuffles the whole validation split (and a changed test/
     the contamination sample), so the thresholds and statistics would be fitted on images the
     model was trained on. Refused, naming the splits, before anything is written."""
-    then = fitted_on.splits if isinstance(fitted_on, DataSummary) else ABSENT
-    if then is ABSENT or not then:  # a run that failed before its data record, or older
+    if not isinstance(fitted_on, DataSummary):  # a run that failed before its data record
+        return
+    then = fitted_on.splits
+    if then is ABSENT or not then:  # a run recorded before the splits were
+        if str(datamodule.root) != fitted_on.root:
+            raise DataLayoutError(
+                f"data.root={datamodule.root} is not the run's ({fitted_on.root}), and the run "
+                "records no digest of its files to check that these are the same: drop the "
+                "override"
+            )
         return
     now = datamodule.split_digests()
     changed = [name for name, digest in now.items() if then.get(name) != digest]
@@ -524,7 +532,10 @@ def fit(job: Job, ckpt_path: str | None = None) -> None:
         feature_pass_s=round(feature_pass_s, 2),
         epoch_s=timer.summary(),
         resumed_from=ckpt_path,
-        fit_s_before_resume=round(timer.before_resume, 2) if ckpt_path else ABSENT,
+        # unknown (absent) for a checkpoint written before it carried the seconds behind it
+        fit_s_before_resume=ABSENT
+        if timer.before_resume is None
+        else round(timer.before_resume, 2),
     )
 
 

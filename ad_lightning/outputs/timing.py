@@ -26,13 +26,13 @@ class EpochTimer(pl.Callback):
         #: pass in the datamodule's setup counts), and the fit seconds a checkpoint resumed
         #: from had behind it: a resumed run's fit time is the whole fit's, not its last part
         self.fit_start: float | None = None
-        self.before_resume = 0.0
+        self.before_resume: float | None = None  # None: no checkpoint said (none, or older)
 
     def fit_s(self) -> float:
         """Seconds of fit so far, including those behind a checkpoint resumed from (work
         after the last checkpoint of a killed process is done again, so it is not counted)."""
         elapsed = 0.0 if self.fit_start is None else time.perf_counter() - self.fit_start
-        return self.before_resume + elapsed
+        return (self.before_resume or 0.0) + elapsed
 
     def state_dict(self) -> dict[str, Any]:
         return {"fit_s": self.fit_s()}
