@@ -24,9 +24,10 @@ from ad_lightning.results import read_results
 #: never compared: the run mode itself and where this invocation writes
 IGNORED = ("resume", "test_only", "skip_done", "paths", "hydra")
 #: overrides applied on top of the run's config, per mode
+#: (`data.root`: the same files elsewhere, which the split digests check, train.py)
 SAFE = {
-    "resume": ("trainer", "logger", "callbacks", "feature_store", "eval.n_heatmaps"),
-    "test": ("trainer", "logger", "callbacks", "feature_store", "eval", "protocol"),
+    "resume": ("trainer", "logger", "callbacks", "feature_store", "eval.n_heatmaps", "data.root"),
+    "test": ("trainer", "logger", "callbacks", "feature_store", "eval", "protocol", "data.root"),
 }
 _ABSENT = object()
 

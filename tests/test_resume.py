@@ -377,11 +377,20 @@ def test_a_rescore_refuses_a_data_folder_that_changed_since_the_fit(
     run_dir = tmp_path / "run"
     first = run(compose_cfg(run_dir, *SMALL, "trainer.max_epochs=1", f"data.root={data}"))
     assert set(first["data"]["splits"]) == {"train", "val", "test", "contaminated", "threshold"}
-    again = run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={run_dir}"))
+    moved = tmp_path / "moved"  # the same files elsewhere: data.root may be given
+    data.rename(moved)
+    again = run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={run_dir}", f"data.root={moved}"))
     assert again["metrics"] == first["metrics"]
+    data = moved
 
     train = data / "object" / "train" / "good"
     shutil.copy(next(train.glob("*.png")), train / "zz_extra.png")
     with pytest.raises(Exception, match=r"object: the train, val splits now hold other files"):
-        run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={run_dir}"))
+        run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={run_dir}", f"data.root={moved}"))
     assert not (run_dir / "rescore-2" / "scores.csv").exists()
+    # a run recorded before the digests: its files cannot be checked, so its root stays
+    record = json.loads((run_dir / "results.json").read_text())
+    del record["data"]["splits"]
+    (run_dir / "results.json").write_text(json.dumps(record))
+    with pytest.raises(Exception, match=r"records no digest of its files"):
+        run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={run_dir}", f"data.root={moved}"))
