@@ -350,3 +350,48 @@ def test_images_in_a_sub_folder_are_refused_not_left_out(tiny_folder: Path, wher
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(nested / "100.png")
     with pytest.raises(DataLayoutError, match=rf"{where}.*holds images.*Move them up"):
         make_dm(tiny_folder)
+
+
+def _augmented_epoch(dm: AnomalyDataModule, epoch: int, loader=None) -> dict[int, torch.Tensor]:
+    """Each training image of `epoch` as the training loader augments it, by index."""
+    loader = loader or dm.train_dataloader()
+    for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+    return {int(i): image for b in loader for i, image in zip(b["index"], b["image"], strict=True)}
+
+
+def test_augmentations_draw_per_image_and_epoch_not_per_worker(tiny_folder: Path) -> None:
+    """The 17 training images are one identical picture, so two augmented images are equal
+    only if their random draws are. Albumentations' generator used to be copied into each
+    DataLoader worker (and DDP rank) and restart on resume: both workers drew the same noise
+    for their batches, and a resumed fit replayed epoch 0's draws. The draws now follow
+    (seed, epoch, index): distinct within an epoch and between epochs, and the same in two
+    workers, in one process and after a resume."""
+    import albumentations as A
+
+    noise = [A.GaussNoise(std_range=(0.2, 0.4), p=1.0)]
+
+    def dm(workers: int) -> AnomalyDataModule:
+        return make_dm(
+            tiny_folder,
+            val_split=0.15,
+            batch_size=4,
+            train_augmentations=noise,
+            num_workers=workers,
+        )
+
+    two_workers = dm(2)
+    loader = two_workers.train_dataloader()
+    first, second = (
+        _augmented_epoch(two_workers, 0, loader),
+        _augmented_epoch(two_workers, 1, loader),
+    )
+    assert sorted(first) == list(range(17))
+    images = torch.stack([first[i] for i in range(17)] + [second[i] for i in range(17)])
+    distances = torch.cdist(images.flatten(1), images.flatten(1))
+    assert distances[~torch.eye(34, dtype=torch.bool)].min() > 0  # no draw repeated
+    in_process = dm(0)
+    assert all(torch.equal(first[i], image) for i, image in _augmented_epoch(in_process, 0).items())
+    resumed = _augmented_epoch(in_process, 1, in_process.train_dataloader())  # a fresh loader
+    assert all(torch.equal(second[i], image) for i, image in resumed.items())

@@ -45,7 +45,7 @@ from ad_lightning.data.registration import (
     apply_alignment,
     estimate_alignment,
 )
-from ad_lightning.data.sampling import training_batches
+from ad_lightning.data.sampling import Key, draw_seed, training_batches
 from ad_lightning.data.transforms import build_transform
 from ad_lightning.results import Contamination, DataSummary
 
@@ -95,9 +95,13 @@ class AnomalyDataset(Dataset):
         reference: np.ndarray | None = None,
         register_method: str = "ecc",
         bit_depth: int | None = None,
+        augment_seed: int | None = None,
     ) -> None:
+        """`augment_seed`: the transform draws at random; each (index, epoch) key reseeds it
+        (`sampling.draw_seed`), so workers, ranks and a resume draw what one process would."""
         self.samples = list(samples)
         self.bit_depth = bit_depth
+        self.augment_seed = augment_seed
         self.transform = transform
         self.channels = channels
         self.reference = reference
@@ -129,7 +133,8 @@ class AnomalyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: Key) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         sample = self.samples[index]
         image = read_image(sample.path, self.channels, self.bit_depth)
         hw = image.shape[:2]
@@ -140,6 +145,8 @@ class AnomalyDataset(Dataset):
         )
         if self.reference is not None:
             image, mask = self._register(image, mask, sample.path)
+        if self.augment_seed is not None:
+            self.transform.set_random_seed(draw_seed(self.augment_seed, epoch, index))
         out = self.transform(image=image, mask=mask)
         return {
             "image": out["image"].float(),
@@ -402,11 +409,12 @@ class AnomalyDataModule(pl.LightningDataModule):
             self.reference,
             self.register_method,
             self.bit_depth,
+            augment_seed=self.seed if augment else None,
         )
         batch_size = self.batch_size if train else self.eval_batch_size
         # training: reshuffled per (seed, epoch), never a BatchNorm batch of one image
         batching = (
-            training_batches(dataset, batch_size, self.seed)
+            training_batches(dataset, batch_size, self.seed, keyed=bool(augment))
             if train
             else {"batch_size": batch_size}
         )

@@ -5,6 +5,12 @@ state after k epochs; a fit resumed from a checkpoint starts a fresh generator a
 epoch 0's order instead. Lightning calls `set_epoch` on a loader's sampler at every epoch
 start (also after a resume), so a sampler seeded with seed + epoch gives a resumed run
 exactly the batches of an uninterrupted one.
+
+Random augmentations follow the same rule: a keyed shuffle yields (index, epoch) pairs, and
+the dataset draws each image's augmentation from a generator seeded with (seed, epoch,
+index). Albumentations' own generator is copied into every DataLoader worker and DDP rank
+and restarts on resume, so without it every worker and rank replayed the same draws and a
+resumed fit replayed epoch 0's; keyed, the draws depend on neither.
 """
 
 from __future__ import annotations
@@ -12,17 +18,27 @@ from __future__ import annotations
 from collections.abc import Iterator, Sized
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
+Key = int | tuple[int, int]  # an index, or (index, epoch) for a keyed shuffle
 
-class EpochShuffle(Sampler[int]):
-    """A random permutation per epoch, drawn from a generator seeded with seed + epoch."""
 
-    def __init__(self, data: Sized, seed: int = 0) -> None:
+def draw_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of image `index` in `epoch` of a run seeded `seed`."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1)[0])
+
+
+class EpochShuffle(Sampler[Key]):
+    """A random permutation per epoch, drawn from a generator seeded with seed + epoch;
+    `keyed`: each index comes with its epoch, for datasets that augment (`draw_seed`)."""
+
+    def __init__(self, data: Sized, seed: int = 0, keyed: bool = False) -> None:
         self.n = len(data)
         self.seed = int(seed)
         self.epoch = 0
+        self.keyed = keyed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -30,9 +46,10 @@ class EpochShuffle(Sampler[int]):
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Key]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        order = torch.randperm(self.n, generator=generator).tolist()
+        return iter([(i, self.epoch) for i in order] if self.keyed else order)
 
 
 class NoSingletonBatches(BatchSampler):
@@ -56,12 +73,15 @@ class NoSingletonBatches(BatchSampler):
         return n - 1 if n > 1 and single else n
 
 
-def training_batches(data: Sized, batch_size: int, seed: int) -> dict[str, Any]:
+def training_batches(
+    data: Sized, batch_size: int, seed: int, keyed: bool = False
+) -> dict[str, Any]:
     """DataLoader arguments for a training split: shuffled per (seed, epoch), and, only when
     the split would end in a batch of one image, that image joined to the batch before.
+    `keyed`: the indices come with their epoch (a dataset with random augmentations).
     (A plain sampler is kept otherwise: resuming a fit reproduces its batches exactly with
     it, which we measured; with a batch sampler Lightning's resume drifted slightly.)"""
-    shuffle = EpochShuffle(data, seed)
+    shuffle = EpochShuffle(data, seed, keyed)
     if len(data) > 1 and len(data) % batch_size == 1:
         return {"batch_sampler": NoSingletonBatches(shuffle, batch_size, False)}
     return {"sampler": shuffle, "batch_size": batch_size}
