@@ -123,10 +123,11 @@ RECORDED_PACKAGES = (
 )
 
 
-def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
+def build_loggers(cfg: DictConfig, out: Path, resuming: RunResults | None = None) -> list[Any]:
     """The config's loggers, writing into the run folder. W&B gets the flat resolved config, a
-    name, job_type and tags (`wandb_run.init_args`); what it was given is written back into
-    `cfg.logger.wandb` so results.json records the group and name the run logged under."""
+    name, job_type, tags (`wandb_run.init_args`) and a run id; what it was given is written
+    back into `cfg.logger.wandb` so results.json records the group, name and id the run logged
+    under. A fit `resuming` a run (resume=, a SLURM requeue) continues that run's W&B run."""
     if not cfg.get("logger"):
         return []
     loggers = []
@@ -137,8 +138,13 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
             if cfg.get("test_only"):  # the run's own group, but not its name nor its job type:
                 # a dashboard that averages a group's fits would count the re-scored one twice
                 args["job_type"], args["name"] = "rescore", f"{args['name']}-{out.name}"
+                args["id"] = None  # nor its W&B run: the id in its config is the fit's
+            logged = wandb_run.logged_id(resuming.config if resuming else None, name)
+            if logged:  # one W&B run per fit: the resumed epochs extend the same curves
+                args["id"], args["resume"] = logged, "allow"
+            args["id"] = args.get("id") or wandb_run.new_id()
             with open_dict(cfg):
-                for key in ("group", "job_type", "name"):
+                for key in ("group", "job_type", "name", "id"):
                     cfg.logger[name][key] = args[key]
             config = OmegaConf.to_container(cfg, resolve=True)
             args["config"] = wandb_run.run_config(config, config_choices())
@@ -405,10 +411,14 @@ def refuse_other_files(datamodule: Any, fitted_on: DataSummary | None) -> None:
 
 
 def prepare(
-    cfg: DictConfig, out: Path, ckpt_dir: Path | None = None, fitted_on: DataSummary | None = None
+    cfg: DictConfig,
+    out: Path,
+    ckpt_dir: Path | None = None,
+    fitted_on: DataSummary | None = None,
+    resuming: RunResults | None = None,
 ) -> Job:
     """Data (validated before any training; for a resume or re-score, the files the run was
-    fitted on), model, loggers, callbacks, trainer."""
+    fitted on), model, loggers (a resumed fit's continue its run's), callbacks, trainer."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
@@ -422,7 +432,7 @@ def prepare(
         cfg.eval.threshold,
         cfg.eval.get("aupro_fpr_limit", 0.3),  # absent from the config of a run saved before it
     )
-    loggers = build_loggers(cfg, out)
+    loggers = build_loggers(cfg, out, resuming)
     ckpt_dir = ckpt_dir or out / "checkpoints"
     callbacks = build_callbacks(cfg, model, out, ckpt_dir)
     trainer: pl.Trainer = hydra.utils.instantiate(
@@ -791,7 +801,13 @@ def run_in(
         refuse_finished(out, previous)
     rerun = rerun_command(cfg, overrides)
     with RunStatus(cfg, out, ckpt_dir, rerun, record_start=mode != "resume") as status:
-        job = prepare(cfg, out, ckpt_dir, previous.data if previous and mode != "train" else None)
+        job = prepare(
+            cfg,
+            out,
+            ckpt_dir,
+            previous.data if previous and mode != "train" else None,
+            previous if mode == "resume" else None,
+        )
         carry_over(job, mode, previous, rescore_of, rerun)
         status.running(job)
         if mode != "test":

@@ -259,9 +259,13 @@ def test_report_group_is_the_runs_group_else_the_sweep_folder(tmp_path: Path) ->
     assert wandb_group([logged(None)], [str(sweep), str(tmp_path)]) is None
 
 
-def test_a_run_that_fails_ends_its_wandb_run_as_failed(tmp_path: Path) -> None:
+def test_a_failed_fit_ends_its_wandb_run_as_failed_and_its_resume_continues_it(
+    tmp_path: Path,
+) -> None:
     """W&B takes a run closed without an exit code as finished: a fit that raised would show
-    on the dashboard beside the sweep's finished runs, its partial curves and all."""
+    on the dashboard beside the sweep's finished runs, its partial curves and all. Its resume
+    continues the same W&B run (one run per fit, not a second one under the same name); a
+    re-score logs a run of its own."""
     from tests.test_resume import SMALL
     from tests.test_run import compose_cfg
 
@@ -271,10 +275,30 @@ def test_a_run_that_fails_ends_its_wandb_run_as_failed(tmp_path: Path) -> None:
         "logger=wandb",
         "trainer.max_epochs=3",
         "+callbacks.kill._target_=tests.test_resume.KillAfterEpoch",
-        "+callbacks.kill.epoch=0",
+        "+callbacks.kill.epoch=1",
     )
     with pytest.raises(RuntimeError, match="simulated kill"):  # Hydra imports its own copy
         run(cfg)
-    _, records = run_files(tmp_path)
+    first, records = run_files(tmp_path)
     (end,) = of_type(records, "exit")
     assert end.exit_code == 1
+    run_id = json.loads((tmp_path / "results.json").read_text())["config"]["logger"]["wandb"]["id"]
+    assert first.name.endswith(f"-{run_id}")
+
+    # logger=wandb given again: compose_cfg's own logger=csv would replace the run's
+    resumed = run(
+        compose_cfg(
+            tmp_path / "other", f"resume={tmp_path}", "+callbacks.kill=null", "logger=wandb"
+        )
+    )
+    assert resumed["status"] == "finished" and resumed["config"]["logger"]["wandb"]["id"] == run_id
+    (second,) = set(tmp_path.glob("wandb/offline-run-*")) - {first}
+    assert second.name.endswith(f"-{run_id}")
+    (end,) = of_type(finished_records(next(second.glob("run-*.wandb"))), "exit")
+    assert end.exit_code == 0
+
+    rescored = run(compose_cfg(tmp_path / "other", f"test_only={tmp_path}", "logger=wandb"))
+    rescore_id = rescored["config"]["logger"]["wandb"]["id"]
+    assert rescore_id and rescore_id != run_id
+    (third,) = Path(rescored["run_dir"]).glob("wandb/offline-run-*")
+    assert third.name.endswith(f"-{rescore_id}")

@@ -13,6 +13,8 @@ the per-image scores as a table and, when asked, model.pt as an artifact.
 from __future__ import annotations
 
 import logging
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,20 @@ def init_args(
     args["name"] = args.get("name") or run_name(config, choices, job_num)
     args["tags"] = run_tags(config, choices, list(args.get("tags") or []))
     return args
+
+
+def new_id() -> str:
+    """A fresh W&B run id, chosen before the run starts so results.json can record it (W&B's
+    own form: 8 lowercase letters and digits; its generator is not public API)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def logged_id(config: dict[str, Any] | None, logger: str) -> str | None:
+    """The W&B run id logger `logger` of a run with resolved `config` logged under, if any (a
+    run recorded before the id was kept has none)."""
+    conf = ((config or {}).get("logger") or {}).get(logger)
+    return conf.get("id") if isinstance(conf, dict) else None
 
 
 def run_config(config: dict[str, Any], choices: dict[str, str]) -> dict[str, Any]:
