@@ -1,5 +1,6 @@
 """predict on awkward input folders: every unreadable path is named and skipped, the rest is
-scored, and no output replaces another's; and what a run folder without a model file needs."""
+scored, and no output replaces another's; inputs unlike the training images are named; and
+what a run folder without a model file needs."""
 
 import csv
 import json
@@ -7,6 +8,7 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
+import cv2
 import hydra
 import numpy as np
 import pytest
@@ -16,10 +18,12 @@ from PIL import Image
 from test_run import compose_cfg
 
 from ad_lightning.data import AnomalyDataModule
+from ad_lightning.data.io import ImageInfo
 from ad_lightning.deploy.bundle import Preprocess, load_bundle, save_bundle
 from ad_lightning.deploy.inputs import InputImages
 from ad_lightning.deploy.predict import PredictArgs
 from ad_lightning.deploy.predict import main as predict_main
+from ad_lightning.deploy.training_images import TrainingImages
 
 SIZE = 32
 
@@ -278,3 +282,140 @@ def test_a_model_file_from_before_bit_depth_loads_with_the_type_range(run_dir: P
     payload["preprocess"].pop("bit_depth", None)  # as written before data.bit_depth existed
     torch.save(payload, run_dir.parent / "old.pt")
     assert load_bundle(run_dir.parent / "old.pt").preprocess.bit_depth is None
+
+
+def trained_on_rgb(tmp_path: Path) -> Path:
+    """A run folder whose model file was written from a set-up datamodule of 8-bit RGB 40x30
+    images, as train.py writes it (Preprocess.from_datamodule)."""
+    category = tmp_path / "data" / "x"
+    for i in range(4):
+        image(category / "train" / "good" / f"{i}.png", 40, 30, i)
+    image(category / "test" / "good" / "g.png", 40, 30, 10)
+    image(category / "test" / "scratch" / "s.png", 40, 30, 11)
+    datamodule = AnomalyDataModule(str(tmp_path / "data"), "x", image_size=SIZE, num_workers=0)
+    datamodule.setup()
+    (tmp_path / "run").mkdir()
+    return cheap_run(tmp_path / "run", Preprocess.from_datamodule(datamodule))
+
+
+def gray(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (30, 40), dtype=np.uint8)
+    Image.fromarray(pixels, "L").save(path)
+
+
+def rgb16(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 65536, (30, 40, 3), dtype=np.uint16)
+    assert cv2.imwrite(str(path), pixels)  # PIL cannot write 16-bit RGB
+
+
+def unlike_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and "model was trained on" in r.getMessage()
+    ]
+
+
+def test_a_batch_unlike_the_training_images_is_named_though_alike_among_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A whole batch from another camera (all grayscale, all 16-bit, all another size) holds no
+    odd image among itself: only the training images' facts, in the model file, show it."""
+    run = trained_on_rgb(tmp_path)
+    payload = torch.load(run / "model.pt", weights_only=True)
+    record = payload["preprocess"]["training_images"]
+    assert json.loads(json.dumps(record)) == {  # plain values
+        "images": 4,  # train and validation images, not the test ones
+        "size": "40x30",
+        "median_size": [40.0, 30.0],
+        "mode": "RGB",
+        "bits": 8,
+    }
+    assert load_bundle(run).preprocess.training_images == TrainingImages(
+        4, "40x30", (40.0, 30.0), "RGB", 8
+    )
+    batches = {
+        "gray": (gray, "mode L, trained on RGB"),
+        "deep": (rgb16, "16-bit, trained on 8-bit"),
+        "wide": (lambda path, seed: image(path, 80, 20, seed), "80x20 px, trained on 40x30 px"),
+    }
+    for name, (write, why) in batches.items():
+        files = [tmp_path / name / f"{i}.png" for i in range(2)]
+        for i, path in enumerate(files):
+            write(path, i)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert predict(run, tmp_path / name, tmp_path / f"out_{name}") == 0
+        rows = predictions(tmp_path / f"out_{name}")
+        for path in files:
+            row = rows[str(path)]
+            assert row["verdict"] in ("normal", "anomalous"), name  # scored, and named
+            assert row["note"] == f"unlike training: {why}", name
+        (warning,) = unlike_warnings(caplog)
+        assert all(f"{path}: {why}" in warning for path in files), warning
+        assert "(40x30 px, mode RGB, 8-bit (4 images))" in warning
+        assert "differ from the majority" not in caplog.text  # alike among themselves
+
+    for i in range(2):  # images like the training ones: no note, no warning
+        image(tmp_path / "like" / f"{i}.png", 40, 30, 20 + i)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert predict(run, tmp_path / "like", tmp_path / "out_like") == 0
+    assert all(r["note"] == "" for r in predictions(tmp_path / "out_like").values())
+    assert unlike_warnings(caplog) == []
+    assert "records no facts of its training images" not in caplog.text
+
+
+def test_an_odd_input_unlike_training_too_gets_both_notes(tmp_path: Path) -> None:
+    run = trained_on_rgb(tmp_path)
+    for i in range(3):
+        image(tmp_path / "in" / f"{i}.png", 40, 30, i)
+    gray(tmp_path / "in" / "gray.png", 9)
+    assert predict(run, tmp_path / "in", tmp_path / "out") == 0
+    rows = predictions(tmp_path / "out")
+    note = rows[str(tmp_path / "in" / "gray.png")]["note"]
+    assert note.startswith("odd image: mode L, majority RGB") and note.endswith(
+        "; unlike training: mode L, trained on RGB"
+    )
+    assert sum(bool(r["note"]) for r in rows.values()) == 1
+
+
+def test_a_model_file_from_before_the_training_images_were_recorded_still_predicts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the record (or with a malformed one: a model file from elsewhere is data) the
+    inputs are still scored, with one log line saying they cannot be compared."""
+    run = trained_on_rgb(tmp_path)
+    payload = torch.load(run / "model.pt", weights_only=True)
+    gray(tmp_path / "in" / "a.png", 0)
+    for case, record in (("old", None), ("malformed", {"mode": ["RGB"], "bits": "eight"})):
+        if record is None:
+            payload["preprocess"].pop("training_images")
+        else:
+            payload["preprocess"]["training_images"] = record
+        (tmp_path / case).mkdir()
+        torch.save(payload, tmp_path / case / "model.pt")
+        assert load_bundle(tmp_path / case).preprocess.training_images is None
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert predict(tmp_path / case, tmp_path / "in", tmp_path / f"out_{case}") == 0
+        (row,) = predictions(tmp_path / f"out_{case}").values()
+        assert row["verdict"] in ("normal", "anomalous") and row["note"] == ""
+        said = [r for r in caplog.records if "records no facts of its training images" in r.message]
+        assert len(said) == 1 and said[0].levelname == "INFO"
+        assert unlike_warnings(caplog) == []
+
+
+def test_when_training_sizes_vary_only_a_far_off_size_is_unlike_them() -> None:
+    """As the odd-image check: with no dominant size (the magnetic tile set), a side more than
+    SIZE_FACTOR off the training images' median is named, any other size is not."""
+    sizes = [(100, 100), (120, 90), (90, 130), (110, 100)]
+    trained = TrainingImages.of(ImageInfo(w, h, "L", 8) for w, h in sizes)
+    assert trained is not None and trained.size is None
+    assert trained.median_size == (105.0, 100.0)
+    assert trained.differences(ImageInfo(115, 95, "L", 8)) == []
+    (why,) = trained.differences(ImageInfo(30, 100, "L", 8))
+    assert "30x100 px, far from the training images' median 105x100" in why
+    assert TrainingImages.of([]) is None

@@ -32,15 +32,21 @@ class OddImage:
         return {"path": str(self.path), "why": self.why}
 
 
-def _majority(values: list[str]) -> tuple[str, int]:
+def majority(values: list[str]) -> tuple[str, int]:
+    """The most common value and how many hold it."""
     return Counter(values).most_common(1)[0]
+
+
+def far_off(side: float, mid: float) -> bool:
+    """A side more than SIZE_FACTOR off the median side (the rule when sizes vary)."""
+    return side * SIZE_FACTOR < mid or side > mid * SIZE_FACTOR
 
 
 def _size_problems(infos: dict[Path, ImageInfo]) -> tuple[dict[Path, str], str]:
     """Sizes off the dominant size, or (when sizes vary, as in the magnetic tile set, where
     nothing dominates) sides more than SIZE_FACTOR off the median; and a note on the variety."""
     sizes = [i.size for i in infos.values()]
-    size, count = _majority(sizes)
+    size, count = majority(sizes)
     n = len(sizes)
     if count >= DOMINANT_SHARE * n:
         return {
@@ -50,14 +56,10 @@ def _size_problems(infos: dict[Path, ImageInfo]) -> tuple[dict[Path, str], str]:
         }, ""
     mw = median(i.width for i in infos.values())
     mh = median(i.height for i in infos.values())
-
-    def off(side: float, mid: float) -> bool:
-        return side * SIZE_FACTOR < mid or side > mid * SIZE_FACTOR
-
     odd = {
         p: f"{i.size} px, far from the median {mw:g}x{mh:g} (sizes vary in this dataset)"
         for p, i in infos.items()
-        if off(i.width, mw) or off(i.height, mh)
+        if far_off(i.width, mw) or far_off(i.height, mh)
     }
     note = f"image sizes vary: {len(set(sizes))} sizes among {n} images (median {mw:g}x{mh:g})"
     return odd, note
@@ -74,8 +76,8 @@ def find_odd_images(infos: dict[Path, ImageInfo]) -> tuple[list[OddImage], str]:
     for path, why in sizes.items():
         problems[path].append(why)
     n = len(infos)
-    mode, n_mode = _majority([i.mode for i in infos.values()])
-    bits, n_bits = _majority([str(i.bits) for i in infos.values()])
+    mode, n_mode = majority([i.mode for i in infos.values()])
+    bits, n_bits = majority([str(i.bits) for i in infos.values()])
     for path, info in infos.items():
         if info.mode != mode:
             problems[path].append(f"mode {info.mode}, majority {mode} ({n_mode} of {n} images)")

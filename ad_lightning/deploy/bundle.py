@@ -4,7 +4,8 @@ A run writes `RUN_DIR/model.pt` after testing, from the checkpoint it scored. Th
 holds the method's resolved config (backbone name, blocks, sizes), the whole state dict
 (backbone weights included, so no weight package or download is needed on the line), the
 input preprocessing (size, channels, normalisation, the fixed range of high-bit images
-(`data.bit_depth`), the registration reference image), the
+(`data.bit_depth`), the registration reference image), what the training images were
+(their majority size, mode and bit depth, which predict compares inputs with), the
 thresholds learned from normal images, and the facts of the run. It holds only tensors and
 plain Python values, so it loads with `torch.load(weights_only=True)`: no pickled code.
 Loading needs no dataset and no Hydra config (only `hydra.utils.instantiate` on the
@@ -27,6 +28,7 @@ from ad_lightning.data.io import ImageInfo, inspect_image
 from ad_lightning.data.registration import register_to_reference
 from ad_lightning.data.transforms import build_transform, normalization
 from ad_lightning.deploy.scoring import ScoringGraph
+from ad_lightning.deploy.training_images import TrainingImages
 from ad_lightning.deploy.trusted import trusted_model_config
 from ad_lightning.models.base import AnomalyModule
 from ad_lightning.nn.digest import state_digest
@@ -47,12 +49,22 @@ class Preprocess:
     # data.bit_depth: 12-bit camera images must be scaled by 4095 on the line as in training;
     # None (also for model files from before the key) is the file type's own range
     bit_depth: int | None = None
+    # the training images as stored (size, mode, bit depth), not how inputs are converted:
+    # predict names inputs unlike them; None for model files from before the key. Left out of
+    # digest(): it changes no score
+    training_images: TrainingImages | None = None
 
     @classmethod
     def from_datamodule(cls, datamodule: Any) -> Preprocess:
         size = datamodule.image_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         reference = getattr(datamodule, "reference", None)
+        # the normal images the model learned from; their headers are read again, as the
+        # datamodule's audit keeps only the odd images, not the majority's facts
+        trained = [
+            *getattr(datamodule, "train_samples", []),
+            *getattr(datamodule, "val_samples", []),
+        ]
         return cls(
             (int(h), int(w)),
             int(datamodule.channels),
@@ -60,6 +72,7 @@ class Preprocess:
             datamodule.register_method if reference is not None else None,
             None if reference is None else torch.from_numpy(np.ascontiguousarray(reference)),
             getattr(datamodule, "bit_depth", None),
+            TrainingImages.of_files(Path(s.path) for s in trained),
         )
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -252,5 +265,6 @@ def load_bundle(model: str | Path, device: str | torch.device = "cpu") -> Bundle
         pre["register_method"],
         pre["reference"],
         pre.get("bit_depth"),
+        TrainingImages.from_record(pre.get("training_images")),
     )
     return Bundle(built.to(device).eval(), preprocess, payload["thresholds"], payload["info"], path)

@@ -14,7 +14,10 @@ Images are decoded as in training (the run's channels and `data.bit_depth`), and
 images that differ from the majority of the inputs in size, mode or bit depth (a 10x10
 thumbnail, a grayscale or CMYK image among RGB ones, a 16-bit one among 8-bit ones) are
 scored but named in a warning and in predictions.csv's note column, by training's odd-image
-check (data/audit.py).
+check (data/audit.py). So is each image unlike the images the model was trained on (another
+size, mode or bit depth than theirs, by the same check's rules; recorded in the model file),
+which a whole batch from another camera is without being odd among itself; a model file
+written before these were recorded says, in one log line, that it cannot be compared.
 `engine=onnx` (onnxruntime) and `engine=openvino` (OpenVINO, f32 unless
 `openvino_precision=bf16`) score with the run's exported `model.onnx`
 (python -m ad_lightning.deploy.export).
@@ -45,6 +48,7 @@ from ad_lightning.deploy.cli import parse_args, setup_logging
 from ad_lightning.deploy.engines import Engine, Scored, graph_engine, torch_engine
 from ad_lightning.deploy.inputs import InputImages, collate, find_inputs
 from ad_lightning.deploy.overlays import MASKS, OVERLAYS, PREDICTIONS, Writer
+from ad_lightning.deploy.training_images import TrainingImages
 
 log = logging.getLogger("ad_lightning.predict")
 
@@ -248,6 +252,48 @@ def note_odd_images(rows: list[dict[str, Any]], infos: dict[Path, ImageInfo]) ->
     return len(odd)
 
 
+#: images listed one by one in the unlike-training warning (each is named in the note column)
+LISTED = 20
+
+
+def note_unlike_training(
+    rows: list[dict[str, Any]],
+    infos: dict[Path, ImageInfo],
+    trained: TrainingImages | None,
+    model: Path,
+) -> int | None:
+    """Name the scored images unlike the model's training images (another size, mode or bit
+    depth) in their rows' note and in a warning: a batch from another camera is alike among
+    itself, so only this comparison shows that its scores may say more about the camera than
+    the part. Return how many (None: the model file records no training images)."""
+    if trained is None:
+        log.info(
+            "%s records no facts of its training images (written before they were): inputs "
+            "are compared with each other only, not with the images the model was trained on",
+            model,
+        )
+        return None
+    unlike = {p: why for p, info in infos.items() if (why := trained.differences(info))}
+    notes = {str(p): f"unlike training: {'; '.join(why)}" for p, why in unlike.items()}
+    for row in rows:
+        if row["file"] in notes:
+            row["note"] = "; ".join(n for n in (row.get("note"), notes[row["file"]]) if n)
+    if unlike:
+        listed = [f"  - {p}: {'; '.join(why)}" for p, why in sorted(unlike.items())[:LISTED]]
+        if len(unlike) > LISTED:
+            listed.append(f"  ... and {len(unlike) - LISTED} more")
+        log.warning(
+            "%d of %d scored images differ from the images the model was trained on (%s): "
+            "they were converted to its input and their scores may be wrong (another camera "
+            "or setting?); see the note column of predictions.csv:\n%s",
+            len(unlike),
+            len(infos),
+            trained.describe(),
+            "\n".join(listed),
+        )
+    return len(unlike)
+
+
 #: where overwrite=true keeps the earlier outputs until the new run has written its own
 ASIDE = ".predict-earlier"
 
@@ -313,15 +359,16 @@ def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(partial, path)
 
 
-def log_summary(outcome: Outcome, n_odd: int, csv_path: Path) -> None:
+def log_summary(outcome: Outcome, n_odd: int, n_unlike: int | None, csv_path: Path) -> None:
     n_anomalous = sum(r["verdict"] == "anomalous" for r in outcome.rows)
     n_scored = sum(r["verdict"] != "error" for r in outcome.rows)
     log.info(
-        "%d scored (%d anomalous, %d normal; %d odd), %d failed -> %s",
+        "%d scored (%d anomalous, %d normal; %d odd%s), %d failed -> %s",
         n_scored,
         n_anomalous,
         n_scored - n_anomalous,
         n_odd,
+        "" if n_unlike is None else f", {n_unlike} unlike the training images",
         len(outcome.failed),
         csv_path,
     )
@@ -385,8 +432,11 @@ def score_all(
     for batch in tqdm(loader, desc="predict", unit="batch"):
         score_batch(batch, engine, decide, writer, args, name, outcome)
     n_odd = note_odd_images(outcome.rows, outcome.infos)
+    n_unlike = note_unlike_training(
+        outcome.rows, outcome.infos, bundle.preprocess.training_images, bundle.path
+    )
     write_predictions(out / PREDICTIONS, outcome.rows)
-    log_summary(outcome, n_odd, out / PREDICTIONS)
+    log_summary(outcome, n_odd, n_unlike, out / PREDICTIONS)
     return len(outcome.failed)
 
 
