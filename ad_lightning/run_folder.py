@@ -98,7 +98,13 @@ def claim_folder(base: str | Path) -> Path:
 
 
 def rescore_folder(run: Path) -> Path:
-    """The next free `RUN/rescore-N`: a re-score never writes over the run's own files."""
+    """The next free `RUN/rescore-N`: a re-score never writes over the run's own files. The
+    ranks of a SLURM job of several tasks (srun starts each with its own environment, so no
+    rank's choice reaches the others) all take the job's `RUN/rescore-<job id>` instead."""
+    if int(os.environ.get("SLURM_NTASKS") or 1) > 1 and "SLURM_PROCID" in os.environ:
+        path = run / f"{RESCORE_PREFIX}{run_token()}"
+        path.mkdir(exist_ok=True)
+        return path
     n = 1
     while True:
         path = run / f"{RESCORE_PREFIX}{n}"
@@ -112,7 +118,7 @@ def rescore_folder(run: Path) -> Path:
 def rescore_out(run: Path, hydra_out: Path | None) -> Path:
     """The folder a re-score of `run` writes: the rescore folder Hydra was given, the one rank 0
     chose (DDP ranks started by Lightning inherit its environment), else a new one."""
-    child_rank = int(os.environ.get("LOCAL_RANK", 0)) > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
+    child_rank = is_child_rank()
     chosen = os.environ.get(_RESCORE_ENV)
     if (
         hydra_out is not None

@@ -177,3 +177,25 @@ def test_a_folder_another_live_process_runs_in_is_refused(tmp_path: Path) -> Non
         other.wait()
     # a killed holder leaves the folder free
     assert run(compose_cfg(tmp_path, *cfg))["status"] == "finished"
+
+
+def test_every_rank_of_a_slurm_job_rescores_into_one_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """srun starts each DDP rank of a re-score with its own environment, so rank 0's choice of
+    folder does not reach the others: each used to claim the next rescore-N of its own. They
+    now all take the job's folder; a job of one task, or no SLURM, numbers them as before."""
+    from ad_lightning.run_folder import _RESCORE_ENV, _run_dir, rescore_out
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("SLURM_PROCID", rank)
+        monkeypatch.delenv(_RESCORE_ENV, raising=False)  # not inherited from rank 0
+        assert rescore_out(run_dir, None) == run_dir / "rescore-4242"
+        assert _run_dir(None, str(run_dir), "unused") == str(run_dir / "rescore-4242")  # Hydra's
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert rescore_out(run_dir, None) == run_dir / "rescore-1"
