@@ -221,6 +221,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.bit_depth = None if bit_depth is None else int(bit_depth)
         self.skipped: list[BadFile] = []
         self.odd_images: list[OddImage] = []
+        self._split_digests: dict[str, str] | None = None  # split_digests(), once per setup
         self.size_note = ""
         self.reference: np.ndarray | None = None
         self.files: CategoryFiles | None = None
@@ -361,7 +362,10 @@ class AnomalyDataModule(pl.LightningDataModule):
         """A SHA-256 per split of its files' paths (relative to the category folder, so a
         dataset moved elsewhere matches) and sizes. One file added to train/good reshuffles
         the whole validation split, so a re-score of a changed folder would fit its
-        thresholds and statistics on images the model was trained on."""
+        thresholds and statistics on images the model was trained on. Computed once (a
+        re-score checks them, then records them): the splits are fixed at setup."""
+        if self._split_digests is not None:
+            return self._split_digests
         where = Path(str(self.root)).expanduser() / self.category
         contaminated = {s.path for s in self.contaminated}
         splits = {
@@ -379,6 +383,7 @@ class AnomalyDataModule(pl.LightningDataModule):
                 relative = path.relative_to(where) if path.is_relative_to(where) else path
                 h.update(f"{relative}\t{path.stat().st_size}\n".encode())
             digests[name] = h.hexdigest()
+        self._split_digests = digests
         return digests
 
     def notes(self) -> list[str]:
