@@ -395,3 +395,22 @@ def test_augmentations_draw_per_image_and_epoch_not_per_worker(tiny_folder: Path
     assert all(torch.equal(first[i], image) for i, image in _augmented_epoch(in_process, 0).items())
     resumed = _augmented_epoch(in_process, 1, in_process.train_dataloader())  # a fresh loader
     assert all(torch.equal(second[i], image) for i, image in resumed.items())
+
+
+def test_two_random_flips_of_one_pipeline_are_drawn_independently() -> None:
+    """Albumentations seeds every transform of a pipeline with the same seed, so a horizontal
+    and a vertical flip (p = 0.5 each) always agreed: an image was kept or turned 180 degrees,
+    never mirrored. One stream for the pipeline draws all four outcomes."""
+    import albumentations as A
+
+    from ad_lightning.data.transforms import build_transform, reseed
+
+    flips = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    transform = build_transform(4, 3, "none", flips, seed=0)
+    image = np.repeat(np.arange(16, dtype=np.uint8).reshape(4, 4, 1), 3, axis=2)
+    corners = set()
+    for seed in range(40):
+        reseed(transform, seed)
+        out = transform(image=image, mask=np.zeros((4, 4), np.float32))["image"]
+        corners.add(round(float(out[0, 0, 0]) * 255))
+    assert corners == {0, 3, 12, 15}  # unflipped, mirrored, upside down, both

@@ -46,7 +46,7 @@ from ad_lightning.data.registration import (
     estimate_alignment,
 )
 from ad_lightning.data.sampling import Key, draw_seed, training_batches
-from ad_lightning.data.transforms import build_transform
+from ad_lightning.data.transforms import build_transform, reseed
 from ad_lightning.results import Contamination, DataSummary
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class AnomalyDataset(Dataset):
         if self.reference is not None:
             image, mask = self._register(image, mask, sample.path)
         if self.augment_seed is not None:
-            self.transform.set_random_seed(draw_seed(self.augment_seed, epoch, index))
+            reseed(self.transform, draw_seed(self.augment_seed, epoch, index))
         out = self.transform(image=image, mask=mask)
         return {
             "image": out["image"].float(),
