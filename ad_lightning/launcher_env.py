@@ -126,6 +126,14 @@ def launcher_name() -> str:
     return str(launcher.get("_target_", "")).rsplit(".", 1)[-1]
 
 
+def jobs_at_once() -> int:
+    """How many jobs of this sweep the launcher runs at once (joblib's; else 1), each on its
+    share of the machine: a fit's seconds are those of its share."""
+    if launcher_name() != "JoblibLauncher":
+        return 1
+    return parallel_jobs(int(HydraConfig.get().launcher.n_jobs), cpu_count())
+
+
 def configure_job(cfg: DictConfig) -> DictConfig:
     """Set this job's share of the machine from the launcher running it; call it first in
     the task function. Serial sweeps and single runs are left as they are."""

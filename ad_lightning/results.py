@@ -204,6 +204,10 @@ class Timings(Record):
     inference_ms_per_image: float = ABSENT
     n_images_timed: int = ABSENT
     device: str = ABSENT
+    #: the machine share the fit ran on, without which its seconds cannot be compared: torch's
+    #: CPU threads, and how many jobs of its sweep ran at once (joblib's n_jobs; 1 otherwise)
+    torch_threads: int = ABSENT
+    parallel_jobs: int = ABSENT
 
 
 @dataclass

@@ -41,6 +41,7 @@ from ad_lightning.data import DataLayoutError
 from ad_lightning.ddp_checks import apply_ddp_rules
 from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
 from ad_lightning.interrupt import InterruptCheckpoint, interrupt_record, is_interrupt
+from ad_lightning.launcher_env import jobs_at_once
 from ad_lightning.metrics.evaluation import require_threshold_split
 from ad_lightning.models.base import AnomalyModule, DivergenceError
 from ad_lightning.outputs import wandb_run
@@ -546,6 +547,8 @@ def fit(job: Job, ckpt_path: str | None = None) -> None:
         fit_s_before_resume=ABSENT
         if timer.before_resume is None
         else round(timer.before_resume, 2),
+        torch_threads=torch.get_num_threads(),
+        parallel_jobs=jobs_at_once(),
     )
 
 

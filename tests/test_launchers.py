@@ -155,6 +155,9 @@ def test_joblib_sweep_runs_two_jobs_at_a_time_each_with_its_thread_share(tmp_pat
     share = max(1, cpu_count() // 2)
     for n in range(4):  # each job says so in its log (run.log in its folder)
         assert f"joblib job {n}: {share} torch threads" in (sweep / str(n) / "run.log").read_text()
+        # and its results.json, beside the seconds measured on that share
+        timings = json.loads((sweep / str(n) / "results.json").read_text())["timings"]
+        assert (timings["torch_threads"], timings["parallel_jobs"]) == (share, 2), timings
 
 
 @pytest.mark.slow

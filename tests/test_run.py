@@ -56,6 +56,7 @@ def test_single_run_writes_complete_results(tmp_path: Path) -> None:
         and (tmp_path / "checkpoints" / "last.ckpt").is_file()
     )
     assert saved["timings"]["inference_ms_per_image"] > 0 and saved["versions"]["torch"]
+    assert saved["timings"]["parallel_jobs"] == 1 and saved["timings"]["torch_threads"] >= 1
     assert saved["data"]["n_test"] == 40 and saved["data"]["n_val"] == 5
     for name in ("residual_max", "residual_mean"):
         stats = saved["scores"][name]
