@@ -414,3 +414,29 @@ def test_two_random_flips_of_one_pipeline_are_drawn_independently() -> None:
         out = transform(image=image, mask=np.zeros((4, 4), np.float32))["image"]
         corners.add(round(float(out[0, 0, 0]) * 255))
     assert corners == {0, 3, 12, 15}  # unflipped, mirrored, upside down, both
+
+
+def test_augmentation_draws_follow_the_epoch_in_a_batch_sampler_rebuilt_for_ddp(
+    tiny_folder: Path,
+) -> None:
+    """17 training images in batches of 8 take the batch sampler that never leaves one image
+    alone. Under DDP Lightning rebuilds it around a DistributedSampler of its own (our shuffle,
+    which keyed the draws, is gone): the draws must still follow the epoch, not repeat."""
+    import albumentations as A
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+    from pytorch_lightning.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    noise = [A.GaussNoise(std_range=(0.2, 0.4), p=1.0)]
+    dm = make_dm(tiny_folder, val_split=0.15, batch_size=8, train_augmentations=noise)
+    loader = dm.train_dataloader()
+    rank0 = DistributedSampler(loader.dataset, num_replicas=2, rank=0, shuffle=True, seed=0)
+    loader = _update_dataloader(loader, rank0)
+
+    def epoch(n: int) -> dict[int, torch.Tensor]:
+        _set_sampler_epoch(loader, n)
+        return {int(i): x for b in loader for i, x in zip(b["index"], b["image"], strict=True)}
+
+    first, second = epoch(0), epoch(1)
+    shared = first.keys() & second.keys()
+    assert shared and not any(torch.equal(first[i], second[i]) for i in shared)

@@ -73,6 +73,17 @@ class NoSingletonBatches(BatchSampler):
         return n - 1 if n > 1 and single else n
 
 
+class KeyedBatches(NoSingletonBatches):
+    """NoSingletonBatches whose indices come with their sampler's epoch, for a dataset that
+    augments. The key is made here, not by the shuffle: under DDP Lightning rebuilds a batch
+    sampler around a DistributedSampler of its own (keeping the class, not our shuffle), whose
+    epoch it sets as it sets ours."""
+
+    def __iter__(self) -> Iterator[list[Key]]:  # type: ignore[override]
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        return iter([[(i, epoch) for i in batch] for batch in super().__iter__()])
+
+
 def training_batches(
     data: Sized, batch_size: int, seed: int, keyed: bool = False
 ) -> dict[str, Any]:
@@ -81,7 +92,7 @@ def training_batches(
     `keyed`: the indices come with their epoch (a dataset with random augmentations).
     (A plain sampler is kept otherwise: resuming a fit reproduces its batches exactly with
     it, which we measured; with a batch sampler Lightning's resume drifted slightly.)"""
-    shuffle = EpochShuffle(data, seed, keyed)
     if len(data) > 1 and len(data) % batch_size == 1:
-        return {"batch_sampler": NoSingletonBatches(shuffle, batch_size, False)}
-    return {"sampler": shuffle, "batch_size": batch_size}
+        batches = KeyedBatches if keyed else NoSingletonBatches
+        return {"batch_sampler": batches(EpochShuffle(data, seed), batch_size, False)}
+    return {"sampler": EpochShuffle(data, seed, keyed), "batch_size": batch_size}
