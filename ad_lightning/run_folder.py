@@ -99,12 +99,15 @@ def claim_folder(base: str | Path) -> Path:
 
 def rescore_folder(run: Path) -> Path:
     """The next free `RUN/rescore-N`: a re-score never writes over the run's own files. The
-    ranks of a SLURM job of several tasks (srun starts each with its own environment, so no
-    rank's choice reaches the others) all take the job's `RUN/rescore-<job id>` instead."""
+    ranks of a SLURM step of several tasks (srun starts each with its own environment, so no
+    rank's choice reaches the others) all take the step's `RUN/rescore-<job id>.<step>`
+    instead, unless it already holds a re-score's results (then rank 0 numbers a new one)."""
     if int(os.environ.get("SLURM_NTASKS") or 1) > 1 and "SLURM_PROCID" in os.environ:
-        path = run / f"{RESCORE_PREFIX}{run_token()}"
-        path.mkdir(exist_ok=True)
-        return path
+        step = os.environ.get("SLURM_STEP_ID", "")
+        path = run / f"{RESCORE_PREFIX}{run_token()}{'.' + step if step else ''}"
+        if is_child_rank() or not (path / "results.json").exists():
+            path.mkdir(exist_ok=True)
+            return path
     n = 1
     while True:
         path = run / f"{RESCORE_PREFIX}{n}"

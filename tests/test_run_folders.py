@@ -190,12 +190,17 @@ def test_every_rank_of_a_slurm_job_rescores_into_one_folder(
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "2")
+    step = run_dir / "rescore-4242.0"
     for rank in ("0", "1"):
         monkeypatch.setenv("SLURM_PROCID", rank)
         monkeypatch.delenv(_RESCORE_ENV, raising=False)  # not inherited from rank 0
-        assert rescore_out(run_dir, None) == run_dir / "rescore-4242"
-        assert _run_dir(None, str(run_dir), "unused") == str(run_dir / "rescore-4242")  # Hydra's
-    monkeypatch.setenv("SLURM_NTASKS", "1")
+        assert rescore_out(run_dir, None) == step
+        assert _run_dir(None, str(run_dir), "unused") == str(step)  # Hydra's run folder
+    # a second re-score in the same step (a job script that re-scores twice) writes a new one
+    (step / "results.json").write_text("{}")
     monkeypatch.setenv("SLURM_PROCID", "0")
     assert rescore_out(run_dir, None) == run_dir / "rescore-1"
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert rescore_out(run_dir, None) == run_dir / "rescore-2"
