@@ -140,9 +140,10 @@ def build_loggers(cfg: DictConfig, out: Path, resuming: RunResults | None = None
                 # a dashboard that averages a group's fits would count the re-scored one twice
                 args["job_type"], args["name"] = "rescore", f"{args['name']}-{out.name}"
                 args["id"] = None  # nor its W&B run: the id in its config is the fit's
-            logged = wandb_run.logged_id(resuming.config if resuming else None, name)
-            if logged:  # one W&B run per fit: the resumed epochs extend the same curves
-                args["id"], args["resume"] = logged, "allow"
+            logged = wandb_run.logged_as(resuming.config if resuming else None, name)
+            if logged:  # one W&B run per fit: the resumed epochs extend the same curves,
+                # under the group and name it had (a sweep job resumed alone keeps its sweep's)
+                args |= logged | {"resume": "allow"}
             args["id"] = args.get("id") or wandb_run.new_id()
             with open_dict(cfg):
                 for key in ("group", "job_type", "name", "id"):
@@ -160,6 +161,12 @@ def build_loggers(cfg: DictConfig, out: Path, resuming: RunResults | None = None
 def wandb_init_args(cfg: DictConfig, conf: dict[str, Any]) -> dict[str, Any]:
     """WandbLogger arguments; jobs of one multirun share a W&B group: the sweep folder's name."""
     multirun = HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+    # a re-score's or resume's config carries the fit's own id, which build_loggers replaces
+    if multirun and conf.get("id") and not (cfg.get("test_only") or cfg.get("resume")):
+        raise ValueError(
+            f"logger.wandb.id={conf['id']} in a -m sweep would log every job into one W&B run; "
+            "leave it null (each job gets its own id, recorded in its results.json)"
+        )
     return wandb_run.init_args(
         conf,
         OmegaConf.to_container(cfg, resolve=True),

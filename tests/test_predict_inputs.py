@@ -365,7 +365,7 @@ def test_a_batch_unlike_the_training_images_is_named_though_alike_among_itself(
         assert predict(run, tmp_path / "like", tmp_path / "out_like") == 0
     assert all(r["note"] == "" for r in predictions(tmp_path / "out_like").values())
     assert unlike_warnings(caplog) == []
-    assert "records no facts of its training images" not in caplog.text
+    assert "records no readable facts of its training images" not in caplog.text
 
 
 def test_an_odd_input_unlike_training_too_gets_both_notes(tmp_path: Path) -> None:
@@ -390,7 +390,14 @@ def test_a_model_file_from_before_the_training_images_were_recorded_still_predic
     run = trained_on_rgb(tmp_path)
     payload = torch.load(run / "model.pt", weights_only=True)
     gray(tmp_path / "in" / "a.png", 0)
-    for case, record in (("old", None), ("malformed", {"mode": ["RGB"], "bits": "eight"})):
+    junk = {"images": 4, "size": "a;b", "median_size": [1, 1], "mode": "RGB", "bits": 8}
+    cases = (
+        ("old", None),
+        ("malformed", {"mode": ["RGB"], "bits": "eight"}),
+        ("infinite", junk | {"size": None, "bits": float("inf")}),
+        ("junk_size", junk),
+    )
+    for case, record in cases:
         if record is None:
             payload["preprocess"].pop("training_images")
         else:
@@ -403,7 +410,11 @@ def test_a_model_file_from_before_the_training_images_were_recorded_still_predic
             assert predict(tmp_path / case, tmp_path / "in", tmp_path / f"out_{case}") == 0
         (row,) = predictions(tmp_path / f"out_{case}").values()
         assert row["verdict"] in ("normal", "anomalous") and row["note"] == ""
-        said = [r for r in caplog.records if "records no facts of its training images" in r.message]
+        said = [
+            r
+            for r in caplog.records
+            if "records no readable facts of its training images" in r.message
+        ]
         assert len(said) == 1 and said[0].levelname == "INFO"
         assert unlike_warnings(caplog) == []
 

@@ -302,3 +302,32 @@ def test_a_failed_fit_ends_its_wandb_run_as_failed_and_its_resume_continues_it(
     assert rescore_id and rescore_id != run_id
     (third,) = Path(rescored["run_dir"]).glob("wandb/offline-run-*")
     assert third.name.endswith(f"-{rescore_id}")
+
+
+def test_a_wandb_id_given_to_a_sweep_is_refused(tmp_path: Path) -> None:
+    """Every job of a -m sweep given one logger.wandb.id would log into the same W&B run."""
+    sweep = tmp_path / "sweep-id"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            return_hydra_config=True,
+            overrides=[
+                "logger=wandb",
+                "logger.wandb.id=abc123",
+                "data.category=object",
+                "hydra.mode=MULTIRUN",
+                f"hydra.sweep.dir={sweep}",
+                "hydra.job.num=0",
+            ],
+        )
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(sweep / "0")
+    HydraConfig.instance().set_config(cfg)
+    task = copy.deepcopy(cfg)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    try:
+        with pytest.raises(ValueError, match="logger.wandb.id=abc123 in a -m sweep"):
+            run(task)
+    finally:
+        HydraConfig.instance().cfg = None

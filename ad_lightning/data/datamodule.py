@@ -365,7 +365,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         thresholds and statistics on images the model was trained on. Computed once (a
         re-score checks them, then records them): the splits are fixed at setup."""
         if self._split_digests is not None:
-            return self._split_digests
+            return dict(self._split_digests)
         where = Path(str(self.root)).expanduser() / self.category
         contaminated = {s.path for s in self.contaminated}
         splits = {
@@ -383,7 +383,7 @@ class AnomalyDataModule(pl.LightningDataModule):
                 relative = path.relative_to(where) if path.is_relative_to(where) else path
                 h.update(f"{relative}\t{path.stat().st_size}\n".encode())
             digests[name] = h.hexdigest()
-        self._split_digests = digests
+        self._split_digests = dict(digests)
         return digests
 
     def notes(self) -> list[str]:

@@ -268,8 +268,9 @@ def note_unlike_training(
     the part. Return how many (None: the model file records no training images)."""
     if trained is None:
         log.info(
-            "%s records no facts of its training images (written before they were): inputs "
-            "are compared with each other only, not with the images the model was trained on",
+            "%s records no readable facts of its training images (a file written before they "
+            "were, or its training images unreadable then): inputs are compared with each "
+            "other only, not with the images the model was trained on",
             model,
         )
         return None

@@ -10,6 +10,7 @@ odd), and predict names each input that differs from them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,8 @@ class TrainingImages:
         try:
             width, height = record["median_size"]
             size = record["size"]
+            if size is not None and not re.fullmatch(r"\d+x\d+", str(size)):
+                return None
             return cls(
                 int(record["images"]),
                 None if size is None else str(size),
@@ -81,7 +84,7 @@ class TrainingImages:
                 str(record["mode"]),
                 int(record["bits"]),
             )
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             return None
 
     def describe(self) -> str:

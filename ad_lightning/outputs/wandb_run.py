@@ -113,11 +113,13 @@ def new_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def logged_id(config: dict[str, Any] | None, logger: str) -> str | None:
-    """The W&B run id logger `logger` of a run with resolved `config` logged under, if any (a
-    run recorded before the id was kept has none)."""
+def logged_as(config: dict[str, Any] | None, logger: str) -> dict[str, Any] | None:
+    """The W&B run (id, group, name, job type) logger `logger` of a run with resolved `config`
+    logged under; None without an id (a run recorded before the id was kept)."""
     conf = ((config or {}).get("logger") or {}).get(logger)
-    return conf.get("id") if isinstance(conf, dict) else None
+    if not (isinstance(conf, dict) and isinstance(conf.get("id"), str) and conf["id"]):
+        return None
+    return {key: conf.get(key) for key in ("id", "group", "name", "job_type")}
 
 
 def run_config(config: dict[str, Any], choices: dict[str, str]) -> dict[str, Any]:
