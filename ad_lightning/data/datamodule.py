@@ -221,6 +221,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.bit_depth = None if bit_depth is None else int(bit_depth)
         self.skipped: list[BadFile] = []
         self.odd_images: list[OddImage] = []
+        self.image_infos: dict[Path, ImageInfo] = {}
         self._split_digests: dict[str, str] | None = None  # split_digests(), once per setup
         self.size_note = ""
         self.reference: np.ndarray | None = None
@@ -299,7 +300,10 @@ class AnomalyDataModule(pl.LightningDataModule):
             files.train + files.test + labelled, self.channels, self.bit_depth
         )
         dropped = {b.sample.path for b in bad}
-        odd, self.size_note = find_odd_images({p: i for p, i in infos.items() if p not in dropped})
+        # what each image is (size, mode, bit depth): the model file records its training
+        # images' majority from these, which predict compares the line's images with
+        self.image_infos = {p: i for p, i in infos.items() if p not in dropped}
+        odd, self.size_note = find_odd_images(self.image_infos)
         if self.size_note:
             log.info("%s: %s", where, self.size_note)
         if self.strict and (bad or odd):

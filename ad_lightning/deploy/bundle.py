@@ -59,11 +59,15 @@ class Preprocess:
         size = datamodule.image_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         reference = getattr(datamodule, "reference", None)
-        # the normal images the model learned from; their headers are read again, as the
-        # datamodule's audit keeps only the odd images, not the majority's facts
+        # the images the model learned from, as the datamodule's audit read them at setup
+        infos = getattr(datamodule, "image_infos", {})
         trained = [
-            *getattr(datamodule, "train_samples", []),
-            *getattr(datamodule, "val_samples", []),
+            infos[s.path]
+            for s in [
+                *getattr(datamodule, "train_samples", []),
+                *getattr(datamodule, "val_samples", []),
+            ]
+            if s.path in infos
         ]
         return cls(
             (int(h), int(w)),
@@ -72,7 +76,7 @@ class Preprocess:
             datamodule.register_method if reference is not None else None,
             None if reference is None else torch.from_numpy(np.ascontiguousarray(reference)),
             getattr(datamodule, "bit_depth", None),
-            TrainingImages.of_files(Path(s.path) for s in trained),
+            TrainingImages.of(trained),
         )
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

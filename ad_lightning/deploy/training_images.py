@@ -13,26 +13,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import median
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from ad_lightning.data.audit import DOMINANT_SHARE, far_off, majority
-from ad_lightning.data.io import ImageInfo, stored_bits
-
-
-def header_info(path: Path) -> ImageInfo | None:
-    """What an image file is, from its header alone (no pixels decoded, so a large training
-    set costs little more than listing it); None when it cannot be read now."""
-    if not path.is_file():  # a FIFO would block open
-        return None
-    try:
-        with Image.open(path) as img:
-            return ImageInfo(img.width, img.height, img.mode, stored_bits(img))
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-        return None
+from ad_lightning.data.io import ImageInfo
 
 
 @dataclass(frozen=True)
@@ -60,11 +45,6 @@ class TrainingImages:
             majority([i.mode for i in infos])[0],
             int(majority([str(i.bits) for i in infos])[0]),
         )
-
-    @classmethod
-    def of_files(cls, paths: Iterable[Path]) -> TrainingImages | None:
-        """The majority facts of the image files that can be read (headers only)."""
-        return cls.of(i for i in map(header_info, paths) if i is not None)
 
     @classmethod
     def from_record(cls, record: Any) -> TrainingImages | None:
