@@ -110,40 +110,50 @@ def run_files(run_dir: Path) -> tuple[Path, list[Any]]:
     return log.parent, finished_records(log)
 
 
-@pytest.fixture(scope="module")
-def sweep_job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Job 1 of a multirun (sweep folder `sweep-wb`) as Hydra's launcher runs it: Skip-DFR at
-    32 px, 2 epochs (a validation loss per epoch), W&B offline with model.pt as an artifact."""
-    sweep = tmp_path_factory.mktemp("wb") / "sweep-wb"
+def run_sweep_job(sweep: Path, job: int, *overrides: str) -> dict[str, Any]:
+    """Job `job` of a multirun in folder `sweep`, as Hydra's launcher runs it: the hydra node
+    set for the job (MULTIRUN mode), then the task config without it."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "config",
             return_hydra_config=True,
             overrides=[
-                "logger=wandb",
-                "logger.wandb.log_model_file=true",
-                "data.category=object",
-                "data.image_size=32",
-                "backbone.blocks=[1,2]",
-                "trainer.max_epochs=2",
-                "eval.n_heatmaps=2",
-                "trainer.enable_progress_bar=false",
-                "trainer.enable_model_summary=false",
+                *overrides,
                 "hydra.mode=MULTIRUN",
                 f"hydra.sweep.dir={sweep}",
-                "hydra.job.num=1",
+                f"hydra.job.num={job}",
             ],
         )
     with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(sweep / "1")
+        cfg.hydra.runtime.output_dir = str(sweep / str(job))
     HydraConfig.instance().set_config(cfg)  # as hydra's run_job does, then the task config
     task = copy.deepcopy(cfg)
     with read_write(task), open_dict(task):
         del task["hydra"]
     try:
-        results = run(task).to_json()
+        return run(task).to_json()
     finally:
         HydraConfig.instance().cfg = None
+
+
+@pytest.fixture(scope="module")
+def sweep_job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Job 1 of a multirun (sweep folder `sweep-wb`): Skip-DFR at 32 px, 2 epochs (a
+    validation loss per epoch), W&B offline with model.pt as an artifact."""
+    sweep = tmp_path_factory.mktemp("wb") / "sweep-wb"
+    results = run_sweep_job(
+        sweep,
+        1,
+        "logger=wandb",
+        "logger.wandb.log_model_file=true",
+        "data.category=object",
+        "data.image_size=32",
+        "backbone.blocks=[1,2]",
+        "trainer.max_epochs=2",
+        "eval.n_heatmaps=2",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    )
     folder, records = run_files(sweep / "1")
     return {"results": results, "folder": folder, "records": records, "sweep": sweep}
 
@@ -306,28 +316,5 @@ def test_a_failed_fit_ends_its_wandb_run_as_failed_and_its_resume_continues_it(
 
 def test_a_wandb_id_given_to_a_sweep_is_refused(tmp_path: Path) -> None:
     """Every job of a -m sweep given one logger.wandb.id would log into the same W&B run."""
-    sweep = tmp_path / "sweep-id"
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "config",
-            return_hydra_config=True,
-            overrides=[
-                "logger=wandb",
-                "logger.wandb.id=abc123",
-                "data.category=object",
-                "hydra.mode=MULTIRUN",
-                f"hydra.sweep.dir={sweep}",
-                "hydra.job.num=0",
-            ],
-        )
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(sweep / "0")
-    HydraConfig.instance().set_config(cfg)
-    task = copy.deepcopy(cfg)
-    with read_write(task), open_dict(task):
-        del task["hydra"]
-    try:
-        with pytest.raises(ValueError, match="logger.wandb.id=abc123 in a -m sweep"):
-            run(task)
-    finally:
-        HydraConfig.instance().cfg = None
+    with pytest.raises(ValueError, match="logger.wandb.id=abc123 in a -m sweep"):
+        run_sweep_job(tmp_path / "sweep-id", 0, "logger=wandb", "logger.wandb.id=abc123")
