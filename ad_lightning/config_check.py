@@ -94,6 +94,7 @@ RULES: tuple[Rule, ...] = (
     Rule("model.beta[12]", float, 0, 1, open_high=True),
     Rule("model.coreset_ratio", float, 0, 1, open_low=True, note="fraction of patches kept"),
     Rule("model.pca_variance", float, 0, 1, open_low=True),
+    Rule("model.pca_images", int, 1),
     Rule("model.k", int, 1, note="neighbours"),
     Rule("model.num_neighbours", int, 1),
     Rule("model.image_size", int, 1),

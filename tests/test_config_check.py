@@ -75,6 +75,7 @@ def test_missing_category_on_the_command_line_is_one_short_message(tmp_path: Pat
         (["model=deep_knn", "model.k=0"], "model.k=0: must be an integer >= 1"),
         (["model.width_ratio=abc"], "model.width_ratio='abc': must be a number"),
         (["model.levels=2.5"], "model.levels=2.5: must be an integer"),
+        (["model=dfr", "model.pca_images=0"], "model.pca_images=0: must be an integer >= 1"),
     ],
 )
 def test_bad_numbers_are_named_with_the_allowed_range(

@@ -40,6 +40,24 @@ def test_a_dfr_built_before_its_pca_loads_the_fitted_autoencoder() -> None:
     torch.testing.assert_close(rebuilt.autoencoder(feats), fitted.autoencoder(feats))
 
 
+def test_a_resumed_dfr_whose_pca_now_counts_otherwise_loads_its_checkpoint() -> None:
+    """A resumed fit runs the PCA again before Lightning restores the checkpoint; on slightly
+    other features (another feature store precision) it may count one channel more, and the
+    checkpoint's AE used to be refused with a size mismatch. The checkpoint's size wins; a
+    latent size the config gives still has to match."""
+    backbone = FeatureExtractor("efficientnet_lite0", blocks=[1, 2], pretrained=False)
+    fitted = DFR(backbone, latent_channels=5).eval()
+    resumed = DFR(backbone, latent_channels=None)
+    resumed.autoencoder = PointwiseAutoencoder(backbone.out_channels, 6)  # as setup's PCA
+    resumed.hparams.latent_channels, resumed.sized_by_pca = 6, True
+    resumed.load_state_dict(fitted.state_dict(), strict=True)
+    assert resumed.describe()["latent_channels"] == 5
+    feats = torch.randn(2, backbone.out_channels, 4, 4)
+    torch.testing.assert_close(resumed.eval().autoencoder(feats), fitted.autoencoder(feats))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        DFR(backbone, latent_channels=6).load_state_dict(fitted.state_dict(), strict=True)
+
+
 @pytest.mark.learning
 def test_dfr_learns_with_pca_latent_channels(synthetic_root, figure) -> None:
     dm = synthetic_dm(synthetic_root, "object", 128)

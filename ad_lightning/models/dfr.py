@@ -82,6 +82,7 @@ class DFR(FeatureReconstructionModule):
         self.save_hyperparameters(ignore=["backbone"])
         self.pca_variance = pca_variance
         self.pca_images = pca_images
+        self.sized_by_pca = False  # the AE's latent size is this process's PCA's, not the config's
 
     def setup(self, stage: str) -> None:
         """Apply the PCA rule on training features before the optimiser is built. Only to
@@ -102,20 +103,29 @@ class DFR(FeatureReconstructionModule):
         )
         self.hparams.latent_channels = latent
         self.autoencoder = PointwiseAutoencoder(self.backbone.out_channels, latent).to(self.device)
+        self.sized_by_pca = True
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
         """A DFR built before its PCA (latent_channels=null) takes the fitted AE's size from the
         state dict it loads: a model file rebuilds the fitted architecture from the config as
-        the run gave it. Its latent size is the narrowest 1x1 convolution's output."""
+        the run gave it. Its latent size is the narrowest 1x1 convolution's output. So does one
+        sized by this process's PCA: a resumed fit runs the PCA again (Lightning calls setup
+        before it restores the checkpoint), on features that may differ slightly (another
+        feature store precision, another machine), and one channel more or less would refuse
+        the checkpoint it resumes."""
         stored = [
             v
             for k, v in state_dict.items()
             if k.startswith(f"{prefix}autoencoder.") and k.endswith(".weight") and v.dim() == 4
         ]
-        if self.autoencoder is None and stored:
-            latent = min(int(w.shape[0]) for w in stored)
+        latent = min(int(w.shape[0]) for w in stored) if stored else None
+        rebuild = self.autoencoder is None or (
+            self.sized_by_pca and latent != self.hparams.latent_channels
+        )
+        if stored and rebuild:
+            log.info("DFR latent channels from the loaded state: %d", latent)
             self.hparams.latent_channels = latent
             self.autoencoder = PointwiseAutoencoder(self.backbone.out_channels, latent).to(
                 self.feature_mean.device
