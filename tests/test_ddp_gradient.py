@@ -5,6 +5,7 @@ that DDP does not average) stay identical across ranks."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,68 @@ class RankWeights(pl.Callback):
             self._save(trainer, pl_module, "scored")
 
 
+class RankDraws(pl.Callback):
+    """Saves what each rank trained on (draws<r>.json in `folder`): per training batch the
+    epoch, the images' dataset indices and a digest of each augmented image."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.batches: list[dict[str, Any]] = []
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.batches.append(
+            {
+                "epoch": trainer.current_epoch,
+                "index": [int(i) for i in batch["index"]],
+                "digest": [image_digest(x) for x in batch["image"]],
+            }
+        )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"draws{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.batches))
+
+
+def image_digest(image: torch.Tensor) -> str:
+    return hashlib.sha1(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def assert_draws_are_one_process_draws(folder: Path, overrides: list[str]) -> None:
+    """Every image either rank trained on is the one a single process draws for its (index,
+    epoch) key; the ranks share an epoch's images only by the DistributedSampler's padding,
+    and an image is drawn anew from one epoch to the next. Fails if the ranks, or the epochs,
+    replay one stream of augmentation draws (a Lightning that stopped handing our sampler its
+    epoch would key every epoch as epoch 0)."""
+    draws = [json.loads((folder / f"draws{r}.json").read_text()) for r in (0, 1)]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    dataset = datamodule.train_dataloader().dataset
+    assert dataset.augment_seed is not None  # the family's config augments
+    seen: list[dict[int, dict[int, str]]] = [{}, {}]  # rank -> epoch -> index -> digest
+    for rank, batches in enumerate(draws):
+        for batch in batches:
+            epoch = seen[rank].setdefault(batch["epoch"], {})
+            epoch.update(zip(batch["index"], batch["digest"], strict=True))
+    for rank in seen:
+        for epoch, images in rank.items():
+            for index, digest in images.items():
+                assert digest == image_digest(dataset[(index, epoch)]["image"]), (epoch, index)
+    n = len(dataset)
+    complete = [e for e in seen[0] if e in seen[1] and e < max(seen[0])]
+    assert len(complete) >= 2, sorted(seen[0])
+    for epoch in complete:
+        ranks = [set(seen[r][epoch]) for r in (0, 1)]
+        assert ranks[0] | ranks[1] == set(range(n)) and len(ranks[0] & ranks[1]) <= n % 2
+    first, second = (seen[0][e] for e in complete[:2])
+    shared = first.keys() & second.keys()
+    assert any(first[i] != second[i] for i in shared), "epochs replayed the same draws"
+
+
 def rank_states(folder: Path, when: str) -> tuple[dict, dict]:
     """The two ranks' saved state at `when` (start, end or test)."""
     return tuple(torch.load(folder / f"{when}{r}.pt") for r in (0, 1))
@@ -218,6 +281,7 @@ def test_gradient_family_trains_under_ddp(family: str, tmp_path: Path) -> None:
     learning = LEARNING[family]
     args = [f"model={representative(family)}", *RUN, *learning.args]
     probe = "+callbacks.rank_weights._target_=tests.test_ddp_gradient.RankWeights"
+    draws = "+callbacks.rank_draws._target_=tests.test_ddp_gradient.RankDraws"
     ddp = run_py(
         [
             *args,
@@ -225,6 +289,8 @@ def test_gradient_family_trains_under_ddp(family: str, tmp_path: Path) -> None:
             f"trainer.max_steps={learning.steps}",
             probe,
             f"+callbacks.rank_weights.folder={tmp_path / 'weights'}",
+            draws,
+            f"+callbacks.rank_draws.folder={tmp_path / 'weights'}",
             f"hydra.run.dir={tmp_path / 'ddp'}",
         ]
     )
@@ -242,6 +308,8 @@ def test_gradient_family_trains_under_ddp(family: str, tmp_path: Path) -> None:
     assert_same(scored[0], scored[1])  # every rank scores with the same fitted statistics
     if "model.global_source=residual" in learning.args:  # fitted at test start, on each rank
         assert scored[0]["global_precision"].numel() > 0
+    if family == "autoencoder":  # its config flips images at random (train_augmentations)
+        assert_draws_are_one_process_draws(tmp_path / "weights", args)
     control = run_py([*args, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'control'}"])
     assert control.returncode == 0, control.stderr[-3000:]
     untrained = json.loads((tmp_path / "control" / "results.json").read_text())["metrics"]
