@@ -65,8 +65,9 @@ def find_results(folders: list[str]) -> list[dict[str, Any]]:
     """Every readable results.json under the folders, in sweep order, each tagged with its path.
 
     A re-score (test_only=RUN -> RUN/rescore-N) measures the same fit again, so the run counts
-    once: as itself when it finished, else as its latest finished re-score (a test step that
-    failed, scored again). Name a rescore folder itself to report it."""
+    once: as itself when it finished, else as its latest finished re-score when its fit ended
+    (a test step that failed, scored again). A re-score of a fit that never ended scored a
+    partly trained last.ckpt: the run stays unfinished. Name a rescore folder to report it."""
     runs: list[dict[str, Any]] = []
     rescores: dict[Path, list[dict[str, Any]]] = {}
     seen: set[Path] = set()
@@ -100,11 +101,20 @@ def find_results(folders: list[str]) -> list[dict[str, Any]]:
             if finished:
                 print(f"report: {folder}'s re-scores are not counted twice")
             continue
+        if not run.get("checkpoint"):  # the fit never reached its checkpoint choice
+            print(
+                f"report: {folder} did not finish ({run_status(run)}) and its fit did not end: "
+                f"its re-score {Path(finished[-1]['_file']).parent} scored a partly trained "
+                "model and is not counted"
+            )
+            continue
         runs[i] = finished[-1]
         print(
             f"report: {folder} did not finish ({run_status(run)}); its re-score "
             f"{Path(finished[-1]['_file']).parent} stands in for it"
         )
+    for folder in rescores:  # their run's own results.json was unreadable (said above)
+        print(f"report: the re-scores of {folder} are not counted without its results.json")
     return runs
 
 
@@ -202,8 +212,13 @@ RUN_SPECIFIC = (
 )
 
 
+#: results.json `versions` keys that do not split cells
+UNCOMPARED_VERSIONS = ("git_commit",)
+
+
 def settings(run: dict[str, Any]) -> dict[str, str]:
-    """The run's resolved config as dotted key -> value label, less the RUN_SPECIFIC keys."""
+    """The run's resolved config as dotted key -> value label, less the RUN_SPECIFIC keys,
+    and the library versions it ran with."""
     flat: dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -214,6 +229,11 @@ def settings(run: dict[str, Any]) -> dict[str, str]:
             flat[prefix] = label(one_device(node) if prefix == "trainer.devices" else node)
 
     walk(run.get("config") or {}, "")
+    # the libraries a run used (a timm or torchmetrics upgrade can change a figure); the code's
+    # own commit is left out, or every commit would split a sweep rerun after it
+    for package, version in (run.get("versions") or {}).items():
+        if package not in UNCOMPARED_VERSIONS:
+            flat[f"versions.{package}"] = str(version)
     return flat
 
 

@@ -38,6 +38,8 @@ class TestResults:
     thresholds: dict[str, Any] | None = None
     inference_ms_per_image: float = 0.0
     n_images_timed: int = 0
+    #: what the metrics leave out and why (results.json's warnings)
+    warnings: list[str] = field(default_factory=list)
 
     def __getitem__(self, key: str) -> Any:
         """Dict-style reading (`results["metrics"]`), as the callers of the untyped dict did."""

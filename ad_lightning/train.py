@@ -58,7 +58,13 @@ from ad_lightning.results import (
     read_results,
 )
 from ad_lightning.run_config import UntrustedRunFolder, job_differences, merge_run_config
-from ad_lightning.run_folder import RunFolderBusy, holding, register_resolvers, rescore_out
+from ad_lightning.run_folder import (
+    RunFolderBusy,
+    holding,
+    is_child_rank,
+    register_resolvers,
+    rescore_out,
+)
 
 log = logging.getLogger(__name__)
 register_resolvers()  # conf/config.yaml names its run folders through them
@@ -509,6 +515,13 @@ def carry_over(
         if previous:
             results.timings = previous.timings
             results.checkpoint = previous.checkpoint
+        if previous and not previous.finished and not previous.checkpoint:
+            # its fit never reached the checkpoint choice: last.ckpt is a partly trained model
+            results.warnings.append(
+                f"test_only scored {rescore_of}'s last.ckpt, but that fit did not end (it is "
+                f"{previous.status}): these are the metrics of a partly trained model, which "
+                f"the report does not count as the run's; resume={rescore_of} finishes the fit"
+            )
         if not results.timings:
             results.timings = Timings()
         results.timings.test_only = True
@@ -627,6 +640,7 @@ def test(job: Job, ckpt_path: str | None) -> None:
         val_scores=result["val_scores"],
         thresholds=result["thresholds"],
     )
+    job.results.warnings.extend(result["warnings"])
     timings = job.results.timings or Timings()
     timings.update(
         test_s=round(test_s, 2),
@@ -722,7 +736,8 @@ class RunStatus:
         if err is None:
             return False
         if self.job is None:  # bad data or config: recorded before any training starts
-            if self.record_start and isinstance(err, Exception):
+            # (by rank 0 alone: a DDP rank started after it would overwrite its record)
+            if self.record_start and isinstance(err, Exception) and not is_child_rank():
                 write_results(self.out / "results.json", self._failed_start(err))
             return False
         results, ckpt_dir = self.job.results, self.ckpt_dir

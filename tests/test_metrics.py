@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -7,6 +9,13 @@ from ad_lightning.metrics import (
     f1_optimal_threshold,
     false_alarm_threshold,
     threshold_stats,
+)
+from ad_lightning.metrics.evaluation import (
+    BLANK_MASKS,
+    EvalConfig,
+    Evaluation,
+    pixel_metrics,
+    score_loader,
 )
 
 
@@ -112,3 +121,55 @@ def test_post_processor_traces_into_an_onnx_graph_with_its_buffers(tmp_path) -> 
     unset = PostProcessor()
     unset.set_normalisation(0.3, 0.3)  # min == max: 0, as the records' normalised scores
     assert torch.equal(unset.normalise(scores), torch.zeros(4, dtype=torch.float64))
+
+
+def _evaluation(maps: torch.Tensor, masks: torch.Tensor) -> Evaluation:
+    """One test batch of two images (normal, defective) scored with `maps` against `masks`."""
+    evaluation = Evaluation(EvalConfig(), "s", "Toy")
+    evaluation.has_masks = True
+    batch = {
+        "path": ["good.png", "bad.png"],
+        "label": torch.tensor([0, 1]),
+        "defect_type": ["good", "crack"],
+        "mask": masks,
+    }
+
+    def score(_: dict) -> SimpleNamespace:
+        return SimpleNamespace(image={"s": maps.flatten(1).amax(1)}, map=maps)
+
+    evaluation.step(batch, score, torch.device("cpu"))
+    return evaluation
+
+
+def test_a_non_finite_map_value_is_an_error_naming_the_image() -> None:
+    """One +inf pixel rescales every other pixel of the pixel AUROC into a tie, one -inf turns
+    them into NaN, while the image score (the map's max) can stay finite: an error, naming
+    the image, never a silently wrong pixel metric."""
+    masks = torch.zeros(2, 8, 8)
+    masks[1, 2:4, 2:4] = 1
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        maps = torch.rand(2, 8, 8)
+        maps[1, 0, 0] = bad
+        with pytest.raises(FloatingPointError, match="bad.png"):
+            _evaluation(maps, masks)
+    assert _evaluation(torch.rand(2, 8, 8), masks).finish().metrics["pixel_auroc"] > 0
+
+
+def test_blank_masks_give_no_pixel_metric_and_say_so() -> None:
+    """Masks that mark no defect pixel (placeholder masks from a labelling tool): torchmetrics
+    would report a pixel AUROC of 0.0; no pixel metric is written, and a warning says why."""
+    found = _evaluation(torch.rand(2, 8, 8), torch.zeros(2, 8, 8)).finish()
+    assert "pixel_auroc" not in found.metrics and "pixel_aupro" not in found.metrics
+    assert found.metrics["image_auroc"] >= 0 and found.warnings == [BLANK_MASKS]
+    assert pixel_metrics([torch.rand(4, 4)], [torch.zeros(4, 4)], 0.3) == {}
+
+
+def test_non_finite_validation_scores_are_an_error_not_a_threshold() -> None:
+    """A NaN validation score makes a false-alarm threshold of NaN, which flags nothing."""
+    loader = [{"path": ["a.png", "b.png"]}]
+
+    def score(_: dict) -> SimpleNamespace:
+        return SimpleNamespace(image={"s": torch.tensor([0.1, float("nan")])}, map=None)
+
+    with pytest.raises(FloatingPointError, match="b.png"):
+        score_loader(loader, score)

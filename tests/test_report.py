@@ -379,7 +379,8 @@ def test_a_finished_rescore_stands_in_for_a_run_whose_test_failed(tmp_path: Path
     trainer=cpu) gives the run's number; the report counts it once, in the run's place, and
     says so, instead of showing the run as failed and its re-score as a duplicate."""
     s = tmp_path / "s"
-    fake_run(s / "0", "bottle", "r", 0.5, status="failed", error="OutOfMemoryError")
+    fit_ended = {"checkpoint": {"scored": "best.ckpt"}}  # chosen before the test step
+    fake_run(s / "0", "bottle", "r", 0.5, status="failed", error="OutOfMemoryError", **fit_ended)
     again = {"rescore_of": str(s / "0")}
     fake_run(s / "0" / "rescore-1", "bottle", "r", 0.8, **again)
     fake_run(s / "0" / "rescore-2", "bottle", "r", 0.9, **again)
@@ -403,3 +404,38 @@ def test_folders_that_overlap_count_each_run_once(tmp_path: Path) -> None:
     fake_run(s / "1", "bottle", "r", 0.8, seed=1)
     md = main([str(s), str(s / "1"), "cols=model", "wandb=false"])
     assert cells(md) == [["data.category", "SkipDFR"], ["bottle", "0.750 ± 0.071"]]
+
+
+def test_a_rescore_of_a_fit_that_never_ended_does_not_stand_in_for_the_run(
+    tmp_path: Path, capsys
+) -> None:
+    """A seed interrupted at epoch 3 of 100 has a last.ckpt; test_only=RUN scores that partly
+    trained model and finishes. The run's record has no checkpoint choice (the fit never
+    reached it), so the re-score must not enter the cell as the seed's result: the run stays
+    listed as not finished. A run whose fit ended (checkpoint recorded) is stood in for."""
+    s = tmp_path / "s"
+    fake_run(s / "0", "bottle", "r", 0.5, status="interrupted", error="KeyboardInterrupt")
+    fake_run(s / "0" / "rescore-1", "bottle", "r", 0.2, rescore_of=str(s / "0"))
+    fit_ended = {"checkpoint": {"scored": "best.ckpt"}, "error": "OutOfMemoryError"}
+    fake_run(s / "1", "bottle", "r", 0.5, seed=1, status="failed", **fit_ended)
+    fake_run(s / "1" / "rescore-1", "bottle", "r", 0.8, seed=1, rescore_of=str(s / "1"))
+    md = main([str(s), "cols=model", "wandb=false"])
+    assert cells(md) == [["data.category", "SkipDFR"], ["bottle", "0.800 (+1 interrupted)"]]
+    assert f"`{s / '0'}`" in md.split("Runs that did not finish")[1]
+    out = capsys.readouterr().out
+    assert f"its re-score {s / '0' / 'rescore-1'} scored a partly trained model" in out
+
+
+def test_runs_with_other_library_versions_are_split_not_averaged(tmp_path: Path) -> None:
+    """A seed re-run after a timm upgrade (other pretrained weights, perhaps) is not averaged
+    with the seeds before it; another commit of our own code alone does not split a cell."""
+    s = tmp_path / "s"
+    old = {"timm": "1.0.15", "torch": "2.8.0", "git_commit": "abc1234"}
+    fake_run(s / "0", "bottle", "r", 0.9, versions=old)
+    fake_run(s / "1", "bottle", "r", 0.7, seed=1, versions=old | {"git_commit": "def5678"})
+    fake_run(s / "2", "bottle", "r", 0.5, seed=2, versions=old | {"timm": "1.1.0"})
+    md = main([str(s), "cols=model", "wandb=false"])
+    header, row = cells(md)[:2]
+    assert len(header) == 3 and "versions.timm=1.0.15" in header[1], header
+    assert row[1:] == ["0.800 ± 0.141", "0.500"]
+    assert "split by: versions.timm" in md

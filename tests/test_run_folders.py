@@ -204,3 +204,49 @@ def test_every_rank_of_a_slurm_job_rescores_into_one_folder(
     assert rescore_out(run_dir, None) == run_dir / "rescore-1"
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert rescore_out(run_dir, None) == run_dir / "rescore-2"
+
+
+def test_a_child_rank_failing_before_its_job_leaves_rank_zeros_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure before the job is built is recorded in results.json by rank 0 alone: a DDP
+    rank that fails there too (it started after rank 0) would overwrite rank 0's record."""
+    from omegaconf import OmegaConf
+
+    from ad_lightning.train import RunStatus
+
+    for key in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    record = tmp_path / "results.json"
+    record.write_text(json.dumps({"status": "running", "run_dir": "rank 0's"}))
+
+    def fail_at_start() -> None:
+        cfg = OmegaConf.create({"test_only": None})
+        with pytest.raises(ValueError, match="bad data"):
+            with RunStatus(cfg, tmp_path, tmp_path / "checkpoints", "rerun", record_start=True):
+                raise ValueError("bad data")
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    fail_at_start()
+    assert json.loads(record.read_text())["run_dir"] == "rank 0's"
+    monkeypatch.delenv("LOCAL_RANK")
+    fail_at_start()  # rank 0 records it
+    assert json.loads(record.read_text())["status"] == "failed"
+
+
+def test_a_rescore_of_a_fit_that_did_not_end_says_so_in_its_record(tmp_path: Path) -> None:
+    """test_only=RUN of a fit interrupted before its checkpoint choice scores a partly
+    trained last.ckpt: its results.json warns, naming the resume that finishes the fit. A
+    re-score of a fit that ended (its test step failed) carries no such warning."""
+    from ad_lightning.results import CheckpointChoice, RunResults
+    from ad_lightning.train import carry_over
+
+    def rescore(previous: RunResults) -> list[str]:
+        job = SimpleNamespace(results=RunResults(status="running", warnings=[]))
+        carry_over(job, "test", previous, tmp_path, "python run.py")
+        return job.results.warnings
+
+    warned = rescore(RunResults(status="interrupted"))
+    assert len(warned) == 1 and "did not end" in warned[0] and f"resume={tmp_path}" in warned[0]
+    ended = RunResults(status="failed", checkpoint=CheckpointChoice(scored="best.ckpt"))
+    assert rescore(ended) == []

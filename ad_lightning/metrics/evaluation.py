@@ -102,8 +102,29 @@ def pixel_sample(maps: torch.Tensor, n: int = THRESHOLD_PIXELS_PER_MAP) -> torch
     return flat.flatten().cpu()
 
 
+def require_finite(scores: ScoresLike, paths: list[str], method: str) -> None:
+    """A NaN or infinite image score or map value is an error naming the images: one such
+    pixel rescales every other pixel of the pixel AUROC into a tie (+inf) or into NaN (-inf),
+    and a NaN validation score makes a threshold that flags nothing."""
+    bad = torch.zeros(len(paths), dtype=torch.bool)
+    for values in scores.image.values():
+        bad |= ~torch.isfinite(values.detach()).cpu()
+    if scores.map is not None:
+        bad |= ~torch.isfinite(scores.map.detach()).flatten(1).all(1).cpu()
+    if bad.any():
+        named = [p for p, b in zip(paths, bad.tolist(), strict=True) if b]
+        raise FloatingPointError(
+            f"{method} scored NaN or infinite values for {len(named)} of {len(paths)} images "
+            f"of a batch (first: {named[0]}); the model diverged or its statistics are "
+            "degenerate, so no metric or threshold is computed from them"
+        )
+
+
 def score_loader(
-    loader: Any, score: ScoreFn, to_device: Callable[[Batch], Batch] | None = None
+    loader: Any,
+    score: ScoreFn,
+    to_device: Callable[[Batch], Batch] | None = None,
+    method: str = "model",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Scores of every image of a loader, and a sample of their full-size map values
     (None for methods without maps)."""
@@ -112,6 +133,7 @@ def score_loader(
     for batch in loader:
         batch = to_device(batch) if to_device is not None else batch
         scores = score(batch)
+        require_finite(scores, list(batch["path"]), method)
         for name, values in scores.image.items():
             collected.setdefault(name, []).append(values.cpu())
         if scores.map is not None:
@@ -189,13 +211,23 @@ def gather_pixels(
     return [unique[p][0] for p in paths], [unique[p][1] for p in paths]
 
 
+#: why a test split with masks has no pixel metrics (results.json's warnings)
+BLANK_MASKS = (
+    "every test mask is blank (no defect pixel in ground_truth/): pixel AUROC and AUPRO are "
+    "undefined and not reported; check that the masks mark defects with non-zero pixels"
+)
+
+
 def pixel_metrics(
     maps: list[torch.Tensor], masks: list[torch.Tensor], fpr_limit: float
 ) -> dict[str, float]:
     """Pixel AUROC over every pixel at once, and AUPRO up to `fpr_limit` (when the masks hold
-    both a defect region and a normal pixel, without which its curve is undefined)."""
+    both a defect region and a normal pixel, without which its curve is undefined). None when
+    no mask marks a defect pixel: torchmetrics would report 0.0 for a curve without positives."""
     flat_maps = torch.cat([m.flatten() for m in maps])
     flat_masks = torch.cat([k.flatten() for k in masks])
+    if not flat_masks.any():
+        return {}
     metrics = {"pixel_auroc": pixel_auroc(flat_maps, flat_masks)}
     if flat_masks.any() and not flat_masks.all():
         metrics["pixel_aupro"] = aupro(maps, masks, fpr_limit)
@@ -261,13 +293,14 @@ class Evaluation:
         """Score the datamodule's validation (and threshold) images and fit the thresholds."""
         require_threshold_split(self.config.threshold, datamodule)
         self.val_scores, val_pixels = (
-            score_loader(datamodule.val_dataloader(), score, to_device)
+            score_loader(datamodule.val_dataloader(), score, to_device, self.method)
             if datamodule.val_samples
             else ({}, None)
         )
         labelled = None
         if getattr(datamodule, "threshold_samples", None):
-            scores, _ = score_loader(datamodule.threshold_dataloader(), score, to_device)
+            loader = datamodule.threshold_dataloader()
+            scores, _ = score_loader(loader, score, to_device, self.method)
             labels = torch.tensor([s.label for s in datamodule.threshold_samples])
             labelled = (scores[self.primary_score], labels)
         self.thresholds = fit_thresholds(
@@ -291,6 +324,7 @@ class Evaluation:
             raise KeyError(
                 f"{self.method}.score() returned {sorted(scores.image)} but the primary score is {self.primary_score!r}; set model.score to one of them"
             )
+        require_finite(scores, list(batch["path"]), self.method)
         labels = torch.as_tensor(batch["label"]).cpu()
         for i, path in enumerate(batch["path"]):
             record = {"path": path, "label": int(labels[i]), "defect_type": batch["defect_type"][i]}
@@ -346,8 +380,13 @@ class Evaluation:
             metrics["f1_at_false_alarm_rate"] = primary["at_false_alarm_rate"]["f1"]
         pixels = gather_pixels(self.pixels) if self.has_masks else None
         self.pixels = {}
+        warnings = []
         if pixels is not None:
-            metrics |= pixel_metrics(*pixels, self.config.aupro_fpr_limit)
+            found = pixel_metrics(*pixels, self.config.aupro_fpr_limit)
+            if not found:
+                log.warning(BLANK_MASKS)
+                warnings.append(BLANK_MASKS)
+            metrics |= found
         return TestResults(
             primary_score=self.primary_score,
             metrics=metrics,
@@ -359,4 +398,5 @@ class Evaluation:
             thresholds=self.thresholds,
             inference_ms_per_image=1000 * self.inference_s / max(self.n_scored, 1),
             n_images_timed=self.n_scored,
+            warnings=warnings,
         )
