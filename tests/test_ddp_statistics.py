@@ -1,7 +1,7 @@
 """DDP on the CPU (2 gloo ranks, Lightning's strategy="ddp") for the statistics family, the
 feature store and the frozen backbones: what one process computes, two ranks compute too.
 
-Every run is a subprocess: Lightning's DDP launcher starts rank 1 by re-running the command
+Every DDP run is a subprocess: Lightning's DDP launcher starts rank 1 by re-running the command
 (run.py, or tests/ddp_probe.py), which under pytest would re-run pytest.
 
 `trainer=ddp` runs as configured: its LayerSync plugin (ad_lightning.distributed.
@@ -11,7 +11,6 @@ TrainableSyncBatchNorm) never converts a frozen backbone, and converts nothing o
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import subprocess
@@ -21,10 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ad_lightning import train
 from ad_lightning.backbones import FeatureExtractor
 from ad_lightning.backbones.feature_store import FeatureDataModule
 from ad_lightning.models.registry import list_methods, method_info
 from tests.conftest import synthetic_dm
+from tests.test_run import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
@@ -62,17 +63,12 @@ COMMON = [
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every statistics method fitted and tested in one process, as one multirun: Hydra's basic
-    launcher runs the jobs one after another in that process, so the stack is imported once for
-    all of them (about 10 s a process on 2 cores). Run folder by model name."""
+    """Every statistics method fitted and tested in one process, this one (a subprocess
+    imports the stack again: about 13 s of CPU here). Run folder by model name."""
     sweep = tmp_path_factory.mktemp("one_process")
-    run(["run.py", "-m", f"model={','.join(STATISTICS)}", *COMMON, f"hydra.sweep.dir={sweep}"])
-    folders = {
-        json.loads(results.read_text())["choices"]["model"]: results.parent
-        for results in sweep.glob("*/results.json")
-    }
-    assert folders.keys() == set(STATISTICS), folders
-    return folders
+    for method in STATISTICS:
+        train.run(compose_cfg(sweep / method, f"model={method}", *COMMON))
+    return {method: sweep / method for method in STATISTICS}
 
 
 @pytest.mark.slow
@@ -194,7 +190,7 @@ def test_cpcae_knn_bank_fitted_on_rank_zero_scores_like_one_process(tmp_path: Pa
         "logger=csv",
         "trainer.enable_progress_bar=false",
     ]
-    run([*common, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'one'}"])
+    train.run(compose_cfg(tmp_path / "one", *common[1:], "trainer.max_steps=4"))  # this process
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
     run([*common, *ddp, f"test_only={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'hydra'}"])
     rescore = tmp_path / "one" / "rescore-1"

@@ -4,6 +4,8 @@ preset ties tasks and GPUs to trainer.devices, and both run a real sweep on this
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -23,6 +25,7 @@ from ad_lightning.launcher_env import (
     plan_joblib_job,
     thread_share,
 )
+from ad_lightning.report import main as report_main
 from tests.test_run import CONF, ROOT
 
 #: the fastest run: one statistics pass of the variation model on 32 px images
@@ -133,17 +136,11 @@ def sweep_then_report(sweep: Path, launcher: str, *extra: str, jobs: int = 4) ->
     results = [json.loads((sweep / str(n) / "results.json").read_text()) for n in seeds]
     assert [r["status"] for r in results] == ["finished"] * jobs
     assert sorted(r["config"]["seed"] for r in results) == seeds
-    report = subprocess.run(
-        [sys.executable, "-m", "ad_lightning.report", f"folders=[{sweep}]"]
-        + ["rows=seed", "cols=model", "wandb=false"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert report.returncode == 0, report.stderr
-    assert f"image_auroc ({jobs} runs)" in report.stdout
-    rows = [line.split("|")[1].strip() for line in report.stdout.splitlines() if "|" in line]
+    # the report in this process (its command line runs as a subprocess in test_run's sweep)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        report_main([f"folders=[{sweep}]", "rows=seed", "cols=model", "wandb=false"])
+    assert f"image_auroc ({jobs} runs)" in printed.getvalue()
+    rows = [line.split("|")[1].strip() for line in printed.getvalue().splitlines() if "|" in line]
     assert set(map(str, seeds)) <= set(rows)
     return results
 
