@@ -440,3 +440,88 @@ def test_augmentation_draws_follow_the_epoch_in_a_batch_sampler_rebuilt_for_ddp(
     first, second = epoch(0), epoch(1)
     shared = first.keys() & second.keys()
     assert shared and not any(torch.equal(first[i], second[i]) for i in shared)
+
+
+def test_a_16_bit_colour_image_is_read_at_its_bit_depth(tmp_path: Path) -> None:
+    """Pillow decodes 16-bit RGB to 8 bits by keeping each sample's high byte: a 12-bit
+    camera's 0..4095 came out 0..15, nearly black, with data.bit_depth=12 set and no word.
+    It is now scaled as grayscale is, by the fixed range, channels in RGB order."""
+    import cv2
+
+    from ad_lightning.data.io import ImageReadError, read_image
+
+    bgr = np.zeros((4, 5, 3), np.uint16)
+    bgr[..., 2] = 4095  # red
+    bgr[..., 0] = 2048  # blue
+    path = tmp_path / "rgb12.png"
+    assert cv2.imwrite(str(path), bgr)
+    rgb = read_image(path, 3, 12)
+    assert rgb.dtype == np.uint8 and (rgb[..., 0] == 255).all() and (rgb[..., 2] == 128).all()
+    assert (read_image(path, 3, None)[..., 0] == 16).all()  # the type's range: 4095 / 257
+    assert read_image(path, 1, 12).shape == (4, 5, 1)
+    bgr[0, 0, 1] = 4096
+    assert cv2.imwrite(str(path), bgr)
+    with pytest.raises(ImageReadError, match=r"rgb12\.png.*outside the fixed range 0\.\.4095"):
+        read_image(path, 3, 12)
+
+
+def test_an_image_over_pillows_size_limit_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow's decompression-bomb guard is not an OSError: a line-scan image over its limit
+    stopped the run (or a predict) with a traceback that named no file."""
+    from PIL import Image
+
+    from ad_lightning.data.io import ImageReadError, read_image, read_mask
+
+    path = tmp_path / "linescan.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ImageReadError, match=r"linescan\.png.*MAX_IMAGE_PIXELS"):
+        read_image(path, 3)
+    with pytest.raises(ImageReadError, match=r"linescan\.png"):
+        read_mask(path, path, (64, 64))
+
+
+def _category(root: Path) -> Path:
+    """A minimal MVTec category: 2 training images, test/good and test/crack with masks."""
+    from PIL import Image
+
+    base = root / "cat"
+    for sub in ("train/good", "test/good", "test/crack", "ground_truth/crack"):
+        (base / sub).mkdir(parents=True)
+    for path in ("train/good/0.png", "train/good/1.png", "test/good/0.png", "test/crack/0.png"):
+        Image.new("RGB", (8, 8)).save(base / path)
+    Image.new("L", (8, 8), 255).save(base / "ground_truth/crack/0_mask.png")
+    return base
+
+
+def test_two_images_that_would_share_one_mask_are_refused(tmp_path: Path) -> None:
+    """Masks are matched by name without extension: 0.png and 0.jpg in test/crack/ both took
+    0_mask.png, drawn for one of them."""
+    from PIL import Image
+
+    from ad_lightning.data.folder import scan_category
+
+    base = _category(tmp_path)
+    assert len(scan_category(tmp_path, "cat").test) == 2
+    Image.new("RGB", (8, 8)).save(base / "test/crack/0.jpg")
+    with pytest.raises(DataLayoutError, match=r"0\.jpg.*0\.png|0\.png.*0\.jpg"):
+        scan_category(tmp_path, "cat")
+
+
+def test_hidden_test_folders_are_not_defect_types_and_good_is_lower_case(tmp_path: Path) -> None:
+    """A tool's hidden folder (.ipynb_checkpoints) under test/ was scored as a defect type,
+    and test/Good/ as defective images (label 1)."""
+    from PIL import Image
+
+    from ad_lightning.data.folder import scan_category
+
+    base = _category(tmp_path)
+    (base / "test/.ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(base / "test/.ipynb_checkpoints/0.png")
+    files = scan_category(tmp_path, "cat")
+    assert sorted(s.defect_type for s in files.test) == ["crack", "good"]
+    (base / "test/good").rename(base / "test/Good")
+    with pytest.raises(DataLayoutError, match=r"test/Good.*test/good/"):
+        scan_category(tmp_path, "cat")

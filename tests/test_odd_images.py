@@ -53,15 +53,15 @@ def build_odd_folder(root: Path) -> dict[str, dict[str, Path]]:
         readable[f"scratch{i}"] = scratch / f"{i:03d}.png"
         _rgb(readable[f"scratch{i}"], seed=200 + i, value=200)
         _mask(cat, "scratch", f"{i:03d}")
-    # readable, not odd: unicode and spaces; same stem with two extensions (train and test)
+    # readable, not odd: unicode and spaces; same stem with two extensions (train and test/good:
+    # in a defect folder the two would share one mask, which the scan refuses)
     readable["unicode"] = train / UNICODE
     _rgb(readable["unicode"], seed=300)
-    for split, folder in (("train", train), ("scratch", scratch)):
+    for split, folder in (("train", train), ("good", good)):
         readable[f"{split}_a_png"] = folder / "a.png"
         readable[f"{split}_a_jpg"] = folder / "a.jpg"
-        _rgb(folder / "a.png", seed=301, value=200 if split == "scratch" else 120)
-        _rgb(folder / "a.jpg", seed=302, value=200 if split == "scratch" else 120, fmt="JPEG")
-    _mask(cat, "scratch", "a")  # one mask for both a.png and a.jpg
+        _rgb(folder / "a.png", seed=301, value=120)
+        _rgb(folder / "a.jpg", seed=302, value=120, fmt="JPEG")
 
     odd = {
         "deep16": train / "deep16.png",
@@ -162,7 +162,7 @@ def test_skip_bad_trains_on_every_readable_image_and_records_every_odd_file(odd_
     trainer.test(model, datamodule=dm, verbose=False)
     scored = sorted(Path(r["path"]) for r in model.test_results["records"])
     assert scored == sorted(s.path for s in dm.test_samples)
-    for stem_pair in (("scratch_a_png", "scratch_a_jpg"),):
+    for stem_pair in (("good_a_png", "good_a_jpg"),):
         assert {files["readable"][k] for k in stem_pair} <= set(scored)
     assert np.isfinite(model.test_results["metrics"]["image_auroc"])
 
@@ -234,7 +234,7 @@ def test_predict_names_every_unreadable_file_and_scores_every_readable_one(
             seen.add(out / kind / relative)
     for kind, seen in (("overlays", overlays), ("masks", masks)):
         assert {p for p in (out / kind).rglob("*") if p.is_file()} == seen  # one each
-    for stem in ("train", "scratch"):  # same stem, two extensions: both scored, apart
+    for stem in ("train", "good"):  # same stem, two extensions: both scored, apart
         assert rows[str(files["readable"][f"{stem}_a_png"])]["score"] != ""
         assert rows[str(files["readable"][f"{stem}_a_jpg"])]["score"] != ""
 

@@ -109,6 +109,19 @@ def _find_mask(gt_dir: Path, defect: str, image: Path) -> Path | None:
     return None
 
 
+def check_one_image_per_mask(images: list[Path], folder: Path) -> None:
+    """Masks are matched by the image's name without its extension: `001.png` and `001.jpg`
+    in one defect folder would share `001_mask.png`, whichever image it was drawn for."""
+    by_stem: dict[str, Path] = {}
+    for image in images:
+        other = by_stem.setdefault(image.stem, image)
+        if other != image:
+            raise DataLayoutError(
+                f"{other} and {image} share the name {image.stem!r}, so they would share one "
+                f"mask in ground_truth/{folder.name}/; rename or remove one of them."
+            )
+
+
 def scan_category(root: str | Path, category: str) -> CategoryFiles:
     """Return the train and test samples of one category, masks attached where they exist."""
     root = Path(root).expanduser()
@@ -152,7 +165,17 @@ def scan_category(root: str | Path, category: str) -> CategoryFiles:
     missing_masks: list[Path] = []
     for folder in sorted(p for p in test_dir.iterdir() if p.is_dir()):
         defect = folder.name
-        for image in list_images(folder):
+        if defect.startswith("."):  # a tool's hidden folder (.cache, .ipynb_checkpoints)
+            continue
+        if defect != NORMAL and defect.lower() == NORMAL:
+            raise DataLayoutError(
+                f"{folder}: the normal test images belong in test/{NORMAL}/ (lower case); as "
+                f"{defect}/ they would be scored as a defect type. Rename the folder."
+            )
+        images = list_images(folder)
+        if defect != NORMAL and gt_dir.is_dir():
+            check_one_image_per_mask(images, folder)
+        for image in images:
             if defect == NORMAL:
                 test.append(Sample(image, 0, NORMAL))
                 continue

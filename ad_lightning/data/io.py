@@ -66,8 +66,17 @@ def stored_bits(img: Image.Image) -> int:
     return 16 if any(";16" in r for r in rawmodes) else 8
 
 
+#: what opening an image can raise beside OSError (Pillow's size guard is not an OSError)
+OPEN_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError)
+
+
 def _open_error(path: Path, err: Exception) -> ImageReadError:
-    if isinstance(err, UnidentifiedImageError):
+    if isinstance(err, Image.DecompressionBombError):
+        why = (
+            "it has more pixels than Pillow opens by default (PIL.Image.MAX_IMAGE_PIXELS); "
+            "tile or downscale it first"
+        )
+    elif isinstance(err, UnidentifiedImageError):
         why = "it is not an image format PIL can read (wrong extension, or not an image)"
     elif isinstance(err, (SyntaxError, OSError)) and not isinstance(err, FileNotFoundError):
         why = "the file is corrupt, truncated or cannot be opened"
@@ -109,15 +118,39 @@ def high_bit_to_uint8(img: Image.Image, path: Path, bit_depth: int | None) -> Im
     return Image.fromarray(np.round(arr * (255.0 / top)).astype(np.uint8), "L")
 
 
-def decode(img: Image.Image, path: Path, channels: int, bit_depth: int | None) -> np.ndarray:
-    """An opened image -> HxWxC uint8; grayscale is expanded to 3 channels for ImageNet backbones."""
+def high_bit_colour_to_uint8(path: Path, bit_depth: int | None) -> Image.Image:
+    """A 16-bit RGB(A) file -> 8-bit RGB by the same fixed range as grayscale. Pillow decodes
+    it to 8-bit RGB by keeping each sample's high byte, which reads a 12-bit camera's
+    0..4095 as 0..15: OpenCV reads the 16 bits themselves."""
+    import cv2
+
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
+        raise ImageReadError(
+            f"cannot read image {path} as 16-bit colour (OpenCV read "
+            f"{None if arr is None else (arr.dtype, arr.shape)}); save it as 8-bit RGB or "
+            "16-bit grayscale."
+        )
+    rgb = cv2.cvtColor(arr[..., :3], cv2.COLOR_BGR2RGB)
+    planes = [np.ascontiguousarray(rgb[..., c]) for c in range(3)]
+    channels = [high_bit_to_uint8(Image.fromarray(p), path, bit_depth) for p in planes]
+    return Image.merge("RGB", channels)
+
+
+def decode(
+    img: Image.Image, path: Path, channels: int, bit_depth: int | None, bits: int
+) -> np.ndarray:
+    """An opened image whose header holds `bits` per sample -> HxWxC uint8; grayscale is
+    expanded to 3 channels for ImageNet backbones."""
     bands = len(img.getbands())
     if bands not in IMAGE_BANDS:
         raise ImageReadError(
             f"image {path} has {bands} channels (mode {img.mode}); only 1 (grayscale), 3 (RGB) or 4 (RGBA) can be read as {channels}-channel input: save it as grayscale or RGB."
         )
     img.load()
-    if img.mode in HIGH_BIT_MODES:
+    if bands > 1 and bits == 16:
+        img = high_bit_colour_to_uint8(path, bit_depth)
+    elif img.mode in HIGH_BIT_MODES:
         img = high_bit_to_uint8(img, path, bit_depth)
     arr = np.asarray(img.convert("RGB" if channels == 3 else "L"))
     return arr[..., None] if arr.ndim == 2 else arr
@@ -131,8 +164,8 @@ def inspect_image(
     try:
         with Image.open(path) as img:
             info = ImageInfo(img.width, img.height, img.mode, stored_bits(img), orientation(img))
-            return decode(img, path, channels, bit_depth), info
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+            return decode(img, path, channels, bit_depth, info.bits), info
+    except OPEN_ERRORS as err:
         raise _open_error(path, err) from err
 
 
@@ -157,7 +190,7 @@ def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.nda
         with Image.open(path) as img:
             lossy = img.format in LOSSY_MASK_FORMATS
             mask = np.asarray(img.convert("L"))
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+    except OPEN_ERRORS as err:
         raise ImageReadError(
             f"cannot read mask {path}: {err}. Replace the file or remove the ground_truth folder to skip pixel metrics."
         ) from err
