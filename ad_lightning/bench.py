@@ -516,6 +516,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         table(rows).to_csv(csv_path, index=False)  # after every method: partial results stay
     print_table(table(rows), csv_path)
+    failed = [row["method"] for row in rows if row.get("error")]
+    if failed:  # the table stands; the command must not pass for them
+        raise SystemExit(f"ad_lightning.bench: {len(failed)} methods failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from ad_lightning.config_check import validate
 from ad_lightning.data import DataLayoutError
 from ad_lightning.ddp_checks import apply_ddp_rules
 from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
+from ad_lightning.deploy.trusted import require_safe_loader
 from ad_lightning.interrupt import InterruptCheckpoint, interrupt_record, is_interrupt
 from ad_lightning.launcher_env import jobs_at_once
 from ad_lightning.metrics.evaluation import require_threshold_split
@@ -535,6 +536,7 @@ def reading(ckpt_path: str | None) -> Iterator[None]:
     if not ckpt_path:
         yield
         return
+    require_safe_loader(ckpt_path)
     try:
         yield
     except pickle.UnpicklingError as err:

@@ -560,3 +560,39 @@ def test_predict_refuses_a_graph_exported_from_another_model_file(tmp_path: Path
     torch.save(payload, path)
     with pytest.raises(SystemExit, match=r"model.onnx was exported from another model file than"):
         predict_main([*args, f"out={tmp_path / 'other'}"])
+
+
+def test_an_engine_that_returns_no_map_fails_the_parity_check() -> None:
+    """The check compared maps only where the engine returned one: a graph that lost its map
+    output passed it."""
+    from types import SimpleNamespace
+
+    from ad_lightning.deploy.export import check_parity, parity
+
+    maps = torch.rand(2, 4, 4)
+
+    def graph(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"score": maps.flatten(1).amax(1), "map": maps}
+
+    def no_map(images: torch.Tensor, paths: list[str]) -> SimpleNamespace:
+        score = graph(images)["score"].numpy()
+        return SimpleNamespace(score=score, map=None, verdict=None, pixel_verdict=None)
+
+    post = SimpleNamespace(is_set=lambda name: False)
+    bundle = SimpleNamespace(graph=lambda: graph, model=SimpleNamespace(post_processor=post))
+    figures = parity(bundle, no_map, torch.zeros(2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match="maps differ by inf"):
+        check_parity(figures, "Toy", 1e-3)
+
+
+def test_bench_fails_when_a_method_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every method's error was caught into its row and `make bench` still exited 0."""
+    import ad_lightning.bench as bench
+
+    def failing(method: str, *args) -> dict:
+        return {"method": method, "error": "RuntimeError: boom"}
+
+    monkeypatch.setattr(bench, "run_child", failing)
+    with pytest.raises(SystemExit, match="1 methods failed: patchcore"):
+        bench.main(["models=[patchcore]", f"out={tmp_path}"])
+    assert (tmp_path / "bench.csv").is_file()  # the table stands

@@ -430,3 +430,56 @@ def test_when_training_sizes_vary_only_a_far_off_size_is_unlike_them() -> None:
     (why,) = trained.differences(ImageInfo(30, 100, "L", 8))
     assert "30x100 px, far from the training images' median 105x100" in why
     assert TrainingImages.of([]) is None
+
+
+def test_a_torch_whose_weights_only_loading_can_run_code_is_refused() -> None:
+    """Below torch 2.6, weights_only=True can still be made to run code by a crafted file
+    (CVE-2025-32434): a model file or checkpoint from elsewhere is not loaded with it."""
+    from ad_lightning.deploy.trusted import UntrustedModelFile, require_safe_loader
+
+    with pytest.raises(UntrustedModelFile, match=r"model\.pt.*torch 2\.5\.1.*torch>=2\.6"):
+        require_safe_loader("model.pt", "2.5.1")
+    for version in ("2.6.0", "2.14.1+cpu", "3.0.0a0"):
+        require_safe_loader("model.pt", version)
+    require_safe_loader("model.pt")  # the installed torch
+
+
+def test_an_empty_or_truncated_model_file_is_named(run_dir: Path, tmp_path: Path) -> None:
+    """An interrupted copy to the line's machine: torch's own error (an empty EOFError, a
+    zip reader's failure) named neither the file nor the fix."""
+    whole = (run_dir / "model.pt").read_bytes()
+    for name, content in (("empty", b""), ("half", whole[: len(whole) // 2])):
+        path = tmp_path / name / "model.pt"
+        path.parent.mkdir()
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{name}/model\.pt.*empty, truncated"):
+            load_bundle(path)
+
+
+def test_a_nan_in_a_map_is_an_error_for_its_image(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN map pixel is below every threshold: it read as a normal pixel (mask, anomalous
+    fraction) while the image's score stayed finite. The image is an error; the rest scored."""
+    import ad_lightning.deploy.predict as predict_module
+
+    real = predict_module.make_engine
+
+    def nan_in_first_map(args, bundle):
+        engine = real(args, bundle)
+
+        def scored(images, paths):
+            out = engine(images, paths)
+            out.map[0, 0, 0] = np.nan
+            return out
+
+        return scored
+
+    monkeypatch.setattr(predict_module, "make_engine", nan_in_first_map)
+    for i in range(2):
+        image(tmp_path / "in" / f"{i}.png", SIZE, SIZE, i)
+    assert predict(run_dir, tmp_path / "in", tmp_path / "out", "batch_size=8") == 1
+    rows = predictions(tmp_path / "out")
+    verdicts = {Path(f).name: r["verdict"] for f, r in rows.items()}
+    assert verdicts["0.png"] == "error" and verdicts["1.png"] != "error", rows
+    assert "NaN" in rows[str(tmp_path / "in" / "0.png")]["error"]

@@ -29,7 +29,7 @@ from ad_lightning.data.registration import register_to_reference
 from ad_lightning.data.transforms import build_transform, normalization
 from ad_lightning.deploy.scoring import ScoringGraph
 from ad_lightning.deploy.training_images import TrainingImages
-from ad_lightning.deploy.trusted import trusted_model_config
+from ad_lightning.deploy.trusted import require_safe_loader, trusted_model_config
 from ad_lightning.models.base import AnomalyModule
 from ad_lightning.nn.digest import state_digest
 
@@ -245,7 +245,15 @@ def restore_thresholds(model: AnomalyModule, thresholds: dict[str, Any] | None) 
 def load_bundle(model: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the method from a model file (or a run folder holding one) in eval mode."""
     path = bundle_path(model)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    require_safe_loader(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(
+            f"cannot read the model file {path} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no message'}): it is empty, truncated "
+            "or not a model file; copy RUN_DIR/model.pt again"
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(
             f"{path} is not an ad_lightning model file (format {FORMAT}); Lightning checkpoints (checkpoints/*.ckpt) are not model files: pass the run folder"

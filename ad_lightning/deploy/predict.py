@@ -208,6 +208,10 @@ def score_batch(
             error = f"score {name} of {path} is {scores[i]}: the model produced no number for it"
             outcome.fail(path, error, error)
             continue
+        if maps is not None and not np.isfinite(maps[i]).all():  # NaN pixels read as normal
+            error = f"the anomaly map of {path} has NaN or infinite values"
+            outcome.fail(path, error, error)
+            continue
         row = {
             "file": str(path),
             "score": float(scores[i]),
