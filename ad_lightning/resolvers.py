@@ -38,8 +38,19 @@ def _gpus_per_node(devices: object, accelerator: str) -> int:
     )
 
 
+def _input_normalization(backbone_name: str) -> str:
+    """The data.normalize a timm backbone's pretrained weights expect: `half` (mean = std =
+    0.5, e.g. Xception), else `imagenet` (most, and a name timm does not know)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(backbone_name)
+    half = cfg is not None and all(abs(v - 0.5) < 1e-3 for v in (*cfg.mean, *cfg.std))
+    return "half" if half else "imagenet"
+
+
 def register_resolvers() -> None:
     resolvers = {
+        "ad.input_normalization": _input_normalization,
         "ad.wandb_offline": _wandb_offline,
         "ad.tasks_per_node": _tasks_per_node,
         "ad.gpus_per_node": _gpus_per_node,

@@ -35,7 +35,11 @@ from pytorch_lightning.loggers import WandbLogger
 
 import ad_lightning
 from ad_lightning.backbones.feature_store import serve_features
-from ad_lightning.backbones.features import BackboneChanged
+from ad_lightning.backbones.features import (
+    BackboneChanged,
+    FeatureExtractor,
+    check_input_normalization,
+)
 from ad_lightning.config_check import validate
 from ad_lightning.data import DataLayoutError
 from ad_lightning.ddp_checks import apply_ddp_rules
@@ -440,6 +444,10 @@ def prepare(
     refuse_other_files(datamodule, fitted_on)
     check_preconditions(cfg, datamodule)
     model: AnomalyModule = hydra.utils.instantiate(cfg.model)
+    if model.backbone_reads_images and isinstance(
+        getattr(model, "backbone", None), FeatureExtractor
+    ):
+        check_input_normalization(model.backbone, datamodule.normalize)
     model.configure_evaluation(
         cfg.protocol,
         cfg.eval.false_alarm_rate,

@@ -147,3 +147,47 @@ def test_a_checkpoint_refuses_a_backbone_rebuilt_with_other_weights() -> None:
     same.on_load_checkpoint({**checkpoint, "state_dict": dict(checkpoint["state_dict"])})
     with pytest.raises(BackboneChanged, match="efficientnet_lite0.*other weights.*the run's seed"):
         model(1).on_load_checkpoint({**checkpoint, "state_dict": dict(checkpoint["state_dict"])})
+
+
+def test_a_pretrained_backbone_is_fed_the_normalisation_its_weights_expect(
+    tmp_path: Path,
+) -> None:
+    """Xception's weights were trained on mean = std = 0.5, most others on ImageNet's
+    statistics: fed the other, the features are distorted without a word. The mismatch is
+    refused before anything trains, naming data.normalize and the fix; deep_knn (whose paper
+    uses Xception) follows the backbone; CPCAE feeds its maps with the backbone's own."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from ad_lightning.backbones.features import check_input_normalization
+    from ad_lightning.train import run
+    from tests.test_run import CONF, compose_cfg
+
+    xception = FeatureExtractor("legacy_xception", blocks=[1], pretrained=False)
+    assert xception.input_stats == ((0.5,) * 3, (0.5,) * 3)
+    lite0 = FeatureExtractor("efficientnet_lite0", blocks=[1], pretrained=False)
+    assert lite0.input_stats == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    # as with Xception's pretrained weights (not downloadable here)
+    pretrained = SimpleNamespace(
+        input_stats=xception.input_stats, pretrained=True, alias="xception", name="legacy_xception"
+    )
+    with pytest.raises(ValueError, match=r"data\.normalize=imagenet.*Set data\.normalize=half"):
+        check_input_normalization(pretrained, "imagenet")
+    check_input_normalization(pretrained, "half")
+    check_input_normalization(xception, "imagenet")  # random weights: no statistics to match
+
+    cfg = compose_cfg(tmp_path, "model=patchcore", "data.image_size=64", "data.normalize=half")
+    with pytest.raises(ValueError, match=r"efficientnet_lite0.*Set data\.normalize=imagenet"):
+        run(cfg)
+    assert not (tmp_path / "checkpoints").exists()  # refused before any fit
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        knn = compose("config", overrides=["model=deep_knn", "backbone=xception"])
+        cpcae = compose(
+            "config", overrides=["model=cpcae", "backbone=xception", "backbone.pretrained=false"]
+        )
+    assert knn.data.normalize == "half"
+    model = instantiate(cpcae.model)
+    assert model.map_mean.flatten().tolist() == [0.5] * 3 and not model.backbone_reads_images

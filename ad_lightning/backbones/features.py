@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,40 @@ log = logging.getLogger(__name__)
 class BackboneChanged(ValueError):
     """A frozen backbone, rebuilt from its config and weights source, is not the one a
     checkpoint was fitted on (another weights file or package version at the same name)."""
+
+
+def check_input_normalization(backbone: FeatureExtractor, normalize: str) -> None:
+    """A pretrained backbone must see images normalised as its weights were trained: the
+    ImageNet statistics for most, mean = std = 0.5 for Xception. Fed others, its features are
+    distorted without a word. Raises naming data.normalize, the backbone and the fix."""
+    from ad_lightning.data.transforms import normalization
+
+    if backbone.input_stats is None or not backbone.pretrained:
+        return
+
+    def fed(kind: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return normalization(kind, 3) or ((0.0,) * 3, (1.0,) * 3)  # none: images in [0, 1]
+
+    def same(a: tuple, b: tuple) -> bool:  # (mean, std) pairs, to the third decimal
+        return all(
+            len(u) == len(v) and np.allclose(u, v, atol=1e-3) for u, v in zip(a, b, strict=True)
+        )
+
+    if same(fed(normalize), backbone.input_stats):
+        return
+    fits = [kind for kind in ("imagenet", "half", "none") if same(fed(kind), backbone.input_stats)]
+    mean, std = backbone.input_stats
+    raise ValueError(
+        f"backbone={backbone.alias} ({backbone.name}) was pretrained on images normalised with "
+        f"mean {mean} and std {std}, but data.normalize={normalize} feeds it others: its "
+        "features would be distorted. "
+        + (
+            f"Set data.normalize={fits[0]}."
+            if fits
+            else "Pick a backbone trained on inputs "
+            "that data.normalize (imagenet, half or none) can give."
+        )
+    )
 
 
 class FeatureExtractor(nn.Module):
@@ -47,6 +82,13 @@ class FeatureExtractor(nn.Module):
         if not self.blocks:
             raise ValueError("backbone.blocks is empty; pick stages such as [1, 2, 3]")
         probe = timm.create_model(name, features_only=True, pretrained=False)
+        pretrained_cfg = getattr(probe, "pretrained_cfg", None) or {}
+        #: the input mean and std its pretrained weights were trained with (timm's record)
+        self.input_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = (
+            (tuple(pretrained_cfg["mean"]), tuple(pretrained_cfg["std"]))
+            if pretrained_cfg.get("mean") and pretrained_cfg.get("std")
+            else None
+        )
         reductions = probe.feature_info.reduction()
         indices = []
         for block in self.blocks:

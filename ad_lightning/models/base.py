@@ -65,6 +65,9 @@ class AnomalyModule(pl.LightningModule):
     export_blocker: str | None = None
     #: True when training reads frozen-backbone features from a feature store (Skip-DFR, DFR)
     reads_stored_features: bool = False
+    #: a pretrained `backbone` is fed the data's images as data.normalize gives them (checked
+    #: against its weights' statistics); False where it sees something else (CPCAE: maps)
+    backbone_reads_images: bool = True
     #: True when a training step leaves some trainable parameters out of a backward pass
     #: (the GAN family's alternating G / D steps): DDP must then look for unused parameters
     ddp_find_unused_parameters: bool = False

@@ -45,6 +45,7 @@ class CPCAE(SingleObjective, AutoencoderModule):
     export_blocker = (
         "its score is a scikit-learn neighbour search, which is not part of an ONNX graph"
     )
+    backbone_reads_images = False  # it embeds anomaly maps, normalised for it in embed()
 
     def __init__(
         self,
@@ -85,12 +86,11 @@ class CPCAE(SingleObjective, AutoencoderModule):
         self.work_size = work_size
         self.l1_weight = l1_weight
         self.lr = lr
-        self.register_buffer(
-            "map_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer(
-            "map_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False
-        )
+        # the maps are fed to the backbone with its weights' own statistics (Xception's are
+        # mean = std = 0.5, not ImageNet's); data.normalize is the AE's, not the backbone's
+        mean, std = self.backbone.input_stats or (IMAGENET_MEAN, IMAGENET_STD)
+        self.register_buffer("map_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("map_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def describe(self) -> dict[str, Any]:
         return {
