@@ -293,3 +293,26 @@ def test_an_image_a_viewer_shows_rotated_is_named(tmp_path: Path) -> None:
     assert infos[plain].orientation == 1 and infos[turned].orientation == 3
     odd, _ = find_odd_images(infos)
     assert [o.path for o in odd] == [turned] and "EXIF orientation 3" in odd[0].why
+
+
+def test_a_defect_mask_that_marks_no_pixel_or_every_pixel_is_an_odd_file(tmp_path: Path) -> None:
+    """A defect drawn in the alpha channel of an RGBA mask (black RGB) reads as no defect
+    pixel, a background stored white as all defect: each image's pixel metrics would be
+    computed against a wrong region. Named as odd at setup (strict: an error)."""
+    root = tmp_path / "data"
+    build_odd_folder(root)
+    cat = root / "widget"
+    rgba = np.zeros((SIZE, SIZE, 4), np.uint8)
+    rgba[4:12, 4:12, 3] = 255  # the defect in alpha only
+    Image.fromarray(rgba, "RGBA").save(cat / "ground_truth" / "scratch" / "000_mask.png")
+    Image.fromarray(np.full((SIZE, SIZE), 255, np.uint8)).save(
+        cat / "ground_truth" / "scratch" / "001_mask.png"
+    )
+    dm = make(root, skip_bad=True)
+    dm.setup()
+    why = {o.path.name: o.why for o in dm.odd_images}
+    assert "marks no pixel as defect" in why["000.png"] and "000_mask.png" in why["000.png"]
+    assert "marks every pixel as defect" in why["001.png"]
+    assert "002.png" not in why  # its mask marks a region
+    with pytest.raises(DataLayoutError, match=r"000\.png: its mask"):
+        make(root, strict=True, skip_bad=True).setup()

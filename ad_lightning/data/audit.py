@@ -99,7 +99,7 @@ def odd_images_note(odd: list[OddImage], where: Path) -> str:
     first = f"{odd[0].path.name}: {odd[0].why}"
     return (
         f"{len(odd)} images of {where} differ from the majority in size, mode or bit depth, "
-        "or carry an EXIF orientation "
+        "carry an EXIF orientation, or have a mask that marks no or every pixel "
         f"(first: {first}); see data.odd_images, or set data.strict=true to stop on them"
     )
 

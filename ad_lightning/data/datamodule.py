@@ -65,12 +65,16 @@ __all__ = [
 
 def find_bad_files(
     samples: Sequence[Sample], channels: int, bit_depth: int | None = None
-) -> tuple[list[BadFile], dict[Path, ImageInfo]]:
+) -> tuple[list[BadFile], dict[Path, ImageInfo], list[OddImage]]:
     """Decode every image and mask exactly as training and testing will (read_image, read_mask),
     so a corrupt or mis-sized file stops the run at setup, not after training; also return what
-    each readable image is (size, mode, bit depth) for the odd-image check."""
+    each readable image is (size, mode, bit depth) for the odd-image check, and the defective
+    images whose mask marks no pixel or every pixel (a defect drawn in the alpha channel of an
+    RGBA mask, soft labels in a float TIFF, a background stored white): readable, but their
+    pixel metrics would be computed against a wrong region."""
     bad: list[BadFile] = []
     infos: dict[Path, ImageInfo] = {}
+    odd_masks: list[OddImage] = []
     for sample in samples:
         try:
             image, info = inspect_image(sample.path, channels, bit_depth)
@@ -80,10 +84,15 @@ def find_bad_files(
         infos[sample.path] = info
         if sample.mask_path is not None:
             try:
-                read_mask(sample.mask_path, sample.path, image.shape[:2])
+                mask = read_mask(sample.mask_path, sample.path, image.shape[:2])
             except ImageReadError as err:
                 bad.append(BadFile(sample.mask_path, str(err), sample))
-    return bad, infos
+                continue
+            if sample.label and (not mask.any() or mask.all()):
+                marks = "no" if not mask.any() else "every"
+                why = f"its mask {sample.mask_path} marks {marks} pixel as defect"
+                odd_masks.append(OddImage(sample.path, why))
+    return bad, infos, odd_masks
 
 
 class AnomalyDataset(Dataset):
@@ -296,7 +305,7 @@ class AnomalyDataModule(pl.LightningDataModule):
     ) -> tuple[CategoryFiles, list[Sample]]:
         """Decode every file once; name bad files (an error, or left out with data.skip_bad) and
         odd ones (a warning, recorded in the summary); data.strict makes either an error."""
-        bad, infos = find_bad_files(
+        bad, infos, odd_masks = find_bad_files(
             files.train + files.test + labelled, self.channels, self.bit_depth
         )
         dropped = {b.sample.path for b in bad}
@@ -304,6 +313,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         # images' majority from these, which predict compares the line's images with
         self.image_infos = {p: i for p, i in infos.items() if p not in dropped}
         odd, self.size_note = find_odd_images(self.image_infos)
+        odd = sorted(odd + odd_masks, key=lambda o: o.path)
         if self.size_note:
             log.info("%s: %s", where, self.size_note)
         if self.strict and (bad or odd):
