@@ -435,9 +435,9 @@ def test_when_training_sizes_vary_only_a_far_off_size_is_unlike_them() -> None:
 def test_a_torch_whose_weights_only_loading_can_run_code_is_refused() -> None:
     """Below torch 2.6, weights_only=True can still be made to run code by a crafted file
     (CVE-2025-32434): a model file or checkpoint from elsewhere is not loaded with it."""
-    from ad_lightning.deploy.trusted import UntrustedModelFile, require_safe_loader
+    from ad_lightning.safe_load import UnsafeLoader, require_safe_loader
 
-    with pytest.raises(UntrustedModelFile, match=r"model\.pt.*torch 2\.5\.1.*torch>=2\.6"):
+    with pytest.raises(UnsafeLoader, match=r"model\.pt.*torch 2\.5\.1.*torch>=2\.6"):
         require_safe_loader("model.pt", "2.5.1")
     for version in ("2.6.0", "2.14.1+cpu", "3.0.0a0"):
         require_safe_loader("model.pt", version)

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ad_lightning.safe_load import UnsafeLoader, load_weights_only
+
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 ENV_FOLDER = "AD_LIGHTNING_WEIGHTS"
 
@@ -40,7 +42,9 @@ def read_state_dict(path: Path) -> OrderedDict[str, torch.Tensor]:
         state = load_file(str(path))
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_weights_only(path)
+        except UnsafeLoader:
+            raise
         except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
             raise WeightsNotFoundError(
                 f"weights file {path} could not be read ({err}); is it a PyTorch state dict?"

@@ -29,9 +29,10 @@ from ad_lightning.data.registration import register_to_reference
 from ad_lightning.data.transforms import build_transform, normalization
 from ad_lightning.deploy.scoring import ScoringGraph
 from ad_lightning.deploy.training_images import TrainingImages
-from ad_lightning.deploy.trusted import require_safe_loader, trusted_model_config
+from ad_lightning.deploy.trusted import trusted_model_config
 from ad_lightning.models.base import AnomalyModule
 from ad_lightning.nn.digest import state_digest
+from ad_lightning.safe_load import load_weights_only
 
 FORMAT = "ad_lightning.model/1"
 FILE_NAME = "model.pt"
@@ -245,9 +246,8 @@ def restore_thresholds(model: AnomalyModule, thresholds: dict[str, Any] | None) 
 def load_bundle(model: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the method from a model file (or a run folder holding one) in eval mode."""
     path = bundle_path(model)
-    require_safe_loader(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_weights_only(path)
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(
             f"cannot read the model file {path} ({type(err).__name__}: "

@@ -14,11 +14,9 @@ runs write, and are refused.
 from __future__ import annotations
 
 import importlib
-import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ad_lightning.models.base import AnomalyModule
@@ -29,24 +27,6 @@ BACKBONE_PACKAGE = "ad_lightning.backbones"
 
 class UntrustedModelFile(ValueError):
     """A model file's config would build something other than our own classes."""
-
-
-#: the first torch whose `torch.load(weights_only=True)` cannot be made to run code by a
-#: crafted file (CVE-2025-32434); a file from elsewhere is only loaded from it on
-SAFE_TORCH = (2, 6)
-
-
-def require_safe_loader(path: Path | str, version: str | None = None) -> None:
-    """Refuse to unpickle a file from elsewhere with a torch whose weights-only loading can
-    still run code, naming the file, the version and the fix."""
-    version = version or torch.__version__
-    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
-    if found < SAFE_TORCH:
-        floor = ".".join(map(str, SAFE_TORCH))
-        raise UntrustedModelFile(
-            f"{path}: not loaded with torch {version}, whose weights-only loading can run code "
-            f"from a crafted file (CVE-2025-32434); pip install 'torch>={floor}'"
-        )
 
 
 def _within(name: str, package: str) -> bool:
