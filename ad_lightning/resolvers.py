@@ -39,13 +39,14 @@ def _gpus_per_node(devices: object, accelerator: str) -> int:
 
 
 def _input_normalization(backbone_name: str) -> str:
-    """The data.normalize a timm backbone's pretrained weights expect: `half` (mean = std =
-    0.5, e.g. Xception), else `imagenet` (most, and a name timm does not know)."""
+    """The data.normalize a timm backbone's pretrained weights expect (`half` for Xception,
+    `imagenet` for most, and for a name timm does not know)."""
     import timm
 
+    from ad_lightning.backbones.features import normalize_for
+
     cfg = timm.models.get_pretrained_cfg(backbone_name)
-    half = cfg is not None and all(abs(v - 0.5) < 1e-3 for v in (*cfg.mean, *cfg.std))
-    return "half" if half else "imagenet"
+    return (normalize_for((cfg.mean, cfg.std)) if cfg else None) or "imagenet"
 
 
 def register_resolvers() -> None:

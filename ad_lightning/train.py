@@ -38,13 +38,12 @@ from ad_lightning.backbones.feature_store import serve_features
 from ad_lightning.backbones.features import (
     BackboneChanged,
     FeatureExtractor,
-    check_input_normalization,
+    normalization_mismatch,
 )
 from ad_lightning.config_check import validate
 from ad_lightning.data import DataLayoutError
 from ad_lightning.ddp_checks import apply_ddp_rules
 from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
-from ad_lightning.deploy.trusted import require_safe_loader
 from ad_lightning.interrupt import InterruptCheckpoint, interrupt_record, is_interrupt
 from ad_lightning.launcher_env import jobs_at_once
 from ad_lightning.metrics.evaluation import require_threshold_split
@@ -70,6 +69,7 @@ from ad_lightning.run_folder import (
     register_resolvers,
     rescore_out,
 )
+from ad_lightning.safe_load import require_safe_loader
 
 log = logging.getLogger(__name__)
 register_resolvers()  # conf/config.yaml names its run folders through them
@@ -444,10 +444,14 @@ def prepare(
     refuse_other_files(datamodule, fitted_on)
     check_preconditions(cfg, datamodule)
     model: AnomalyModule = hydra.utils.instantiate(cfg.model)
-    if model.backbone_reads_images and isinstance(
-        getattr(model, "backbone", None), FeatureExtractor
-    ):
-        check_input_normalization(model.backbone, datamodule.normalize)
+    backbone = getattr(model, "backbone", None)
+    mismatch = (
+        normalization_mismatch(backbone, datamodule.normalize)
+        if model.backbone_reads_images and isinstance(backbone, FeatureExtractor)
+        else None
+    )
+    if mismatch and fitted_on is None:  # a new fit is refused before it starts
+        raise ValueError(mismatch)
     model.configure_evaluation(
         cfg.protocol,
         cfg.eval.false_alarm_rate,
@@ -463,6 +467,8 @@ def prepare(
     )
     fit_data = with_feature_store(datamodule, model, cfg, out)
     results = start_results(cfg, out, datamodule, model)
+    if mismatch:  # a resume or re-score goes on with the normalisation the run was fitted with
+        results.warnings.append(mismatch)
     return Job(
         cfg, out, ckpt_dir, datamodule, fit_data, model, loggers, callbacks, trainer, results
     )
@@ -847,7 +853,9 @@ def run_in(
         status.running(job)
         if mode != "test":
             fit(job, str(ckpt_dir / "last.ckpt") if mode == "resume" else None)
-        test(job, choose_checkpoint(job, fitted=mode != "test"))
+        ckpt_path = choose_checkpoint(job, fitted=mode != "test")
+        write(job)  # the fit's end on record: a test step killed hard leaves it in results.json
+        test(job, ckpt_path)
         write_model_file(job)
         log_to_wandb(job)
         status.finished()

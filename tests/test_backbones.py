@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -161,7 +162,7 @@ def test_a_pretrained_backbone_is_fed_the_normalisation_its_weights_expect(
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from ad_lightning.backbones.features import check_input_normalization
+    from ad_lightning.backbones.features import normalization_mismatch
     from ad_lightning.train import run
     from tests.test_run import CONF, compose_cfg
 
@@ -173,13 +174,13 @@ def test_a_pretrained_backbone_is_fed_the_normalisation_its_weights_expect(
     pretrained = SimpleNamespace(
         input_stats=xception.input_stats, pretrained=True, alias="xception", name="legacy_xception"
     )
-    with pytest.raises(ValueError, match=r"data\.normalize=imagenet.*Set data\.normalize=half"):
-        check_input_normalization(pretrained, "imagenet")
-    check_input_normalization(pretrained, "half")
-    check_input_normalization(xception, "imagenet")  # random weights: no statistics to match
+    why = normalization_mismatch(pretrained, "imagenet")
+    assert why and re.search(r"data\.normalize=imagenet.*set data\.normalize=half", why), why
+    assert normalization_mismatch(pretrained, "half") is None
+    assert normalization_mismatch(xception, "imagenet") is None  # random weights: nothing to match
 
     cfg = compose_cfg(tmp_path, "model=patchcore", "data.image_size=64", "data.normalize=half")
-    with pytest.raises(ValueError, match=r"efficientnet_lite0.*Set data\.normalize=imagenet"):
+    with pytest.raises(ValueError, match=r"efficientnet_lite0.*set data\.normalize=imagenet"):
         run(cfg)
     assert not (tmp_path / "checkpoints").exists()  # refused before any fit
 
@@ -191,3 +192,11 @@ def test_a_pretrained_backbone_is_fed_the_normalisation_its_weights_expect(
     assert knn.data.normalize == "half"
     model = instantiate(cpcae.model)
     assert model.map_mean.flatten().tolist() == [0.5] * 3 and not model.backbone_reads_images
+    # saved with the model (its kNN bank was embedded with them); a file from before they were
+    # saved loads with the ImageNet statistics it was embedded with
+    state = model.state_dict()
+    assert {"map_mean", "map_std"} <= state.keys()
+    older = {k: v for k, v in state.items() if k not in ("map_mean", "map_std")}
+    again = instantiate(cpcae.model)
+    again.load_state_dict(older, strict=True)
+    assert again.map_std.flatten().tolist() == pytest.approx([0.229, 0.224, 0.225])

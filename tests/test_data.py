@@ -459,6 +459,9 @@ def test_a_16_bit_colour_image_is_read_at_its_bit_depth(tmp_path: Path) -> None:
     assert rgb.dtype == np.uint8 and (rgb[..., 0] == 255).all() and (rgb[..., 2] == 128).all()
     assert (read_image(path, 3, None)[..., 0] == 16).all()  # the type's range: 4095 / 257
     assert read_image(path, 1, 12).shape == (4, 5, 1)
+    tiff = tmp_path / "rgb12.tif"  # OpenCV writes it LZW-compressed: Pillow reads it via libtiff
+    assert cv2.imwrite(str(tiff), bgr)
+    assert (read_image(tiff, 3, 12)[..., 0] == 255).all()
     bgr[0, 0, 1] = 4096
     assert cv2.imwrite(str(path), bgr)
     with pytest.raises(ImageReadError, match=r"rgb12\.png.*outside the fixed range 0\.\.4095"):
@@ -525,3 +528,17 @@ def test_hidden_test_folders_are_not_defect_types_and_good_is_lower_case(tmp_pat
     (base / "test/good").rename(base / "test/Good")
     with pytest.raises(DataLayoutError, match=r"test/Good.*test/good/"):
         scan_category(tmp_path, "cat")
+    # data.threshold_split is read the same way
+    from ad_lightning.data.folder import scan_labelled_split
+
+    (base / "test/Good").rename(base / "test/good")
+    for sub in ("good", "crack", ".cache"):
+        (base / "threshold" / sub).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(base / "threshold" / sub / "0.png")
+    labels = sorted(
+        (s.defect_type, s.label) for s in scan_labelled_split(tmp_path, "cat", "threshold")
+    )
+    assert labels == [("crack", 1), ("good", 0)]
+    (base / "threshold/good").rename(base / "threshold/GOOD")
+    with pytest.raises(DataLayoutError, match=r"threshold/GOOD.*threshold/good/"):
+        scan_labelled_split(tmp_path, "cat", "threshold")

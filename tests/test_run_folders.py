@@ -250,3 +250,23 @@ def test_a_rescore_of_a_fit_that_did_not_end_says_so_in_its_record(tmp_path: Pat
     assert len(warned) == 1 and "did not end" in warned[0] and f"resume={tmp_path}" in warned[0]
     ended = RunResults(status="failed", checkpoint=CheckpointChoice(scored="best.ckpt"))
     assert rescore(ended) == []
+
+
+def test_the_checkpoint_choice_is_on_record_before_the_test_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test step killed hard (the OOM killer while gathering full-size maps) leaves
+    results.json as it was: the checkpoint choice must already be in it, or a re-score of a
+    fit that ended would be counted as one of a fit that did not."""
+    import ad_lightning.train as train
+
+    real_test = train.test
+    seen = {}
+
+    def test_reading_the_record(job, ckpt_path):
+        seen.update(json.loads((job.out / "results.json").read_text()))
+        return real_test(job, ckpt_path)
+
+    monkeypatch.setattr(train, "test", test_reading_the_record)
+    run(compose_cfg(tmp_path, "model=variation", "data.image_size=32"))
+    assert seen["status"] == "running" and seen["checkpoint"]["scored"], seen

@@ -26,37 +26,44 @@ class BackboneChanged(ValueError):
     checkpoint was fitted on (another weights file or package version at the same name)."""
 
 
-def check_input_normalization(backbone: FeatureExtractor, normalize: str) -> None:
-    """A pretrained backbone must see images normalised as its weights were trained: the
-    ImageNet statistics for most, mean = std = 0.5 for Xception. Fed others, its features are
-    distorted without a word. Raises naming data.normalize, the backbone and the fix."""
+#: data.normalize's values, each a (mean, std) the images reach a backbone with
+NORMALIZE_KINDS = ("imagenet", "half", "none")
+
+
+def normalize_for(stats: tuple[Sequence[float], Sequence[float]]) -> str | None:
+    """The data.normalize that feeds a backbone the (mean, std) its weights were trained with
+    (to the third decimal), None when none of them does."""
     from ad_lightning.data.transforms import normalization
 
+    for kind in NORMALIZE_KINDS:
+        fed = normalization(kind, 3) or ((0.0,) * 3, (1.0,) * 3)  # none: images in [0, 1]
+        if all(
+            len(a) == len(b) and np.allclose(a, b, atol=1e-3)
+            for a, b in zip(fed, stats, strict=True)
+        ):
+            return kind
+    return None
+
+
+def normalization_mismatch(backbone: FeatureExtractor, normalize: str) -> str | None:
+    """Why `data.normalize` does not feed a pretrained backbone the statistics its weights
+    were trained with (ImageNet's for most, mean = std = 0.5 for Xception), naming the fix;
+    None when it does. Fed others, its features are distorted without a word."""
     if backbone.input_stats is None or not backbone.pretrained:
-        return
-
-    def fed(kind: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return normalization(kind, 3) or ((0.0,) * 3, (1.0,) * 3)  # none: images in [0, 1]
-
-    def same(a: tuple, b: tuple) -> bool:  # (mean, std) pairs, to the third decimal
-        return all(
-            len(u) == len(v) and np.allclose(u, v, atol=1e-3) for u, v in zip(a, b, strict=True)
-        )
-
-    if same(fed(normalize), backbone.input_stats):
-        return
-    fits = [kind for kind in ("imagenet", "half", "none") if same(fed(kind), backbone.input_stats)]
+        return None
+    fits = normalize_for(backbone.input_stats)
+    if fits == normalize:
+        return None
     mean, std = backbone.input_stats
-    raise ValueError(
+    fix = (
+        f"set data.normalize={fits}"
+        if fits
+        else "pick a backbone trained on inputs that data.normalize can give"
+    )
+    return (
         f"backbone={backbone.alias} ({backbone.name}) was pretrained on images normalised with "
-        f"mean {mean} and std {std}, but data.normalize={normalize} feeds it others: its "
-        "features would be distorted. "
-        + (
-            f"Set data.normalize={fits[0]}."
-            if fits
-            else "Pick a backbone trained on inputs "
-            "that data.normalize (imagenet, half or none) can give."
-        )
+        f"mean {mean} and std {std}, but data.normalize={normalize} feeds it others, which "
+        f"distorts its features: {fix}"
     )
 
 

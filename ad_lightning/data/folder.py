@@ -109,6 +109,20 @@ def _find_mask(gt_dir: Path, defect: str, image: Path) -> Path | None:
     return None
 
 
+def labelled_folders(split_dir: Path) -> list[Path]:
+    """The class folders of a labelled split (test/, data.threshold_split): good/ and one per
+    defect type. A tool's hidden folder (.cache, .ipynb_checkpoints) is none of them, and a
+    Good/ would be scored as a defect type: refused."""
+    folders = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in folders:
+        if folder.name != NORMAL and folder.name.lower() == NORMAL:
+            raise DataLayoutError(
+                f"{folder}: the normal images belong in {split_dir.name}/{NORMAL}/ (lower case); "
+                f"as {folder.name}/ they would be labelled a defect type. Rename the folder."
+            )
+    return folders
+
+
 def check_one_image_per_mask(images: list[Path], folder: Path) -> None:
     """Masks are matched by the image's name without its extension: `001.png` and `001.jpg`
     in one defect folder would share `001_mask.png`, whichever image it was drawn for."""
@@ -163,15 +177,8 @@ def scan_category(root: str | Path, category: str) -> CategoryFiles:
     gt_dir = base / "ground_truth"
     test: list[Sample] = []
     missing_masks: list[Path] = []
-    for folder in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+    for folder in labelled_folders(test_dir):
         defect = folder.name
-        if defect.startswith("."):  # a tool's hidden folder (.cache, .ipynb_checkpoints)
-            continue
-        if defect != NORMAL and defect.lower() == NORMAL:
-            raise DataLayoutError(
-                f"{folder}: the normal test images belong in test/{NORMAL}/ (lower case); as "
-                f"{defect}/ they would be scored as a defect type. Rename the folder."
-            )
         images = list_images(folder)
         if defect != NORMAL and gt_dir.is_dir():
             check_one_image_per_mask(images, folder)
@@ -211,7 +218,7 @@ def scan_labelled_split(root: str | Path, category: str, split: str) -> list[Sam
         )
     samples = [
         Sample(image, int(sub.name != NORMAL), sub.name)
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir())
+        for sub in labelled_folders(folder)
         for image in list_images(sub)
     ]
     check_threshold_split(samples, folder)

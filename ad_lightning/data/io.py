@@ -62,7 +62,12 @@ def stored_bits(img: Image.Image) -> int:
         return 32
     if img.mode.startswith("I;16"):
         return 16
-    rawmodes = [t.args for t in img.tile if isinstance(getattr(t, "args", None), str)]
+    rawmodes = []
+    for tile in img.tile:  # PNG's args are the raw mode; libtiff's a tuple that starts with it
+        args = getattr(tile, "args", None)
+        raw = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(raw, str):
+            rawmodes.append(raw)
     return 16 if any(";16" in r for r in rawmodes) else 8
 
 

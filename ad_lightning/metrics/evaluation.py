@@ -106,17 +106,22 @@ def require_finite(scores: ScoresLike, paths: list[str], method: str) -> None:
     """A NaN or infinite image score or map value is an error naming the images: one such
     pixel rescales every other pixel of the pixel AUROC into a tie (+inf) or into NaN (-inf),
     and a NaN validation score makes a threshold that flags nothing."""
-    bad = torch.zeros(len(paths), dtype=torch.bool)
-    for values in scores.image.values():
-        bad |= ~torch.isfinite(values.detach()).cpu()
+    parts = {f"score {name}": values.detach() for name, values in scores.image.items()}
     if scores.map is not None:
-        bad |= ~torch.isfinite(scores.map.detach()).flatten(1).all(1).cpu()
-    if bad.any():
+        parts["map"] = scores.map.detach().flatten(1)
+    bad = torch.zeros(len(paths), dtype=torch.bool)
+    which = []
+    for part, values in parts.items():
+        wrong = ~torch.isfinite(values).reshape(len(paths), -1).all(1).cpu()
+        if wrong.any():
+            which.append(part)
+            bad |= wrong
+    if which:
         named = [p for p, b in zip(paths, bad.tolist(), strict=True) if b]
         raise FloatingPointError(
-            f"{method} scored NaN or infinite values for {len(named)} of {len(paths)} images "
-            f"of a batch (first: {named[0]}); the model diverged or its statistics are "
-            "degenerate, so no metric or threshold is computed from them"
+            f"{method} scored NaN or infinite values ({', '.join(which)}) for {len(named)} of "
+            f"{len(paths)} images of a batch (first: {named[0]}); the model diverged or its "
+            "statistics are degenerate, so no metric or threshold is computed from them"
         )
 
 

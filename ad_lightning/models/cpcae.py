@@ -87,10 +87,18 @@ class CPCAE(SingleObjective, AutoencoderModule):
         self.l1_weight = l1_weight
         self.lr = lr
         # the maps are fed to the backbone with its weights' own statistics (Xception's are
-        # mean = std = 0.5, not ImageNet's); data.normalize is the AE's, not the backbone's
+        # mean = std = 0.5, not ImageNet's); data.normalize is the AE's, not the backbone's.
+        # Saved with the model: the kNN bank holds embeddings made with them
         mean, std = self.backbone.input_stats or (IMAGENET_MEAN, IMAGENET_STD)
-        self.register_buffer("map_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("map_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("map_mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("map_std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """A file saved before the maps' statistics were (their bank embedded with ImageNet's,
+        whatever the backbone) loads with ImageNet's, so its scores stay what they were."""
+        for name, value in (("map_mean", IMAGENET_MEAN), ("map_std", IMAGENET_STD)):
+            state_dict.setdefault(f"{prefix}{name}", torch.tensor(value).view(1, 3, 1, 1))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def describe(self) -> dict[str, Any]:
         return {
