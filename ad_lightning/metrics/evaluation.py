@@ -227,7 +227,7 @@ def pixel_metrics(
     maps: list[torch.Tensor], masks: list[torch.Tensor], fpr_limit: float
 ) -> dict[str, float]:
     """Pixel AUROC over every pixel at once, and AUPRO up to `fpr_limit` (when the masks hold
-    both a defect region and a normal pixel, without which its curve is undefined). None when
+    both a defect region and a normal pixel, without which its curve is undefined). Empty when
     no mask marks a defect pixel: torchmetrics would report 0.0 for a curve without positives."""
     flat_maps = torch.cat([m.flatten() for m in maps])
     flat_masks = torch.cat([k.flatten() for k in masks])
