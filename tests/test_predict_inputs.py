@@ -483,3 +483,31 @@ def test_a_nan_in_a_map_is_an_error_for_its_image(
     verdicts = {Path(f).name: r["verdict"] for f, r in rows.items()}
     assert verdicts["0.png"] == "error" and verdicts["1.png"] != "error", rows
     assert "NaN" in rows[str(tmp_path / "in" / "0.png")]["error"]
+
+
+def test_an_image_that_cannot_be_registered_is_noted_in_its_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registered model's input whose alignment fails is only resized and scored, as training
+    does with such an image; its row says so (the log line named no file)."""
+    import ad_lightning.data.registration as registration
+
+    for i in range(2):
+        image(tmp_path / "in" / f"{i}.png", SIZE, SIZE, i)
+    # 1.png is the reference itself: its alignment converges (to the identity)
+    reference = torch.from_numpy(np.asarray(Image.open(tmp_path / "in" / "1.png").convert("RGB")))
+    (tmp_path / "run").mkdir()
+    run = cheap_run(tmp_path / "run", Preprocess((SIZE, SIZE), 3, "none", "ecc", reference))
+    real = registration.estimate_alignment
+
+    def fails_for_the_first(img: np.ndarray, ref: np.ndarray, *args, **kwargs) -> np.ndarray:
+        first = np.asarray(Image.open(tmp_path / "in" / "0.png"))
+        if np.array_equal(img, first):
+            raise registration.RegistrationError("ECC did not converge")
+        return real(img, ref, *args, **kwargs)
+
+    monkeypatch.setattr(registration, "estimate_alignment", fails_for_the_first)
+    assert predict(run, tmp_path / "in", tmp_path / "out") == 0
+    notes = {Path(f).name: r["note"] for f, r in predictions(tmp_path / "out").items()}
+    assert notes["0.png"] == "not registered (ECC did not converge): only resized", notes
+    assert "not registered" not in notes["1.png"]

@@ -39,12 +39,7 @@ from ad_lightning.data.io import (
     read_image,
     read_mask,
 )
-from ad_lightning.data.registration import (
-    METHODS,
-    RegistrationError,
-    apply_alignment,
-    estimate_alignment,
-)
+from ad_lightning.data.registration import METHODS, alignment_or_resize, apply_alignment
 from ad_lightning.data.sampling import Key, draw_seed, training_batches
 from ad_lightning.data.transforms import build_transform, reseed
 from ad_lightning.results import Contamination, DataSummary
@@ -127,13 +122,10 @@ class AnomalyDataset(Dataset):
         ref = self.reference
         size = (ref.shape[1], ref.shape[0])
         if path not in self._alignments:
-            try:
-                self._alignments[path] = estimate_alignment(image, ref, self.register_method)
-            except RegistrationError as err:
-                log.warning("registration of %s failed, image only resized: %s", path, err)
-                self._alignments[path] = np.float32(
-                    [[size[0] / image.shape[1], 0, 0], [0, size[1] / image.shape[0], 0]]
-                )
+            matrix, failure = alignment_or_resize(image, ref, self.register_method)
+            if failure:
+                log.warning("registration of %s failed, image only resized: %s", path, failure)
+            self._alignments[path] = matrix
         matrix = self._alignments[path]
         return apply_alignment(image, matrix, size), apply_alignment(
             mask, matrix, size, is_mask=True

@@ -132,14 +132,24 @@ def apply_alignment(
     return warped.reshape(*warped.shape[:2], *array.shape[2:])
 
 
-def register_to_reference(
+def alignment_or_resize(
     image: np.ndarray, reference: np.ndarray, method: str = "ecc", **kwargs: object
-) -> np.ndarray:
-    """Align an HxWxC uint8 image to the reference; unchanged (with a warning) if alignment fails."""
+) -> tuple[np.ndarray, str]:
+    """The matrix that aligns `image` to the reference and ""; or, where alignment fails, the
+    one that only resizes it to the reference's size and why it failed (the caller names the
+    image: training's log, predict's note column)."""
     h, w = reference.shape[:2]
     try:
-        matrix = estimate_alignment(image, reference, method, **kwargs)  # type: ignore[arg-type]
+        return estimate_alignment(image, reference, method, **kwargs), ""  # type: ignore[arg-type]
     except RegistrationError as err:
-        log.warning("registration failed, image left unaligned: %s", err)
-        matrix = np.float32([[w / image.shape[1], 0, 0], [0, h / image.shape[0], 0]])
-    return apply_alignment(image, matrix, (w, h))
+        return np.float32([[w / image.shape[1], 0, 0], [0, h / image.shape[0], 0]]), str(err)
+
+
+def register_to_reference(
+    image: np.ndarray, reference: np.ndarray, method: str = "ecc", **kwargs: object
+) -> tuple[np.ndarray, str]:
+    """An HxWxC uint8 image aligned to the reference, and "" (or, where alignment fails, only
+    resized, and why)."""
+    matrix, failure = alignment_or_resize(image, reference, method, **kwargs)
+    h, w = reference.shape[:2]
+    return apply_alignment(image, matrix, (w, h)), failure

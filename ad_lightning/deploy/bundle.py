@@ -83,22 +83,25 @@ class Preprocess:
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         return normalization(self.normalize, self.channels)
 
-    def align(self, image: np.ndarray) -> np.ndarray:
+    def align(self, image: np.ndarray) -> tuple[np.ndarray, str]:
         """A decoded H x W x C uint8 image in the frame the model saw in training: registered
-        to the reference image when the run registered its images, else unchanged."""
+        to the reference image when the run registered its images, else unchanged; and why it
+        could not be registered ("" when it was, or needs none), as training only resizes it."""
         if self.reference is None:
-            return image
+            return image, ""
         return register_to_reference(image, self.reference.numpy(), self.register_method)
 
     def to_input(self, aligned: np.ndarray) -> torch.Tensor:
         """An aligned image -> [C, H, W] float in [0, 1] at the model's size."""
         return build_transform(self.image_size, self.channels, "none")(image=aligned)["image"]
 
-    def read(self, path: str | Path) -> tuple[np.ndarray, ImageInfo]:
-        """An image file -> (aligned H x W x C uint8, what the file is: size, mode, bit depth),
-        decoded as training decoded it; raises ImageReadError naming the file."""
+    def read(self, path: str | Path) -> tuple[np.ndarray, ImageInfo, str]:
+        """An image file -> (aligned H x W x C uint8, what the file is: size, mode, bit depth,
+        why registration failed or ""), decoded as training decoded it; raises ImageReadError
+        naming the file."""
         image, info = inspect_image(Path(path), self.channels, self.bit_depth)
-        return self.align(image), info
+        aligned, failure = self.align(image)
+        return aligned, info, failure
 
     def load(self, path: str | Path) -> torch.Tensor:
         """An image file -> model input; raises ImageReadError naming the file."""

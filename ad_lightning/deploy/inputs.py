@@ -106,9 +106,10 @@ class InputImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
         try:
-            aligned, info = self.preprocess.read(path)
+            aligned, info, unregistered = self.preprocess.read(path)
             image = self.preprocess.to_input(aligned)
-            return {"path": path, "image": image, "original": aligned, "info": info}
+            note = f"not registered ({unregistered}): only resized" if unregistered else ""
+            return {"path": path, "image": image, "original": aligned, "info": info, "note": note}
         except (ImageReadError, OSError, cv2.error, ValueError) as err:
             return {"path": path, "error": str(err)}
 
@@ -120,5 +121,6 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "paths": [i["path"] for i in good],
         "originals": [i["original"] for i in good],
         "infos": [i["info"] for i in good],
+        "notes": [i["note"] for i in good],
         "failed": [(i["path"], i["error"]) for i in items if "error" in i],
     }

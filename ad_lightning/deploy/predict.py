@@ -212,8 +212,11 @@ def score_batch(
             error = f"the anomaly map of {path} has NaN or infinite values"
             outcome.fail(path, error, error)
             continue
+        if batch["notes"][i]:  # scored, but not as training saw its images
+            log.warning("%s: %s", path, batch["notes"][i])
         row = {
             "file": str(path),
+            "note": batch["notes"][i],
             "score": float(scores[i]),
             # in float64, as the graph's verdict: a float32 score against a float32-rounded
             # threshold could decide otherwise at the threshold itself
@@ -245,7 +248,9 @@ def note_odd_images(rows: list[dict[str, Any]], infos: dict[Path, ImageInfo]) ->
     why = {str(o.path): o.why for o in odd}
     for row in rows:
         if row["file"] in why:
-            row["note"] = f"odd image: {why[row['file']]}"
+            row["note"] = "; ".join(
+                n for n in (row.get("note"), f"odd image: {why[row['file']]}") if n
+            )
     if odd:
         log.warning(
             "%d scored images differ from the majority of the inputs in size, mode or bit "
