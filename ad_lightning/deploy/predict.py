@@ -237,6 +237,11 @@ def score_batch(
         outcome.rows.append(row)
 
 
+def add_note(row: dict[str, Any], note: str) -> None:
+    """Append `note` to a predictions.csv row's note column (a row may carry several)."""
+    row["note"] = "; ".join(n for n in (row.get("note"), note) if n)
+
+
 def note_odd_images(rows: list[dict[str, Any]], infos: dict[Path, ImageInfo]) -> int:
     """Name the scored images that differ from the majority of the inputs (training's check,
     data/audit.py) in their rows' note and in a warning: they were resized, colour-converted
@@ -248,9 +253,7 @@ def note_odd_images(rows: list[dict[str, Any]], infos: dict[Path, ImageInfo]) ->
     why = {str(o.path): o.why for o in odd}
     for row in rows:
         if row["file"] in why:
-            row["note"] = "; ".join(
-                n for n in (row.get("note"), f"odd image: {why[row['file']]}") if n
-            )
+            add_note(row, f"odd image: {why[row['file']]}")
     if odd:
         log.warning(
             "%d scored images differ from the majority of the inputs in size, mode or bit "
@@ -287,7 +290,7 @@ def note_unlike_training(
     notes = {str(p): f"unlike training: {'; '.join(why)}" for p, why in unlike.items()}
     for row in rows:
         if row["file"] in notes:
-            row["note"] = "; ".join(n for n in (row.get("note"), notes[row["file"]]) if n)
+            add_note(row, notes[row["file"]])
     if unlike:
         listed = [f"  - {p}: {'; '.join(why)}" for p, why in sorted(unlike.items())[:LISTED]]
         if len(unlike) > LISTED:
