@@ -186,6 +186,8 @@ class DataSummary(Record):
     strict: bool | None
     bit_depth: int | None
     registered: str | bool  # "<method> to <reference image>" or False
+    #: with registration: the images that could not be aligned (only resized), and why
+    registration_failures: list[dict[str, str]] = ABSENT
     #: per split (train, val, test, contaminated, threshold), a SHA-256 of its files' paths
     #: (relative to the category) and sizes: a re-score or resume on other files is refused
     splits: dict[str, str] = ABSENT

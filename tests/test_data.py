@@ -257,6 +257,45 @@ def test_registration_aligns_images_and_masks_with_one_transform(tmp_path: Path)
     assert registered.summary()["registered"].startswith("ecc")
 
 
+def test_an_image_that_cannot_be_registered_is_named_in_the_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image whose alignment fails is only resized (as predict does) and named in the run's
+    summary and warnings, not only in a loader worker's log; each image's alignment is
+    estimated once, at setup, and the loaders reuse it."""
+    import ad_lightning.data.registration as registration
+
+    cat = tmp_path / "data" / "part"
+    yy, xx = np.mgrid[0:64, 0:64]
+    base = ((((yy - 32) ** 2 / 300 + (xx - 28) ** 2 / 120) < 1) * 180 + 40).astype(np.uint8)
+    for folder, names in (("train/good", "012"), ("test/good", "3"), ("test/dent", "4")):
+        (cat / folder).mkdir(parents=True)
+        for name in names:
+            Image.fromarray(np.roll(base, int(name), axis=1)).save(cat / folder / f"{name}.png")
+    real, calls = registration.estimate_alignment, []
+
+    def fails_for_the_dent(img: np.ndarray, ref: np.ndarray, *args, **kwargs) -> np.ndarray:
+        calls.append(img)
+        if np.array_equal(img[..., 0], np.roll(base, 4, axis=1)):
+            raise registration.RegistrationError("ECC did not converge")
+        return real(img, ref, *args, **kwargs)
+
+    monkeypatch.setattr(registration, "estimate_alignment", fails_for_the_dent)
+    dm = AnomalyDataModule(
+        root=str(tmp_path / "data"), category="part", image_size=64, num_workers=0,
+        val_split=0.0, register=True,
+    )  # fmt: skip
+    dm.setup()
+    dent = str(cat / "test" / "dent" / "4.png")
+    summary = dm.summary()
+    assert summary["registration_failures"] == [{"path": dent, "why": "ECC did not converge"}]
+    assert any("registration" in n and dent in n for n in summary["notes"]), summary["notes"]
+    assert len(calls) == 5  # every image once
+    for loader in (dm.train_dataloader(), dm.test_dataloader()):
+        assert sum(len(batch["image"]) for batch in loader) > 0
+    assert len(calls) == 5  # the loaders reused the matrices
+
+
 def test_unknown_register_method_fails_when_the_datamodule_is_built(tmp_path: Path) -> None:
     """A typo in data.register_method is refused at construction, before any image is read
     (the folder does not even exist), naming the key and the allowed methods."""

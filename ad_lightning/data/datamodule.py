@@ -100,9 +100,12 @@ class AnomalyDataset(Dataset):
         register_method: str = "ecc",
         bit_depth: int | None = None,
         augment_seed: int | None = None,
+        alignments: dict[Path, np.ndarray] | None = None,
     ) -> None:
         """`augment_seed`: the transform draws at random; each (index, epoch) key reseeds it
-        (`sampling.draw_seed`), so workers, ranks and a resume draw what one process would."""
+        (`sampling.draw_seed`), so workers, ranks and a resume draw what one process would.
+        `alignments`: each image's matrix to the reference, estimated once by the datamodule
+        (an image without one is aligned on first read)."""
         self.samples = list(samples)
         self.bit_depth = bit_depth
         self.augment_seed = augment_seed
@@ -110,7 +113,7 @@ class AnomalyDataset(Dataset):
         self.channels = channels
         self.reference = reference
         self.register_method = register_method
-        self._alignments: dict[Path, np.ndarray] = {}
+        self._alignments: dict[Path, np.ndarray] = dict(alignments or {})
 
     def _register(
         self, image: np.ndarray, mask: np.ndarray, path: Path
@@ -226,6 +229,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         self._split_digests: dict[str, str] | None = None  # split_digests(), once per setup
         self.size_note = ""
         self.reference: np.ndarray | None = None
+        self.alignments: dict[Path, np.ndarray] = {}  # with register: each image's, at setup
+        self.registration_failures: list[dict[str, str]] = []  # images only resized, and why
         self.files: CategoryFiles | None = None
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
@@ -291,6 +296,29 @@ class AnomalyDataModule(pl.LightningDataModule):
             self.register
         ):  # the first clean training image is the reference every image is aligned to
             self.reference = read_image(train[0].path, self.channels, self.bit_depth)
+            self._align_all()
+
+    def _align_all(self) -> None:
+        """Estimate every image's alignment to the reference once, here, so that an image
+        that cannot be registered (it is only resized, as predict does) is named in
+        results.json (`data.registration_failures`, a warning), not only in a loader
+        worker's log; the loaders reuse the matrices instead of estimating them per worker."""
+        assert self.reference is not None
+        samples = self.train_samples + self.val_samples + self.test_samples
+        samples += self.threshold_samples
+        for sample in sorted({s.path: s for s in samples}.values(), key=lambda s: s.path):
+            image = read_image(sample.path, self.channels, self.bit_depth)
+            matrix, failure = alignment_or_resize(image, self.reference, self.register_method)
+            self.alignments[sample.path] = matrix
+            if failure:
+                self.registration_failures.append({"path": str(sample.path), "why": failure})
+        if self.registration_failures:
+            log.warning(
+                "registration to %s failed for %d images, each only resized:\n%s",
+                self.train_samples[0].path,
+                len(self.registration_failures),
+                "\n".join(f"  - {f['path']}: {f['why']}" for f in self.registration_failures),
+            )
 
     def _check_files(
         self, files: CategoryFiles, labelled: list[Sample], where: Path
@@ -361,6 +389,7 @@ class AnomalyDataModule(pl.LightningDataModule):
             registered=f"{self.register_method} to {self.train_samples[0].path}"
             if self.register
             else False,
+            registration_failures=list(self.registration_failures),
             splits=self.split_digests(),
         )
 
@@ -402,6 +431,13 @@ class AnomalyDataModule(pl.LightningDataModule):
                 f"data.skip_bad=true left out {len(self.skipped)} bad files of {where} with their "
                 f"images (first: {first}); see data.skipped_files"
             )
+        if self.registration_failures:
+            first = self.registration_failures[0]
+            notes.append(
+                f"registration to the reference image failed for {len(self.registration_failures)} "
+                f"images of {where}, each only resized (first: {first['path']}: {first['why']}); "
+                "see data.registration_failures"
+            )
         return [n for n in notes if n]
 
     def _loader(self, samples: list[Sample], train: bool) -> DataLoader:
@@ -421,6 +457,7 @@ class AnomalyDataModule(pl.LightningDataModule):
             self.register_method,
             self.bit_depth,
             augment_seed=self.seed if augment else None,
+            alignments=self.alignments,
         )
         batch_size = self.batch_size if train else self.eval_batch_size
         # training: reshuffled per (seed, epoch), never a BatchNorm batch of one image
