@@ -10,15 +10,15 @@ settings); any other override that differs from the run is refused, naming the k
 
 from __future__ import annotations
 
-import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-import hydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from ad_lightning.deploy.trusted import locate_within
 from ad_lightning.results import read_results
 
 #: never compared: the run mode itself and where this invocation writes
@@ -35,6 +35,20 @@ _ABSENT = object()
 #: the packages whose classes a run folder's config may build on resume or re-score: ours,
 #: Lightning's (trainer, loggers, callbacks, strategies, plugins) and albumentations' transforms
 RUN_PACKAGES = ("ad_lightning", "pytorch_lightning", "lightning", "albumentations")
+#: where those classes may be defined (Lightning's plugins and environments live in lightning_fabric)
+CLASS_MODULES = (*RUN_PACKAGES, "lightning_fabric")
+#: the resolvers a run folder's Hydra config (.hydra/config.yaml) may call when it is read: pure
+#: functions of the config and the machine. Any other is refused: `oc.env` would copy this
+#: machine's secrets into results.json and W&B, `oc.create` builds nodes, `ad.unique_dir` makes
+#: folders (it only serves `paths`, which the current invocation's replace)
+PURE_RESOLVERS = (
+    "ad.wandb_offline",
+    "ad.input_normalization",
+    "ad.tasks_per_node",
+    "ad.gpus_per_node",
+    "oc.select",
+)
+RESOLVER_CALL = re.compile(r"\$\{\s*([^\s:{}]+)\s*:")
 
 
 class UntrustedRunFolder(ValueError):
@@ -43,33 +57,58 @@ class UntrustedRunFolder(ValueError):
 
 
 def check_targets(node: Any, folder: Path, given: tuple[str, ...] = (), where: str = "") -> None:
-    """Every `_target_` in a run folder's config names a class of RUN_PACKAGES: resume and
-    test_only build what the folder's config names, and a folder from elsewhere is data (it
-    could name `os.system`). Modules outside those packages are never imported. The keys
-    under `given` are the command line's (`+callbacks.mine=null` drops a callback of the
+    """Every `_target_` in a run folder's config names a class defined in RUN_PACKAGES:
+    resume and test_only build what the folder's config names, and a folder from elsewhere is
+    data (it could name `os.system`, or `subprocess.Popen` through a module of ours that
+    imports it). Modules outside those packages are never imported. Hydra's other special keys
+    (`_args_`, `_partial_`, ...) and interpolations (`${...}`, which can create nodes when the
+    config is resolved) never occur in the resolved configs runs write, and are refused. The
+    keys under `given` are the command line's (`+callbacks.mine=null` drops a callback of the
     run's own that is not ours), not the folder's."""
     if isinstance(node, dict):
         for key, value in node.items():
             at = f"{where}.{key}" if where else str(key)
-            if _under(at, given):
-                continue
+            if _under(at, given) or (not where and key in IGNORED):
+                continue  # the command line's, or never built (replaced by this invocation's)
             if key == "_target_":
-                ours = isinstance(value, str) and value.split(".")[0] in RUN_PACKAGES
-                try:
-                    ours = ours and inspect.isclass(hydra.utils.get_class(value))
-                except (ImportError, ValueError, AttributeError):
-                    ours = False
-                if not ours:
-                    raise UntrustedRunFolder(
-                        f"{folder}: its config's {at}={value!r} is not a class of "
-                        f"{', '.join(RUN_PACKAGES)}: it is not built (a run folder from "
-                        "elsewhere is data)"
+                obj = locate_within(value, RUN_PACKAGES) if isinstance(value, str) else None
+                if not (isinstance(obj, type) and _under(obj.__module__, CLASS_MODULES)):
+                    raise _untrusted(
+                        folder, f"{at}={value!r} is not a class of {', '.join(RUN_PACKAGES)}"
                     )
-            elif not (not where and key in IGNORED):  # hydra's own node is never built
+            elif isinstance(key, str) and key.startswith("_"):
+                raise _untrusted(folder, f"{at} is Hydra's special key {key!r}")
+            else:
                 check_targets(value, folder, given, at)
     elif isinstance(node, list):
         for i, value in enumerate(node):
             check_targets(value, folder, given, f"{where}[{i}]")
+    elif isinstance(node, str) and "${" in node:
+        raise _untrusted(folder, f"{where}={node!r} is an interpolation")
+
+
+def _untrusted(folder: Path, what: str) -> UntrustedRunFolder:
+    return UntrustedRunFolder(
+        f"{folder}: its config's {what}: it is not built (a run folder from elsewhere is data)"
+    )
+
+
+def _impure_resolvers(node: Any, where: str = "") -> list[str]:
+    """`key=value` for each value of an unresolved config that calls a resolver outside
+    PURE_RESOLVERS."""
+    if isinstance(node, dict):
+        return [
+            found
+            for key, value in node.items()
+            for found in _impure_resolvers(value, f"{where}.{key}" if where else str(key))
+        ]
+    if isinstance(node, list):
+        return [f for i, v in enumerate(node) for f in _impure_resolvers(v, f"{where}[{i}]")]
+    if isinstance(node, str) and any(
+        name not in PURE_RESOLVERS for name in RESOLVER_CALL.findall(node)
+    ):
+        return [f"{where}={node!r}"]
+    return []
 
 
 def saved_config(folder: Path) -> dict[str, Any]:
@@ -82,7 +121,17 @@ def saved_config(folder: Path) -> dict[str, Any]:
         return config
     hydra_file = folder / ".hydra" / "config.yaml"
     if hydra_file.is_file():
-        return OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=True)  # type: ignore[return-value]
+        # read as data: the nodes this invocation replaces are dropped unresolved, and the rest
+        # may call only pure resolvers before it is resolved
+        config = OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=False)
+        for key in IGNORED:
+            config.pop(key, None)  # type: ignore[union-attr]
+        impure = _impure_resolvers(config)
+        if impure:
+            raise _untrusted(
+                hydra_file, f"{impure[0]} calls a resolver that is not one of {PURE_RESOLVERS}"
+            )
+        return OmegaConf.to_container(OmegaConf.create(config), resolve=True)  # type: ignore[return-value]
     raise FileNotFoundError(
         f"{folder} holds no config of its run (results.json 'config' or .hydra/config.yaml)"
     )
@@ -133,6 +182,7 @@ def merge_run_config(
     check_targets(merged, folder, tuple(given))
     for key in IGNORED[:4]:
         merged[key] = current.get(key)
+    merged.pop("hydra", None)  # Hydra's own node is never the folder's to give
     return OmegaConf.create(merged)
 
 

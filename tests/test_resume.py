@@ -315,9 +315,23 @@ def test_a_run_folder_from_elsewhere_is_data_not_code(tmp_path: Path) -> None:
     results.write_text(json.dumps(record))
     with pytest.raises(UntrustedRunFolder, match="seed_everything"):
         run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={tmp_path}"))
+    # a foreign class reached through a module of Lightning's that imports it
+    popen = "pytorch_lightning.strategies.launchers.subprocess_script.subprocess.Popen"
+    marker = tmp_path / "ran"
+    for payload, refused in (
+        ({"_target_": popen, "args": ["touch", str(marker)]}, "subprocess.Popen"),
+        # an interpolation that creates a node to build when the config is resolved
+        ("${oc.create:{_target_: pathlib.Path.touch, _args_: [" + str(marker) + "]}}", "oc.create"),
+        ({"_target_": "ad_lightning.data.AnomalyDataModule", "_args_": ["x"]}, "_args_"),
+    ):
+        record = json.loads(original)
+        record["config"]["callbacks"] = {"x": payload}
+        results.write_text(json.dumps(record))
+        with pytest.raises(UntrustedRunFolder, match=refused):
+            run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={tmp_path}"))
+        assert not marker.exists()
 
     results.write_text(original)
-    marker = tmp_path / "ran"
     for checkpoint in (tmp_path / "checkpoints").glob("*.ckpt"):
         state = torch.load(checkpoint, weights_only=True)
         state["payload"] = _Payload(marker)
@@ -325,6 +339,33 @@ def test_a_run_folder_from_elsewhere_is_data_not_code(tmp_path: Path) -> None:
     with pytest.raises(UntrustedRunFolder, match="more than tensors"):
         run(compose_cfg(tmp_path / "x", *SMALL, f"test_only={tmp_path}"))
     assert not marker.exists()
+
+
+def test_a_run_folders_hydra_config_is_read_as_data(tmp_path: Path) -> None:
+    """Without results.json's config, a run folder's .hydra/config.yaml is read; it is
+    resolved only when it calls pure resolvers: `oc.env` would copy this machine's secrets
+    into results.json and W&B, `ad.unique_dir` (under `paths`, which this invocation
+    replaces) would make folders."""
+    from omegaconf import OmegaConf
+
+    from ad_lightning.run_config import UntrustedRunFolder, saved_config
+
+    config = {
+        "seed": 3,
+        "model": {"seed": "${seed}", "name": "x"},
+        "logger": {"wandb": {"offline": "${ad.wandb_offline:}"}},
+        "paths": {"output_dir": "${ad.unique_dir:" + str(tmp_path / "made") + "}"},
+    }
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(config), tmp_path / ".hydra" / "config.yaml")
+    saved = saved_config(tmp_path)
+    assert saved["model"] == {"seed": 3, "name": "x"} and "paths" not in saved, saved
+    assert isinstance(saved["logger"]["wandb"]["offline"], bool)
+    assert not (tmp_path / "made").exists()
+    config["model"]["name"] = "${oc.env:HOME}"
+    OmegaConf.save(OmegaConf.create(config), tmp_path / ".hydra" / "config.yaml")
+    with pytest.raises(UntrustedRunFolder, match=r"model\.name=.*oc\.env"):
+        saved_config(tmp_path)
 
 
 def test_a_rescore_refuses_a_backbone_whose_weights_changed_since_the_fit(tmp_path: Path) -> None:

@@ -33,19 +33,19 @@ def _within(name: str, package: str) -> bool:
     return name == package or name.startswith(f"{package}.")
 
 
-def _ours(name: str) -> bool:
-    return _within(name, METHOD_PACKAGE) or _within(name, BACKBONE_PACKAGE)
+def locate_within(target: str, packages: tuple[str, ...]) -> Any:
+    """The object a dotted name inside `packages` refers to, importing only modules of those
+    packages; None when it names none (a foreign name is never imported)."""
 
+    def inside(name: str) -> bool:
+        return any(_within(name, package) for package in packages)
 
-def locate_own(target: str) -> Any:
-    """The object a dotted name inside our packages refers to, importing only modules of
-    those packages; None when it names none (a foreign name is never imported)."""
-    if not _ours(target):
+    if not inside(target):
         return None
     parts = target.split(".")
-    for split in range(len(parts), 1, -1):
+    for split in range(len(parts), 0, -1):
         module_name = ".".join(parts[:split])
-        if not _ours(module_name):
+        if not inside(module_name):
             return None
         try:
             obj: Any = importlib.import_module(module_name)
@@ -60,6 +60,11 @@ def locate_own(target: str) -> Any:
             return None
         return obj
     return None
+
+
+def locate_own(target: str) -> Any:
+    """`locate_within` our methods' and backbones' packages."""
+    return locate_within(target, (METHOD_PACKAGE, BACKBONE_PACKAGE))
 
 
 def is_method(obj: Any) -> bool:
