@@ -81,9 +81,18 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
 
 
-def config_choices() -> dict[str, str]:
+def config_choices(cfg: DictConfig | None = None) -> dict[str, str]:
     """The config group chosen per group (model=ae_ssim, data=...), so reports can tell apart
-    runs whose model classes coincide; empty outside Hydra (compose API)."""
+    runs whose model classes coincide; empty outside Hydra (compose API). A resume or
+    re-score runs the run folder's config, so its choices are the folder's record's: this
+    command's defaults (model=skip_dfr) would label a PaDiM run's W&B run skip_dfr."""
+    folder = cfg.get("test_only") or cfg.get("resume") if cfg is not None else None
+    try:
+        previous = previous_results(Path(folder)) if folder else None
+    except (OSError, ValueError):  # the run itself stops on it, naming the file
+        previous = None
+    if previous and previous.choices:
+        return dict(previous.choices)
     if not HydraConfig.initialized():
         return {}
     choices = HydraConfig.get().runtime.choices
@@ -160,7 +169,7 @@ def build_loggers(cfg: DictConfig, out: Path, resuming: RunResults | None = None
                 for key in ("group", "job_type", "name", "id"):
                     cfg.logger[name][key] = args[key]
             config = OmegaConf.to_container(cfg, resolve=True)
-            args["config"] = wandb_run.run_config(config, config_choices())
+            args["config"] = wandb_run.run_config(config, config_choices(cfg))
             # built directly: instantiate would read `${` in a config value as interpolation
             loggers.append(hydra.utils.get_class(args.pop("_target_"))(save_dir=str(out), **args))
         else:
@@ -181,7 +190,7 @@ def wandb_init_args(cfg: DictConfig, conf: dict[str, Any]) -> dict[str, Any]:
     return wandb_run.init_args(
         conf,
         OmegaConf.to_container(cfg, resolve=True),
-        config_choices(),
+        config_choices(cfg),
         Path(HydraConfig.get().sweep.dir).name if multirun else None,
         int(HydraConfig.get().job.num) if multirun else None,
     )
@@ -503,7 +512,7 @@ def start_results(cfg: DictConfig, out: Path, datamodule: Any, model: AnomalyMod
         run_dir=str(out),
         model=type(model).__name__,
         protocol=cfg.protocol,
-        choices=config_choices(),
+        choices=config_choices(cfg),
         data=summary,
         versions=versions(),
         config=OmegaConf.to_container(cfg, resolve=True),
@@ -781,7 +790,7 @@ class RunStatus:
             status="failed",
             error=f"{type(err).__name__}: {err}",
             run_dir=str(self.out),
-            choices=config_choices(),
+            choices=config_choices(self.cfg),
             config=OmegaConf.to_container(self.cfg, resolve=False),
             **({"rescore_of": str(test_only)} if test_only else {}),
         )

@@ -203,6 +203,34 @@ def test_a_rescore_logs_beside_its_run_not_as_it(sweep_job: dict[str, Any]) -> N
     assert init.job_type == "rescore" and init.display_name == original.display_name + "-rescore-1"
 
 
+def test_a_rescore_is_labelled_with_the_runs_choices_not_the_commands(tmp_path: Path) -> None:
+    """`python run.py test_only=RUN` composes this command's defaults (model=skip_dfr, ...),
+    but scores the run's own config: its W&B run carries the run's choices (job type, tags,
+    `choices.*`), so a dashboard does not file a PaDiM re-score under Skip-DFR."""
+    overrides = ["logger=wandb", "data.category=object", "data.image_size=32"]
+    run_sweep_job(tmp_path / "sweep", 0, "model=variation", *overrides)
+    run_dir = tmp_path / "sweep" / "0"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config", return_hydra_config=True, overrides=[f"test_only={run_dir}", "hydra.mode=RUN"]
+        )
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "hydra")
+    HydraConfig.instance().set_config(cfg)  # run.py's: choices of this command's defaults
+    task = copy.deepcopy(cfg)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    try:
+        results = run(task)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert results["status"] == "finished" and results["choices"]["model"] == "variation"
+    (init,) = of_type(run_files(run_dir / "rescore-1")[1], "run")
+    config = {key[0]: value for key, value in updates(init.config.update).items()}
+    assert config["choices.model"] == "variation", config["choices.model"]
+    assert "variation" in init.tags and "skip_dfr" not in init.tags, init.tags
+
+
 def test_wandb_summary_holds_test_metrics_and_best_validation_loss(
     sweep_job: dict[str, Any],
 ) -> None:
