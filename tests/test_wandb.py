@@ -173,6 +173,15 @@ def test_wandb_config_holds_the_flat_resolved_config(sweep_job: dict[str, Any]) 
     # every key of the resolved config results.json records, with the same value
     expected = flat_config(sweep_job["results"]["config"])
     assert {k: config.get(k, "<missing>") for k in expected} == expected
+    # and nothing updates it later: Lightning's hyperparameter logging added the method's
+    # arguments as loose top-level keys (PaDiM's `seed` over the run's `seed`)
+    later = {
+        key[0]: value
+        for record in of_type(sweep_job["records"], "config")
+        for key, value in updates(record.update).items()
+        if not key[0].startswith("_")  # W&B's own (_wandb)
+    }
+    assert later == {}, sorted(later)
 
 
 def test_wandb_run_is_grouped_named_and_tagged(sweep_job: dict[str, Any]) -> None:

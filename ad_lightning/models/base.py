@@ -10,6 +10,7 @@ so they travel in the state dict. The base knows nothing about any method.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,20 @@ class AnomalyModule(pl.LightningModule):
         #: the current (or last) test scoring; None before testing
         self.evaluation: Evaluation | None = None
         self.test_results: TestResults | None = None
+
+    def save_hyperparameters(
+        self,
+        *args: Any,
+        ignore: Any = None,
+        frame: Any = None,
+        logger: bool = False,
+    ) -> None:
+        """Lightning's, except that the loggers are not given the hyperparameters: each logger
+        gets the run's whole resolved config (W&B: `model.seed`, ...), and Lightning would add
+        the method's as loose top-level keys, PaDiM's `seed` over the run's `seed`."""
+        super().save_hyperparameters(
+            *args, ignore=ignore, frame=frame or inspect.currentframe().f_back, logger=logger
+        )
 
     @property
     def thresholds(self) -> dict[str, Any] | None:
