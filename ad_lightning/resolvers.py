@@ -5,7 +5,7 @@ import os
 from omegaconf import OmegaConf
 
 
-def _wandb_offline() -> bool:
+def wandb_offline() -> bool:
     """W&B runs offline unless an API key is present, so it works with no network."""
     return not os.environ.get("WANDB_API_KEY")
 
@@ -52,7 +52,7 @@ def _input_normalization(backbone_name: str) -> str:
 def register_resolvers() -> None:
     resolvers = {
         "ad.input_normalization": _input_normalization,
-        "ad.wandb_offline": _wandb_offline,
+        "ad.wandb_offline": wandb_offline,
         "ad.tasks_per_node": _tasks_per_node,
         "ad.gpus_per_node": _gpus_per_node,
     }

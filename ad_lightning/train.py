@@ -52,6 +52,7 @@ from ad_lightning.outputs import wandb_run
 from ad_lightning.outputs.artifacts import TestArtifacts, write_results
 from ad_lightning.outputs.timing import EpochTimer
 from ad_lightning.precision import check_precision, deploy_note
+from ad_lightning.resolvers import wandb_offline
 from ad_lightning.results import (
     ABSENT,
     CheckpointChoice,
@@ -155,6 +156,16 @@ def build_loggers(cfg: DictConfig, out: Path, resuming: RunResults | None = None
     for name, conf in cfg.logger.items():
         conf = OmegaConf.to_container(conf, resolve=True)
         if wandb_run.is_wandb(conf):
+            if (cfg.get("test_only") or cfg.get("resume")) and not conf.get("offline"):
+                # the run's config holds the fit's machine's choice; online needs a key here
+                if wandb_offline():
+                    log.warning(
+                        "logger.%s: the run logged to W&B online, but WANDB_API_KEY is unset "
+                        "here: this %s logs offline (`wandb sync` its wandb/offline-run-*)",
+                        name,
+                        "re-score" if cfg.get("test_only") else "resume",
+                    )
+                    conf["offline"] = True
             args = wandb_init_args(cfg, conf)
             if cfg.get("test_only"):  # the run's own group, but not its name nor its job type:
                 # a dashboard that averages a group's fits would count the re-scored one twice
@@ -166,8 +177,8 @@ def build_loggers(cfg: DictConfig, out: Path, resuming: RunResults | None = None
                 args |= logged | {"resume": "allow"}
             args["id"] = args.get("id") or wandb_run.new_id()
             with open_dict(cfg):
-                for key in ("group", "job_type", "name", "id"):
-                    cfg.logger[name][key] = args[key]
+                for key in ("group", "job_type", "name", "id", "offline"):
+                    cfg.logger[name][key] = args.get(key)
             config = OmegaConf.to_container(cfg, resolve=True)
             args["config"] = wandb_run.run_config(config, config_choices(cfg))
             # built directly: instantiate would read `${` in a config value as interpolation

@@ -27,7 +27,8 @@ from omegaconf import open_dict, read_write
 from ad_lightning.outputs.wandb_run import flat_config
 from ad_lightning.report import main as report
 from ad_lightning.report import wandb_group
-from ad_lightning.train import run
+from ad_lightning.train import build_loggers, run, split_hydra
+from tests.test_run import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK, HEADER = 32768, 7
@@ -238,6 +239,24 @@ def test_a_rescore_is_labelled_with_the_runs_choices_not_the_commands(tmp_path: 
     config = {key[0]: value for key, value in updates(init.config.update).items()}
     assert config["choices.model"] == "variation", config["choices.model"]
     assert "variation" in init.tags and "skip_dfr" not in init.tags, init.tags
+
+
+@pytest.mark.parametrize("mode", ["test_only", "resume"])
+def test_a_rescore_where_no_key_is_set_logs_offline(
+    mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's config holds its fit's machine's `offline: false`; re-scored or resumed where
+    WANDB_API_KEY is unset, it logs offline (and records so) instead of failing at W&B's
+    login after the model is built."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+    def built(*overrides: str) -> bool:
+        cfg, _ = split_hydra(compose_cfg(tmp_path, "logger=wandb", *overrides))
+        build_loggers(cfg, tmp_path)
+        return cfg.logger.wandb.offline
+
+    assert built("logger.wandb.offline=false", f"{mode}={tmp_path}") is True
+    assert built("logger.wandb.offline=false") is False  # a new run's own setting stands
 
 
 def test_wandb_summary_holds_test_metrics_and_best_validation_loss(
