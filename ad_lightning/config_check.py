@@ -25,7 +25,11 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-SECTIONS = ("data", "model", "trainer", "eval", "feature_store")
+SECTIONS = ("data", "model", "trainer", "eval", "feature_store", "backbone")
+#: the sections whose values are checked against their `_target_`'s __init__ annotations
+TYPED_SECTIONS = ("data", "model", "backbone", "trainer")
+#: switches without a `_target_` to annotate them: a typo (`skip_done=flase`) is a truthy string
+FLAGS = ("skip_done", "feature_store.enabled")
 
 
 class ConfigError(ValueError):
@@ -113,6 +117,7 @@ RULES: tuple[Rule, ...] = (
     Rule("eval.kept_map_size", int, 1),
     Rule("eval.aupro_fpr_limit", float, 0, 1, open_low=True),
     Rule("feature_store.memory_gb", float, 0),
+    Rule("backbone.feature_size", int, 1, note="null: the first chosen block's size"),
     Rule("seed", int, 0, 2**32 - 1),
 )
 
@@ -214,14 +219,28 @@ def _plain_type(annotation: Any) -> type | None:
 
 
 def annotated_types(target: str) -> dict[str, type]:
-    """Parameters of `target.__init__` annotated as a plain int, float or bool."""
+    """Parameters of `target.__init__` annotated as a plain int, float or bool, and those of
+    the base classes its `**kwargs` reach (SyntheticDataModule passes them on to
+    AnomalyDataModule)."""
     try:
-        init = get_class(target).__init__
-        hints = typing.get_type_hints(init)
-        params = inspect.signature(init).parameters
-    except Exception:  # noqa: BLE001 - not importable or unusual annotations: no type check
+        classes = get_class(target).__mro__
+    except Exception:  # noqa: BLE001 - not importable: no type check
         return {}
-    types = {name: _plain_type(hints.get(name)) for name in params}
+    types: dict[str, type | None] = {}
+    for cls in classes:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            hints = typing.get_type_hints(init)
+            params = inspect.signature(init).parameters
+        except Exception:  # noqa: BLE001 - unusual annotations: no type check
+            break
+        for name, param in params.items():
+            if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                types.setdefault(name, _plain_type(hints.get(name)))
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
     return {name: t for name, t in types.items() if t is not None}
 
 
@@ -260,8 +279,25 @@ def problems(cfg: DictConfig) -> list[str]:
         if problem:
             found.append(problem)
             checked.add(key)
-    for section in ("data", "model"):
+    for section in TYPED_SECTIONS:
         found += [p for p in check_annotations(cfg, section) if p.split("=", 1)[0] not in checked]
+    for key in FLAGS:
+        ok, value = _value(cfg, key)
+        if ok and not isinstance(value, bool):
+            found.append(f"{key}={value!r}: must be true or false")
+    found += choice_problems(cfg)
+    return found
+
+
+def choice_problems(cfg: DictConfig) -> list[str]:
+    """The evaluation's named choices, which are read only after the data are set up."""
+    from ad_lightning.metrics.evaluation import PROTOCOLS, THRESHOLD_RULES
+
+    found = []
+    for key, allowed in (("protocol", PROTOCOLS), ("eval.threshold", THRESHOLD_RULES)):
+        ok, value = _value(cfg, key)
+        if ok and value not in allowed:
+            found.append(f"{key}={value!r}: must be one of {', '.join(allowed)}")
     return found
 
 

@@ -76,6 +76,16 @@ def test_missing_category_on_the_command_line_is_one_short_message(tmp_path: Pat
         (["model.width_ratio=abc"], "model.width_ratio='abc': must be a number"),
         (["model.levels=2.5"], "model.levels=2.5: must be an integer"),
         (["model=dfr", "model.pca_images=0"], "model.pca_images=0: must be an integer >= 1"),
+        # accepted silently before: a typo of a switch is a truthy string, 0 meant native size
+        (["data.strict=flase"], "data.strict='flase': must be true or false"),  # synthetic data
+        (["backbone.pretrained=flase"], "backbone.pretrained='flase': must be true or false"),
+        (["backbone.feature_size=0"], "backbone.feature_size=0: must be an integer >= 1"),
+        (["feature_store.enabled=flase"], "feature_store.enabled='flase': must be true or false"),
+        (["skip_done=flase"], "skip_done='flase': must be true or false"),
+        (["trainer.enable_progress_bar=nope"], "trainer.enable_progress_bar='nope': must be true"),
+        # read only after every image was decoded before
+        (["protocol=leakfree"], "protocol='leakfree': must be one of leak_free, paper"),
+        (["eval.threshold=f1"], "eval.threshold='f1': must be one of false_alarm_rate, f1_optimal"),
     ],
 )
 def test_bad_numbers_are_named_with_the_allowed_range(
@@ -101,9 +111,11 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
     assert all(k in str(err.value) for k in ("data.batch_size", "model.sigma", "eval.n_heatmaps"))
 
 
-@pytest.mark.parametrize("group", ["model", "data", "trainer"])
+@pytest.mark.parametrize("group", ["model", "data", "trainer", "backbone", "experiment"])
 def test_the_shipped_configs_pass(tmp_path: Path, group: str) -> None:
     root = dataset(tmp_path / "data")
     for choice in sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")):
-        extra = [f"data.root={root}", "data.category=bottle"] if group == "data" else []
+        extra = (
+            [f"data.root={root}", "data.category=bottle"] if group in ("data", "experiment") else []
+        )
         validate(compose_cfg(tmp_path, f"{group}={choice}", *extra))
