@@ -285,7 +285,32 @@ def problems(cfg: DictConfig) -> list[str]:
         ok, value = _value(cfg, key)
         if ok and not isinstance(value, bool):
             found.append(f"{key}={value!r}: must be true or false")
-    found += choice_problems(cfg)
+    found += choice_problems(cfg) + ignored_keys(cfg)
+    return found
+
+
+def ignored_keys(cfg: DictConfig) -> list[str]:
+    """Keys a new run would ignore beside another (a sweep over them would repeat one model):
+    explicit AE widths fix every level, so width_ratio and levels have nothing to set. A
+    resume or re-score runs the run's own config as it ran, and is not refused for it."""
+    if cfg.get("test_only") or cfg.get("resume"):
+        return []
+    ok, widths = _value(cfg, "model.widths")
+    if not ok or not widths:
+        return []
+    found = []
+    _, ratio = _value(cfg, "model.width_ratio")
+    if ratio is not None:
+        found.append(
+            f"model.width_ratio={ratio!r} is ignored beside model.widths={widths}: set "
+            "model.width_ratio=null (or model.widths=null to size the AE by width_ratio)"
+        )
+    _, levels = _value(cfg, "model.levels")
+    if levels is not None and levels != len(widths):
+        found.append(
+            f"model.levels={levels!r} differs from the {len(widths)} levels of "
+            f"model.widths={widths}: set model.levels={len(widths)} (or model.widths=null)"
+        )
     return found
 
 

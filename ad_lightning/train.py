@@ -224,12 +224,19 @@ class RunCallbacks:
 def build_callbacks(
     cfg: DictConfig, model: AnomalyModule, out: Path, ckpt_dir: Path
 ) -> RunCallbacks:
-    extra = [
-        hydra.utils.instantiate(conf)
-        for conf in (cfg.get("callbacks") or {}).values()
-        if conf is not None
-        and not ("EarlyStopping" in conf.get("_target_", "") and not model.monitor)
-    ]
+    extra = []
+    for name, conf in (cfg.get("callbacks") or {}).items():
+        if conf is None:
+            continue
+        if "EarlyStopping" in conf.get("_target_", "") and not model.monitor:
+            log.warning(
+                "callbacks.%s: %s monitors no validation loss (its fit only collects "
+                "statistics), so early stopping does not apply and is left out",
+                name,
+                type(model).__name__,
+            )
+            continue
+        extra.append(hydra.utils.instantiate(conf))
     return RunCallbacks(
         checkpoint=ModelCheckpoint(
             dirpath=ckpt_dir,

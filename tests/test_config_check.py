@@ -83,6 +83,13 @@ def test_missing_category_on_the_command_line_is_one_short_message(tmp_path: Pat
         (["feature_store.enabled=flase"], "feature_store.enabled='flase': must be true or false"),
         (["skip_done=flase"], "skip_done='flase': must be true or false"),
         (["trainer.enable_progress_bar=nope"], "trainer.enable_progress_bar='nope': must be true"),
+        # ignored beside another key: a sweep over them repeated one model
+        (
+            ["model=skip_dfr_paper", "model.width_ratio=0.5"],
+            "model.width_ratio=0.5 is ignored beside model.widths=[256, 128, 64]",
+        ),
+        (["model=skip_dfr_paper", "model.levels=4"], "model.levels=4 differs from the 3 levels"),
+        (["model.widths=[64,32]"], "model.width_ratio=1.0 is ignored beside model.widths=[64, 32]"),
         # read only after every image was decoded before
         (["protocol=leakfree"], "protocol='leakfree': must be one of leak_free, paper"),
         (["eval.threshold=f1"], "eval.threshold='f1': must be one of false_alarm_rate, f1_optimal"),
@@ -119,3 +126,22 @@ def test_the_shipped_configs_pass(tmp_path: Path, group: str) -> None:
             [f"data.root={root}", "data.category=bottle"] if group in ("data", "experiment") else []
         )
         validate(compose_cfg(tmp_path, f"{group}={choice}", *extra))
+
+
+@pytest.mark.parametrize(("model", "kept"), [("variation", False), ("ae", True)])
+def test_early_stopping_is_kept_or_its_omission_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, model: str, kept: bool
+) -> None:
+    """callbacks=early_stopping applies to a fit with a validation loss; a statistics fit has
+    none, and the callback is left out with a warning naming it (it was dropped silently)."""
+    import hydra
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    from ad_lightning.train import build_callbacks, split_hydra
+
+    cfg, _ = split_hydra(compose_cfg(tmp_path, f"model={model}", "callbacks=early_stopping"))
+    module = hydra.utils.instantiate(cfg.model)
+    extra = build_callbacks(cfg, module, tmp_path, tmp_path / "checkpoints").extra
+    assert any(isinstance(c, EarlyStopping) for c in extra) == kept
+    said = [r.getMessage() for r in caplog.records if "callbacks.early_stopping" in r.getMessage()]
+    assert bool(said) != kept, said

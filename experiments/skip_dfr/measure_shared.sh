@@ -14,7 +14,7 @@ for pair in "${pairs[@]}"; do
   set -- $pair
   for model in $MODELS; do
     extra=()
-    [[ "$model" == skip_dfr* ]] && extra=(model.widths="${WIDTHS:-[256,128,64]}")
+    [[ "$model" == skip_dfr* ]] && extra=(model.widths="${WIDTHS:-[256,128,64]}" model.width_ratio=null)
     start=$(date +%s)
     $PY run.py model="$model" data=folder data.root="$DATA/$1" data.category="$2" \
       backbone=efficientnet_lite0 data.image_size=128 backbone.feature_size=${FEATURE_SIZE:-null} trainer.max_epochs=${EPOCHS:-30} model.lr=1e-3 \
