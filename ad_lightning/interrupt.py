@@ -1,6 +1,8 @@
-"""Ctrl-C as its own outcome: a checkpoint to resume from and what to record in results.json.
+"""Ctrl-C or SIGTERM as its own outcome: a checkpoint to resume from and what to record in
+results.json.
 
-Lightning turns a KeyboardInterrupt into `sys.exit(1)` after calling the callbacks'
+Lightning turns a KeyboardInterrupt into `sys.exit(1)`, and a SIGTERM (`kill`, `timeout`, a
+scheduler's time limit) into its SIGTERMException, a SystemExit, after calling the callbacks'
 `on_exception`, so run() only sees a SystemExit; this callback is what tells an interrupt apart
 from a failure, notes how far the fit got, and saves last.ckpt there so that a fit stopped
 before its first epoch ended can still be resumed.
@@ -14,12 +16,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
 
 class InterruptCheckpoint(pl.Callback):
-    """On Ctrl-C during a fit, save `<ckpt_dir>/last.ckpt` (if `save`) and remember the stage,
+    """On Ctrl-C or SIGTERM during a fit, save `<ckpt_dir>/last.ckpt` (if `save`) and remember the stage,
     epoch and step. `save` is off for one-pass methods: half a pass of statistics resumed would
     count the first batches twice."""
 
@@ -31,13 +34,14 @@ class InterruptCheckpoint(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if not isinstance(exception, KeyboardInterrupt):
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             return
         fitting = trainer.state.fn == TrainerFn.FITTING
         self.reached = {
             "stage": "fit" if fitting else str(trainer.state.fn.value),
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
+            "by": "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C",
         }
         if self.save and fitting and not trainer.sanity_checking and trainer.world_size == 1:
             path = self.ckpt_dir / "last.ckpt"
@@ -49,7 +53,8 @@ class InterruptCheckpoint(pl.Callback):
 
 
 def is_interrupt(err: BaseException, callback: InterruptCheckpoint | None) -> bool:
-    """Ctrl-C, whether it reached run() as KeyboardInterrupt or as Lightning's SystemExit."""
+    """Ctrl-C or SIGTERM, whether it reached run() as KeyboardInterrupt or as Lightning's
+    SystemExit."""
     return isinstance(err, KeyboardInterrupt) or (
         isinstance(err, SystemExit) and callback is not None and callback.reached is not None
     )

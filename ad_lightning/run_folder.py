@@ -73,6 +73,26 @@ def holding(out: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def set_aside(ckpt_dir: Path) -> Path | None:
+    """A new fit in a folder that holds an earlier, unfinished attempt's checkpoints (a job
+    killed, then relaunched with skip_done, maybe with other values) starts without them:
+    their last.ckpt would otherwise be what a resume or re-score of the new attempt reads,
+    until the new fit's first epoch ends. They are moved beside it, not deleted."""
+    if is_child_rank() or not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
+        return None
+    n = 1
+    while (target := ckpt_dir.with_name(f"{ckpt_dir.name}.attempt-{n}")).exists():
+        n += 1
+    ckpt_dir.rename(target)
+    log.warning(
+        "%s held an unfinished attempt's checkpoints; this fit starts afresh and they are kept "
+        "in %s",
+        ckpt_dir,
+        target,
+    )
+    return target
+
+
 def run_token() -> str:
     """The SLURM job (array task) id when there is one, so folders map to jobs; else random."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")

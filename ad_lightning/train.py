@@ -42,7 +42,7 @@ from ad_lightning.backbones.features import (
 )
 from ad_lightning.config_check import validate
 from ad_lightning.data import DataLayoutError
-from ad_lightning.ddp_checks import apply_ddp_rules
+from ad_lightning.ddp_checks import apply_ddp_rules, request_unused_parameter_search
 from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
 from ad_lightning.interrupt import InterruptCheckpoint, interrupt_record, is_interrupt
 from ad_lightning.launcher_env import jobs_at_once
@@ -69,6 +69,7 @@ from ad_lightning.run_folder import (
     is_child_rank,
     register_resolvers,
     rescore_out,
+    set_aside,
 )
 from ad_lightning.safe_load import require_safe_loader
 
@@ -211,14 +212,17 @@ def wandb_init_args(cfg: DictConfig, conf: dict[str, Any]) -> dict[str, Any]:
 class RunCallbacks:
     """The callbacks a run reads back, by name, and the config's own (early stopping, ...)."""
 
-    checkpoint: ModelCheckpoint
+    checkpoint: ModelCheckpoint | None  # the best epoch's (methods that monitor a loss)
+    last: ModelCheckpoint
     artifacts: TestArtifacts
     timer: EpochTimer
     interrupt: InterruptCheckpoint
     extra: list[pl.Callback] = field(default_factory=list)
 
     def all(self) -> list[pl.Callback]:
-        return [self.checkpoint, self.artifacts, self.timer, self.interrupt, *self.extra]
+        # the best's first: last.ckpt then holds the best's state as of its own epoch
+        saving = [c for c in (self.checkpoint, self.last) if c is not None]
+        return [*saving, self.artifacts, self.timer, self.interrupt, *self.extra]
 
 
 def build_callbacks(
@@ -238,18 +242,39 @@ def build_callbacks(
             continue
         extra.append(hydra.utils.instantiate(conf))
     return RunCallbacks(
-        checkpoint=ModelCheckpoint(
-            dirpath=ckpt_dir,
-            monitor=model.monitor,
-            mode="min",
-            save_last=True,
-            save_top_k=1 if model.monitor else 0,
-            filename="best-{epoch}",
-        ),
+        checkpoint=best_checkpoint(model, ckpt_dir),
+        last=last_checkpoint(model, ckpt_dir),
         artifacts=TestArtifacts(str(out), n_heatmaps=cfg.eval.n_heatmaps),
         timer=EpochTimer(),
         interrupt=InterruptCheckpoint(ckpt_dir, save=model.trains_by_gradient),
         extra=extra,
+    )
+
+
+def best_checkpoint(model: AnomalyModule, ckpt_dir: Path) -> ModelCheckpoint | None:
+    """`best-epoch=N.ckpt`, the epoch of lowest validation loss (leak_free's choice); None for
+    a method that monitors no loss."""
+    if not model.monitor:
+        return None
+    return ModelCheckpoint(
+        dirpath=ckpt_dir, monitor=model.monitor, mode="min", save_top_k=1, filename="best-{epoch}"
+    )
+
+
+def last_checkpoint(model: AnomalyModule, ckpt_dir: Path) -> ModelCheckpoint:
+    """`last.ckpt`, written over at every epoch's end: what `resume=`, a SLURM requeue and
+    protocol=paper read. Not `save_last` of the best's callback: since Lightning 2.6 that writes
+    last.ckpt only in an epoch that also wrote a best checkpoint, so it held the best epoch,
+    not the last. A one-pass method takes no optimiser step, and Lightning's epoch-end saves
+    skip a step count that has not moved, so its last.ckpt is `save_last`'s at the fit's end.
+    No version counter: a stale last.ckpt is replaced, never kept beside as a last-v1.ckpt
+    that nothing reads."""
+    if not model.trains_by_gradient:
+        return ModelCheckpoint(
+            dirpath=ckpt_dir, save_last=True, save_top_k=0, enable_version_counter=False
+        )
+    return ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False
     )
 
 
@@ -342,6 +367,8 @@ def resolve_out(cfg: DictConfig, overrides: list[str] | None) -> tuple[DictConfi
     if not (cfg.get("resume") or cfg.get("test_only")):
         out = run_dir(cfg)
         cfg = set_output_dir(cfg, out)
+        # the strategy as the first start recorded it, so that a requeue compares like with like
+        request_unused_parameter_search(cfg)
         if not requeued(cfg, out):
             return cfg, out, out / "checkpoints", "train"
         # the job's own config (the folder's, but for where and how it is logged)
@@ -623,7 +650,7 @@ def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
     checkpoint = job.callbacks.checkpoint
     recorded = job.results.checkpoint  # a re-score's: the fit's record, carried over
     if fitted:
-        score = checkpoint.best_model_score
+        score = checkpoint.best_model_score if checkpoint else None
         best_score = None if score is None else float(score)
         epochs = job.trainer.current_epoch
     else:  # this trainer has not trained: the fit's figures stand
@@ -638,8 +665,11 @@ def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
             epochs=epochs,
         )
         return ckpt_path
-    best = checkpoint.best_model_path if fitted else recorded_best(ckpt_dir, recorded)
-    last = checkpoint.last_model_path or str(ckpt_dir / "last.ckpt")
+    if fitted:
+        best = checkpoint.best_model_path if checkpoint else ""
+    else:
+        best = recorded_best(ckpt_dir, recorded)
+    last = str(ckpt_dir / "last.ckpt")
     ckpt_path = best if cfg.protocol == "leak_free" and best else last
     job.results.checkpoint = CheckpointChoice(
         scored=ckpt_path,
@@ -867,6 +897,7 @@ def run_in(
             log.info("skip_done: %s is finished; not run again", out)
             return previous
         refuse_finished(out, previous)
+        set_aside(ckpt_dir)
     rerun = rerun_command(cfg, overrides)
     with RunStatus(cfg, out, ckpt_dir, rerun, record_start=mode != "resume") as status:
         job = prepare(

@@ -7,12 +7,25 @@ import csv
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
 
+from ad_lightning.outputs.artifacts import write_results
 from ad_lightning.report import main as report_main
-from ad_lightning.train import run
+from ad_lightning.results import RunResults
+from ad_lightning.run_folder import set_aside
+from ad_lightning.train import (
+    best_checkpoint,
+    last_checkpoint,
+    resolve_out,
+    run,
+    split_hydra,
+)
 from tests.test_run import compose_cfg
 
 SMALL = (
@@ -120,6 +133,75 @@ def test_a_requeued_slurm_job_continues_its_fit_from_its_last_checkpoint(
     assert again["timings"]["resumed_from"] == str(tmp_path / "checkpoints" / "last.ckpt")
     assert 0 < again["timings"]["epoch_s"]["n"] < 4  # only the epochs after last.ckpt
     assert again["checkpoint"]["epochs"] == 4
+
+
+class WorseEachEpoch(pl.LightningModule):
+    """Its validation loss rises every epoch: the best epoch is the first, the last is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch: list[torch.Tensor], _: int) -> torch.Tensor:
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch: list[torch.Tensor], _: int) -> None:
+        self.log("val/loss", float(self.current_epoch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_last_ckpt_holds_the_last_epoch_when_the_best_was_earlier(tmp_path: Path) -> None:
+    """Since Lightning 2.6, `save_last` beside `save_top_k=1` writes last.ckpt only in an
+    epoch that improved, so it held the best epoch: protocol=paper scored the best epoch as
+    "last epoch", and resume= and a requeue went back to the last improvement."""
+    method = SimpleNamespace(monitor="val/loss", trains_by_gradient=True)
+    best = best_checkpoint(method, tmp_path)  # type: ignore[arg-type]
+    last = last_checkpoint(method, tmp_path)  # type: ignore[arg-type]
+    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[best, last],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(WorseEachEpoch(), data, data)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert best is not None and Path(best.best_model_path).name == "best-epoch=0.ckpt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch=0.ckpt", "last.ckpt"]
+
+
+def test_a_new_fit_sets_an_unfinished_attempts_checkpoints_aside(tmp_path: Path) -> None:
+    ckpt_dir = tmp_path / "checkpoints"
+    assert set_aside(ckpt_dir) is None  # nothing there
+    ckpt_dir.mkdir()
+    assert set_aside(ckpt_dir) is None and ckpt_dir.is_dir()  # empty: nothing to keep
+    for attempt in (1, 2):
+        (ckpt_dir / "last.ckpt").write_text(f"attempt {attempt}")
+        kept = set_aside(ckpt_dir)
+        assert kept == tmp_path / f"checkpoints.attempt-{attempt}" and not ckpt_dir.exists()
+        assert (kept / "last.ckpt").read_text() == f"attempt {attempt}"
+        ckpt_dir.mkdir()
+
+
+def test_a_requeued_ddp_job_of_a_method_with_unused_parameters_continues_its_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GANomaly's DDP strategy gets `_find_unused_parameters_true` added, which its first start
+    recorded: a requeue (the same arguments) must compare like with like, or it starts over."""
+    job = ("model=ganomaly", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+    first, _, _, mode = resolve_out(*split_hydra(compose_cfg(tmp_path, *job)))
+    assert mode == "train"
+    assert first.trainer.strategy == "ddp_find_unused_parameters_true"
+    record = RunResults(status="failed", config=OmegaConf.to_container(first, resolve=True))
+    write_results(tmp_path / "results.json", record)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert resolve_out(*split_hydra(compose_cfg(tmp_path, *job)))[3] == "resume"
 
 
 def test_test_only_rescores_a_run_folder_and_skip_done_leaves_it(tmp_path: Path) -> None:

@@ -24,14 +24,18 @@ KEPT = ("results.json", "scores.csv", "model.pt", "roc.png")
 
 
 class InterruptAtStep(pl.Callback):
-    """Ctrl-C in the middle of the first epoch, as deterministic as a test needs."""
+    """Ctrl-C (or a SIGTERM: `kill`, `timeout`, a scheduler's limit) in the middle of the
+    first epoch, as deterministic as a test needs."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, by: str = "Ctrl-C") -> None:
+        self.step, self.by = step, by
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
-            raise KeyboardInterrupt
+            if self.by == "SIGTERM":  # Lightning's handler stops the fit at the next batch
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise KeyboardInterrupt
 
 
 def stamps(folder: Path) -> dict[str, int]:
@@ -81,7 +85,8 @@ def test_a_finished_run_is_neither_trained_over_nor_reused(tmp_path: Path) -> No
     assert stamps(tmp_path) == before
 
 
-def test_ctrl_c_is_recorded_as_interrupted_and_the_fit_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("by", ["Ctrl-C", "SIGTERM"])
+def test_ctrl_c_is_recorded_as_interrupted_and_the_fit_resumes(tmp_path: Path, by: str) -> None:
     handler = signal.getsignal(signal.SIGINT)
     cfg = compose_cfg(
         tmp_path,
@@ -89,15 +94,17 @@ def test_ctrl_c_is_recorded_as_interrupted_and_the_fit_resumes(tmp_path: Path) -
         "trainer.max_epochs=2",
         "+callbacks.stop._target_=tests.test_run_folders.InterruptAtStep",
         "+callbacks.stop.step=2",
+        f"+callbacks.stop.by={by}",
     )
     try:
-        with pytest.raises(SystemExit):  # Lightning's answer to KeyboardInterrupt
+        with pytest.raises(SystemExit):  # Lightning's answer to KeyboardInterrupt and SIGTERM
             run(cfg)
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["status"] == "interrupted", saved.get("error")
-    assert saved["interrupted_at"]["epoch"] == 0 and saved["interrupted_at"]["global_step"] == 2
+    reached = saved["interrupted_at"]
+    assert reached["by"] == by and reached["epoch"] == 0 and reached["global_step"] in (2, 3)
     assert saved["resume_command"] == f"python run.py resume={tmp_path}"
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()  # mid-epoch, still resumable
     resumed = run(compose_cfg(tmp_path / "x", f"resume={tmp_path}", "+callbacks.stop=null"))
