@@ -11,6 +11,7 @@ before its first epoch ended can still be resumed.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ class InterruptCheckpoint(pl.Callback):
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
             "by": "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C",
+            "mid_epoch": fitting and mid_epoch(trainer),
         }
         if self.save and fitting and not trainer.sanity_checking and trainer.world_size == 1:
             path = self.ckpt_dir / "last.ckpt"
@@ -50,6 +52,16 @@ class InterruptCheckpoint(pl.Callback):
                 self.reached["checkpoint"] = str(path)
             except Exception as err:  # noqa: BLE001 - the interrupt is recorded all the same
                 log.warning("no checkpoint at the interrupt: %s", err)
+
+
+def mid_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the fit stopped inside an epoch. A checkpoint saved there resumes with that
+    epoch's batches drawn from the first again (our loaders keep no position), as Lightning's
+    own check for a non-resumable loader counts it."""
+    batches = trainer.num_training_batches
+    if not batches or batches == float("inf"):
+        return False
+    return trainer.global_step % math.ceil(batches / trainer.accumulate_grad_batches) != 0
 
 
 def is_interrupt(err: BaseException, callback: InterruptCheckpoint | None) -> bool:

@@ -253,7 +253,7 @@ class RunResults(Record):
     model_file: str = ABSENT
     error: str = ABSENT
     last_checkpoint: str = ABSENT  # diverged: the checkpoint before the divergence
-    interrupted_at: dict[str, Any] = ABSENT  # stage, epoch, global_step, checkpoint
+    interrupted_at: dict[str, Any] = ABSENT  # stage, epoch, global_step, by, mid_epoch, checkpoint
     resume_command: str | None = ABSENT
     note: str = ABSENT
 

@@ -580,6 +580,13 @@ def carry_over(
         results.restart_command = rerun
     elif previous and previous.restart_command:
         results.restart_command = previous.restart_command
+    reached = previous.interrupted_at if previous and mode == "resume" else None
+    if reached and reached.get("mid_epoch") and reached.get("checkpoint"):
+        results.warnings.append(
+            f"resumed from the checkpoint saved mid-epoch at the interrupt (epoch "
+            f"{reached['epoch']}, step {reached['global_step']}): that epoch's batches were drawn "
+            "from its first again, so the scores are close to an uninterrupted run's, not equal"
+        )
     if mode == "test":  # the fit's record stands; this run only scores
         if previous:
             results.timings = previous.timings

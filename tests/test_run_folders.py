@@ -105,11 +105,13 @@ def test_ctrl_c_is_recorded_as_interrupted_and_the_fit_resumes(tmp_path: Path, b
     assert saved["status"] == "interrupted", saved.get("error")
     reached = saved["interrupted_at"]
     assert reached["by"] == by and reached["epoch"] == 0 and reached["global_step"] in (2, 3)
+    assert reached["mid_epoch"]
     assert saved["resume_command"] == f"python run.py resume={tmp_path}"
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()  # mid-epoch, still resumable
     resumed = run(compose_cfg(tmp_path / "x", f"resume={tmp_path}", "+callbacks.stop=null"))
     assert resumed["status"] == "finished" and resumed["previous_status"] == "interrupted"
     assert resumed["checkpoint"]["epochs"] == 2 and resumed["run_dir"] == str(tmp_path)
+    assert any("saved mid-epoch" in w for w in resumed["warnings"])  # not equal to uninterrupted
 
 
 def test_sweeps_started_in_the_same_second_get_their_own_folders(
