@@ -11,7 +11,6 @@ before its first epoch ended can still be resumed.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +54,11 @@ class InterruptCheckpoint(pl.Callback):
 
 
 def mid_epoch(trainer: pl.Trainer) -> bool:
-    """Whether the fit stopped inside an epoch. A checkpoint saved there resumes with that
-    epoch's batches drawn from the first again (our loaders keep no position), as Lightning's
-    own check for a non-resumable loader counts it."""
-    batches = trainer.num_training_batches
-    if not batches or batches == float("inf"):
-        return False
-    return trainer.global_step % math.ceil(batches / trainer.accumulate_grad_batches) != 0
+    """Whether the fit stopped inside an epoch: a checkpoint saved there resumes with that
+    epoch's batches drawn from the first again (our loaders keep no position). Counted in
+    batches, not optimiser steps: the GAN methods take two steps per batch."""
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return 0 < done < trainer.num_training_batches
 
 
 def is_interrupt(err: BaseException, callback: InterruptCheckpoint | None) -> bool:

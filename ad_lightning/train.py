@@ -274,7 +274,13 @@ def last_checkpoint(model: AnomalyModule, ckpt_dir: Path) -> ModelCheckpoint:
             dirpath=ckpt_dir, save_last=True, save_top_k=0, enable_version_counter=False
         )
     return ModelCheckpoint(
-        dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False
+        dirpath=ckpt_dir,
+        filename="last",
+        save_top_k=1,
+        enable_version_counter=False,
+        # not only at validation's end: with check_val_every_n_epoch > 1 a fit that ends on an
+        # epoch without validation would leave last.ckpt that many epochs behind
+        save_on_train_epoch_end=True,
     )
 
 
@@ -565,6 +571,9 @@ def start_results(cfg: DictConfig, out: Path, datamodule: Any, model: AnomalyMod
     )
 
 
+MID_EPOCH_RESUME = "resumed from the checkpoint saved mid-epoch"
+
+
 def carry_over(
     job: Job, mode: str, previous: RunResults | None, rescore_of: Path | None, rerun: str
 ) -> None:
@@ -580,13 +589,16 @@ def carry_over(
         results.restart_command = rerun
     elif previous and previous.restart_command:
         results.restart_command = previous.restart_command
-    reached = previous.interrupted_at if previous and mode == "resume" else None
-    if reached and reached.get("mid_epoch") and reached.get("checkpoint"):
-        results.warnings.append(
-            f"resumed from the checkpoint saved mid-epoch at the interrupt (epoch "
-            f"{reached['epoch']}, step {reached['global_step']}): that epoch's batches were drawn "
-            "from its first again, so the scores are close to an uninterrupted run's, not equal"
-        )
+    if mode == "resume" and previous:
+        # kept through later stops and resumes: the fit did draw an epoch's batches twice
+        results.warnings += [w for w in previous.warnings if MID_EPOCH_RESUME in w]
+        reached = previous.interrupted_at or {}
+        if reached.get("mid_epoch") and reached.get("checkpoint"):
+            results.warnings.append(
+                f"{MID_EPOCH_RESUME} at the interrupt (epoch {reached['epoch']}, step "
+                f"{reached['global_step']}): that epoch's batches were drawn from its first "
+                "again, so the scores are close to an uninterrupted run's, not equal"
+            )
     if mode == "test":  # the fit's record stands; this run only scores
         if previous:
             results.timings = previous.timings

@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from ad_lightning.ddp_checks import apply_ddp_rules
 from ad_lightning.outputs.artifacts import write_results
 from ad_lightning.report import main as report_main
 from ad_lightning.results import RunResults
@@ -152,16 +153,21 @@ class WorseEachEpoch(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def test_last_ckpt_holds_the_last_epoch_when_the_best_was_earlier(tmp_path: Path) -> None:
+@pytest.mark.parametrize("val_every, best_epoch", [(1, 0), (2, 1)])
+def test_last_ckpt_holds_the_last_epoch_when_the_best_was_earlier(
+    tmp_path: Path, val_every: int, best_epoch: int
+) -> None:
     """Since Lightning 2.6, `save_last` beside `save_top_k=1` writes last.ckpt only in an
     epoch that improved, so it held the best epoch: protocol=paper scored the best epoch as
-    "last epoch", and resume= and a requeue went back to the last improvement."""
+    "last epoch", and resume= and a requeue went back to the last improvement. The last epoch
+    is saved whether or not it validated (check_val_every_n_epoch=2: it did not)."""
     method = SimpleNamespace(monitor="val/loss", trains_by_gradient=True)
     best = best_checkpoint(method, tmp_path)  # type: ignore[arg-type]
     last = last_checkpoint(method, tmp_path)  # type: ignore[arg-type]
     data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
     trainer = pl.Trainer(
         max_epochs=3,
+        check_val_every_n_epoch=val_every,
         callbacks=[best, last],
         logger=False,
         enable_progress_bar=False,
@@ -170,8 +176,29 @@ def test_last_ckpt_holds_the_last_epoch_when_the_best_was_earlier(tmp_path: Path
     )
     trainer.fit(WorseEachEpoch(), data, data)
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 2
-    assert best is not None and Path(best.best_model_path).name == "best-epoch=0.ckpt"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch=0.ckpt", "last.ckpt"]
+    name = f"best-epoch={best_epoch}.ckpt"
+    assert best is not None and Path(best.best_model_path).name == name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name, "last.ckpt"]
+
+
+def test_the_same_command_after_a_killed_fit_starts_afresh_and_keeps_the_old_attempt(
+    tmp_path: Path,
+) -> None:
+    """A killed job run again (a sweep relaunched with skip_done) fits from scratch; the
+    killed attempt's checkpoints are kept aside, and no resume or re-score of the new attempt
+    can read its last.ckpt."""
+    job = (
+        *SMALL,
+        "trainer.max_epochs=2",
+        "+callbacks.kill._target_=tests.test_resume.KillAfterEpoch",
+    )
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(compose_cfg(tmp_path, *job, "+callbacks.kill.epoch=1"))
+    killed = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    again = run(compose_cfg(tmp_path, *job, "+callbacks.kill.epoch=-1"))
+    assert again["status"] == "finished" and again["timings"]["epoch_s"]["n"] == 2
+    assert (tmp_path / "checkpoints.attempt-1" / "last.ckpt").read_bytes() == killed
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() != killed
 
 
 def test_a_new_fit_sets_an_unfinished_attempts_checkpoints_aside(tmp_path: Path) -> None:
@@ -194,8 +221,8 @@ def test_a_requeued_ddp_job_of_a_method_with_unused_parameters_continues_its_fit
     recorded: a requeue (the same arguments) must compare like with like, or it starts over."""
     job = ("model=ganomaly", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
     first, _, _, mode = resolve_out(*split_hydra(compose_cfg(tmp_path, *job)))
-    assert mode == "train"
-    assert first.trainer.strategy == "ddp_find_unused_parameters_true"
+    apply_ddp_rules(first)  # as run() does before the first start records its config
+    assert mode == "train" and first.trainer.strategy == "ddp_find_unused_parameters_true"
     record = RunResults(status="failed", config=OmegaConf.to_container(first, resolve=True))
     write_results(tmp_path / "results.json", record)
     (tmp_path / "checkpoints").mkdir()
