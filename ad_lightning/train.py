@@ -690,6 +690,8 @@ def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
         best = recorded_best(ckpt_dir, recorded)
     last = str(ckpt_dir / "last.ckpt")
     ckpt_path = best if cfg.protocol == "leak_free" and best else last
+    if not fitted and ckpt_path == last:
+        job.results.warnings += stale_last(last, recorded)
     job.results.checkpoint = CheckpointChoice(
         scored=ckpt_path,
         selection=f"lowest {model.monitor} (normal validation images only)"
@@ -699,6 +701,23 @@ def choose_checkpoint(job: Job, fitted: bool = True) -> str | None:
         epochs=epochs,
     )
     return ckpt_path
+
+
+def stale_last(last: str, recorded: CheckpointChoice | None) -> list[str]:
+    """A re-score's warning when last.ckpt is not the fit's last epoch: a run fitted before
+    last.ckpt had a callback of its own holds the best epoch's there (Lightning 2.6's
+    `save_last` wrote it only in epochs that improved)."""
+    if not recorded or not isinstance(recorded.epochs, int) or not Path(last).is_file():
+        return []
+    with reading(last):
+        saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    if saved is None or saved == recorded.epochs - 1:
+        return []
+    return [
+        f"{last} holds epoch {saved}, not the fit's last ({recorded.epochs - 1}): the run was "
+        "fitted before last.ckpt was written at every epoch's end, so this scores the epoch of "
+        "lowest validation loss up to then, not the last one"
+    ]
 
 
 def recorded_best(ckpt_dir: Path, recorded: CheckpointChoice | None) -> str:

@@ -181,6 +181,22 @@ def test_last_ckpt_holds_the_last_epoch_when_the_best_was_earlier(
     assert sorted(p.name for p in tmp_path.iterdir()) == [name, "last.ckpt"]
 
 
+def test_a_rescore_says_when_last_ckpt_is_not_the_fits_last_epoch(tmp_path: Path) -> None:
+    """A protocol=paper run fitted before last.ckpt had a callback of its own holds its best
+    epoch's there: a re-score scores it as it is, and says which epoch it is."""
+    folder = tmp_path / "run"
+    run(compose_cfg(folder, *SMALL, "trainer.max_epochs=2", "protocol=paper"))
+    again = run(compose_cfg(tmp_path, f"test_only={folder}"))
+    assert again["checkpoint"]["selection"] == "last epoch"
+    assert not any("holds epoch" in w for w in again["warnings"])
+    path = folder / "checkpoints" / "last.ckpt"
+    saved = torch.load(path, weights_only=True)
+    saved["epoch"] = 0  # as Lightning 2.6's save_last left it when epoch 1 did not improve
+    torch.save(saved, path)
+    again = run(compose_cfg(tmp_path, f"test_only={folder}"))
+    assert any("holds epoch 0, not the fit's last (1)" in w for w in again["warnings"])
+
+
 def test_the_same_command_after_a_killed_fit_starts_afresh_and_keeps_the_old_attempt(
     tmp_path: Path,
 ) -> None:
