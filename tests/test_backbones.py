@@ -200,3 +200,47 @@ def test_a_pretrained_backbone_is_fed_the_normalisation_its_weights_expect(
     again = instantiate(cpcae.model)
     again.load_state_dict(older, strict=True)
     assert again.map_std.flatten().tolist() == pytest.approx([0.229, 0.224, 0.225])
+
+
+def test_batchnorm_is_folded_for_inference_and_follows_the_weights() -> None:
+    """The forward runs `net` with its BatchNorms folded into the convolutions (half the CPU
+    time): the same features to float rounding, `net`'s own weights untouched (state_dict and
+    digest), and weights loaded afterwards used, not the folded copy of the old ones."""
+    fe = FeatureExtractor("efficientnet_lite0", blocks=[1, 2, 3], pretrained=True)
+    keys, digest = list(fe.state_dict()), fe.digest()
+    x = torch.randn(2, 3, 64, 64)
+    got = fe(x)
+    folded = fe.inference_net(x)
+    assert folded is not fe.net
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in fe.net.modules())
+    with torch.no_grad():
+        want = fe.net(x.contiguous(memory_format=torch.channels_last))[0]
+    assert torch.allclose(got[:, : want.shape[1]], want, atol=1e-4 * float(want.abs().max()))
+    assert list(fe.state_dict()) == keys and fe.digest() == digest
+    other = FeatureExtractor("efficientnet_lite0", blocks=[1, 2, 3], pretrained=False)
+    fe.load_state_dict(other.state_dict())
+    assert torch.allclose(fe(x), other(x), atol=1e-4)
+    assert not torch.allclose(fe(x), got, atol=1e-2)
+
+
+def test_a_block_that_does_not_feed_its_batchnorm_from_its_conv_runs_unfolded() -> None:
+    """Folding assumes a convolution feeds the BatchNorm defined after it; a block that
+    normalises first is checked on the images and left as it is."""
+    from ad_lightning.nn.fold_batchnorm import folded_copy
+
+    class NormFirst(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.norm = torch.nn.BatchNorm2d(3)
+            self.norm.running_mean.fill_(0.5)
+            self.norm.running_var.fill_(4.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(self.norm(x))
+
+    net = NormFirst().eval()
+    assert folded_copy(net, torch.randn(2, 3, 8, 8)) is net
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3)).eval()
+    assert folded_copy(plain, torch.randn(2, 3, 8, 8)) is not plain
