@@ -19,8 +19,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 log = logging.getLogger(__name__)
 
 #: largest difference allowed between the folded and the plain network's output, relative to
-#: the output's largest magnitude (float rounding is about 1e-6; a wrong fold is of order 1)
-TOLERANCE = 1e-4
+#: the output's largest magnitude, for fp32 weights and for 16-bit ones (rounding is about
+#: 1e-6 and 1e-2 there; a fold that changed what is computed differs by order 1)
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}
+TOLERANCE_16_BIT = 5e-2
 
 
 def fold_in_place(module: nn.Module) -> int:
@@ -52,11 +54,15 @@ def folded_copy(net: nn.Module, probe: torch.Tensor) -> nn.Module:
     copied = copy.deepcopy(net).eval()
     if not fold_in_place(copied):
         return net
-    # forward() itself: hooks on `net` (counting the images it sees) are not run for the probe
-    want, got = net.forward(probe), copied.forward(probe)
+    # forward() itself: hooks on `net` (counting the images it sees) are not run for the
+    # probe; autocast off, so that the check compares the weights' own precision
+    with torch.autocast(probe.device.type, enabled=False):
+        want, got = net.forward(probe), copied.forward(probe)
     want, got = (want, got) if isinstance(want, list | tuple) else ([want], [got])
+    dtype = next(net.parameters()).dtype
+    tolerance = TOLERANCE.get(dtype, TOLERANCE_16_BIT)
     for a, b in zip(want, got, strict=True):
-        if (a - b).abs().max() > TOLERANCE * max(float(a.abs().max()), 1.0):
+        if (a - b).abs().max() > tolerance * max(float(a.abs().max()), 1.0):
             log.warning("BatchNorm folding changed %s's output; it runs unfolded", type(net))
             return net
     return copied
