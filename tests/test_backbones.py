@@ -244,3 +244,24 @@ def test_a_block_that_does_not_feed_its_batchnorm_from_its_conv_runs_unfolded() 
     assert folded_copy(net, torch.randn(2, 3, 8, 8)) is net
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3)).eval()
     assert folded_copy(plain, torch.randn(2, 3, 8, 8)) is not plain
+
+
+def test_the_folded_net_follows_dtype_hooks_and_16_bit_weights() -> None:
+    """Built again when the module changes dtype or a hook on `net` is added or removed; folded
+    for bf16 weights too (their rounding is not mistaken for a wrong fold)."""
+    fe = FeatureExtractor("efficientnet_lite0", blocks=[1, 2, 3], pretrained=True)
+    x = torch.randn(2, 3, 64, 64)
+    fe(x)
+    fe.double()
+    assert fe(x.double()).dtype == torch.float64  # the float32 copy would refuse float64 input
+    seen = [0]
+    handle = fe.net.register_forward_hook(lambda m, i, o: seen.__setitem__(0, seen[0] + 1))
+    fe(x.double())
+    assert seen == [1]
+    handle.remove()
+    fe(x.double())
+    assert seen == [1]
+    half = FeatureExtractor("efficientnet_lite0", blocks=[1, 2, 3], pretrained=True)
+    half.to(torch.bfloat16)
+    half(x.to(torch.bfloat16))
+    assert half.inference_net(x) is not half.net

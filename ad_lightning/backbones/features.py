@@ -17,7 +17,7 @@ from torch import nn
 
 from ad_lightning.backbones.weights import resolve_weights
 from ad_lightning.nn.digest import state_digest
-from ad_lightning.nn.fold_batchnorm import folded_copy
+from ad_lightning.nn.fold_batchnorm import folded_copy, own_hooks
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,8 @@ class FeatureExtractor(nn.Module):
         self.train(False)
         self._digest: str | None = None
         self.__dict__["_folded"] = None  # not a submodule: state_dict holds `net` alone
-        # weights loaded later (a model file's) make the digest and the folded net stale
+        # weights loaded later (a model file's) make the digest and the folded net stale; the
+        # hook gets the module it fires for, so a deep copy forgets its own
         self.register_load_state_dict_post_hook(lambda module, _: module._forget_derived())
 
     def _forget_derived(self) -> None:
@@ -159,14 +160,17 @@ class FeatureExtractor(nn.Module):
         """`net` with each BatchNorm folded into the convolution before it: the same features
         (float rounding apart) in about half the time on the CPU (Lite0 blocks 1-3, 256 px,
         batch 32: 19-21 -> 10.8 ms per image, measured). Built on first use from `net` as it
-        then is (forward hooks on `net` registered by then included), checked against `net`
-        on two of the images, and built again after weights load or the module moves.
+        then is, checked against `net` on two of the images, and built again after weights
+        load, the module moves, or a hook is added to or removed from `net` (in-place edits
+        of the weights are not seen: load them instead).
         `net` keeps the weights that state_dict, the digest and model files hold; an export
         traces `net` itself (onnxruntime folds on its own)."""
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return self.net
-        if self.__dict__["_folded"] is None:
+        hooks = own_hooks(self.net)
+        if self.__dict__["_folded"] is None or self.__dict__.get("_folded_hooks") != hooks:
             self.__dict__["_folded"] = folded_copy(self.net, images[:2])
+            self.__dict__["_folded_hooks"] = hooks
         return self.__dict__["_folded"]
 
     def _drop_unused_blocks(self) -> None:

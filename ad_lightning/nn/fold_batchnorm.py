@@ -46,23 +46,38 @@ def fold_in_place(module: nn.Module) -> int:
     return folded
 
 
+def own_hooks(net: nn.Module) -> tuple[int, ...]:
+    """The ids of the hooks registered on `net` itself: a copy built before one was added or
+    removed runs another set."""
+    return (*net._forward_pre_hooks, *net._forward_hooks)
+
+
 @torch.no_grad()
 def folded_copy(net: nn.Module, probe: torch.Tensor) -> nn.Module:
     """A copy of `net` (eval mode) with its BatchNorms folded, or `net` itself when nothing
     folds or the copy does not compute what `net` does on `probe`: the fold assumes that a
-    convolution feeds the BatchNorm defined after it, which an unusual block could break."""
-    copied = copy.deepcopy(net).eval()
+    convolution feeds the BatchNorm defined after it, which an unusual block could break.
+    The hooks on `net` itself are shared with the copy, not copied (a bound method's object
+    would be)."""
+    shared = [*net._forward_pre_hooks.values(), *net._forward_hooks.values()]
+    copied = copy.deepcopy(net, {id(hook): hook for hook in shared}).eval()
     if not fold_in_place(copied):
         return net
-    # forward() itself: hooks on `net` (counting the images it sees) are not run for the
-    # probe; autocast off, so that the check compares the weights' own precision
-    with torch.autocast(probe.device.type, enabled=False):
-        want, got = net.forward(probe), copied.forward(probe)
-    want, got = (want, got) if isinstance(want, list | tuple) else ([want], [got])
-    dtype = next(net.parameters()).dtype
-    tolerance = TOLERANCE.get(dtype, TOLERANCE_16_BIT)
-    for a, b in zip(want, got, strict=True):
-        if (a - b).abs().max() > tolerance * max(float(a.abs().max()), 1.0):
-            log.warning("BatchNorm folding changed %s's output; it runs unfolded", type(net))
-            return net
+    try:
+        # forward() itself: hooks on `net` (counting the images it sees) are not run for the
+        # probe; autocast off, so that the check compares the weights' own precision
+        with torch.autocast(probe.device.type, enabled=False):
+            want, got = net.forward(probe), copied.forward(probe)
+        want, got = (want, got) if isinstance(want, list | tuple) else ([want], [got])
+        tolerance = TOLERANCE.get(next(net.parameters()).dtype, TOLERANCE_16_BIT)
+        same = all(
+            bool((a - b).abs().max() <= tolerance * max(float(a.abs().max()), 1.0))
+            for a, b in zip(want, got, strict=True)
+        )
+    except Exception as err:  # noqa: BLE001 - the plain net computes the features all the same
+        log.warning("BatchNorm folding failed on %s (%s); it runs unfolded", type(net), err)
+        return net
+    if not same:  # NaN differences included
+        log.warning("BatchNorm folding changed %s's output; it runs unfolded", type(net))
+        return net
     return copied
