@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class InterruptCheckpoint(pl.Callback):
-    """On Ctrl-C or SIGTERM during a fit, save `<ckpt_dir>/last.ckpt` (if `save`) and remember the stage,
-    epoch and step. `save` is off for one-pass methods: half a pass of statistics resumed would
-    count the first batches twice."""
+    """On Ctrl-C or SIGTERM during a fit, save `<ckpt_dir>/last.ckpt` (if `save`) and remember
+    the stage, epoch and step. `save` is off for one-pass methods: half a pass of statistics
+    resumed would count the first batches twice."""
 
     def __init__(self, ckpt_dir: Path, save: bool = True) -> None:
         self.ckpt_dir = Path(ckpt_dir)

@@ -591,7 +591,7 @@ def carry_over(
         results.restart_command = previous.restart_command
     if mode == "resume" and previous:
         # kept through later stops and resumes: the fit did draw an epoch's batches twice
-        results.warnings += [w for w in previous.warnings if MID_EPOCH_RESUME in w]
+        results.warnings += [w for w in previous.warnings or [] if MID_EPOCH_RESUME in w]
         reached = previous.interrupted_at or {}
         if reached.get("mid_epoch") and reached.get("checkpoint"):
             results.warnings.append(
