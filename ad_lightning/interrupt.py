@@ -11,6 +11,7 @@ before its first epoch ended can still be resumed.
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,11 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
+
+#: the exit status of a run stopped by SIGTERM, as a shell reports a process the signal killed:
+#: Lightning's SIGTERMException carries none, so the process would exit 0, and a scheduler or
+#: a script checking `$?` would take the stopped run for a finished one
+SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
 class InterruptCheckpoint(pl.Callback):
@@ -67,6 +73,14 @@ def is_interrupt(err: BaseException, callback: InterruptCheckpoint | None) -> bo
     return isinstance(err, KeyboardInterrupt) or (
         isinstance(err, SystemExit) and callback is not None and callback.reached is not None
     )
+
+
+def exit_status(err: BaseException) -> SystemExit | None:
+    """The SystemExit to leave with after a SIGTERM was recorded (status 143); None for any
+    other ending, whose exception goes on as it is (Lightning exits 1 on Ctrl-C)."""
+    if isinstance(err, SIGTERMException) and err.code in (None, 0):
+        return SystemExit(SIGTERM_EXIT)
+    return None
 
 
 def interrupt_record(

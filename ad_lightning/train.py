@@ -44,7 +44,12 @@ from ad_lightning.config_check import validate
 from ad_lightning.data import DataLayoutError
 from ad_lightning.ddp_checks import apply_ddp_rules, request_unused_parameter_search
 from ad_lightning.deploy.bundle import FILE_NAME, Preprocess, save_bundle
-from ad_lightning.interrupt import InterruptCheckpoint, interrupt_record, is_interrupt
+from ad_lightning.interrupt import (
+    InterruptCheckpoint,
+    exit_status,
+    interrupt_record,
+    is_interrupt,
+)
 from ad_lightning.launcher_env import jobs_at_once
 from ad_lightning.metrics.evaluation import require_threshold_split
 from ad_lightning.models.base import AnomalyModule, DivergenceError
@@ -599,10 +604,10 @@ def carry_over(
                 f"{reached['global_step']}): that epoch's batches were drawn from its first "
                 "again, so the scores are close to an uninterrupted run's, not equal"
             )
-    if mode == "test":  # the fit's record stands; this run only scores
-        if previous:
-            results.timings = previous.timings
-            results.checkpoint = previous.checkpoint
+    if previous and (mode == "test" or (mode == "resume" and fit_ended(previous))):
+        results.timings = previous.timings  # the fit's record stands; this run only scores
+        results.checkpoint = previous.checkpoint
+    if mode == "test":
         if previous and not previous.finished and not previous.checkpoint:
             # its fit never reached the checkpoint choice: last.ckpt is a partly trained model
             results.warnings.append(
@@ -613,6 +618,14 @@ def carry_over(
         if not results.timings:
             results.timings = Timings()
         results.timings.test_only = True
+
+
+def fit_ended(previous: RunResults | None) -> bool:
+    """Whether an unfinished run's fit reached its checkpoint choice (recorded before the test
+    starts), so that a resume only scores: a fit continued from last.ckpt could train on (a
+    stop by early stopping is not in the checkpoint) and score another model than the one its
+    record names."""
+    return bool(previous and not previous.finished and previous.checkpoint)
 
 
 @contextlib.contextmanager
@@ -866,6 +879,9 @@ class RunStatus:
             results.update(status="failed", error=f"{type(err).__name__}: {err}")
         self._write()
         finish_loggers(self.job.loggers, "failed")
+        status = exit_status(err)
+        if status is not None:
+            raise status from err
         return False
 
     def _failed_start(self, err: BaseException) -> RunResults:
@@ -896,7 +912,7 @@ def run(cfg: DictConfig) -> RunResults:
 
     Modes: a new run (fit, choose checkpoint, test) in a folder of its own; `resume=RUN_DIR`
     continues an unfinished fit from its last.ckpt with the run's own config, then tests, in
-    RUN_DIR; `test_only=RUN_DIR` scores its checkpoint again with the run's config into
+    RUN_DIR (only tests where the fit had ended); `test_only=RUN_DIR` scores its checkpoint again with the run's config into
     RUN_DIR/rescore-N. With `skip_done=true` a finished run folder is left as it is.
     """
     cfg, overrides = split_hydra(cfg)
@@ -947,9 +963,10 @@ def run_in(
         )
         carry_over(job, mode, previous, rescore_of, rerun)
         status.running(job)
-        if mode != "test":
+        fits = mode == "train" or (mode == "resume" and not fit_ended(previous))
+        if fits:
             fit(job, str(ckpt_dir / "last.ckpt") if mode == "resume" else None)
-        ckpt_path = choose_checkpoint(job, fitted=mode != "test")
+        ckpt_path = choose_checkpoint(job, fitted=fits)
         write(job)  # the fit's end on record: a test step killed hard leaves it in results.json
         test(job, ckpt_path)
         write_model_file(job)

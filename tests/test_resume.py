@@ -113,6 +113,54 @@ def test_killed_fit_resumes_to_the_scores_of_an_uninterrupted_run(tmp_path: Path
     assert scores(killed) == scores(full)
 
 
+class StopAfterEpoch(pl.Callback):
+    """Stops the fit at an epoch's end as early stopping does (a stop no checkpoint keeps)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+class KillAtTest(pl.Callback):
+    """A machine that dies once the fit has ended, before any image is scored."""
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        raise SimulatedKill("simulated kill at test")
+
+
+def test_a_resume_after_the_fit_ended_only_scores(tmp_path: Path) -> None:
+    """A run whose test died resumes to its test: continuing the ended fit from last.ckpt
+    would train the epochs its early stop left out and score another model than it chose."""
+    cfg = compose_cfg(
+        tmp_path,
+        *SMALL,
+        "trainer.max_epochs=3",
+        "+callbacks.stop._target_=tests.test_resume.StopAfterEpoch",
+        "+callbacks.stop.epoch=0",
+        "+callbacks.kill._target_=tests.test_resume.KillAtTest",
+    )
+    with pytest.raises(RuntimeError, match="simulated kill at test"):
+        run(cfg)
+    failed = json.loads((tmp_path / "results.json").read_text())
+    assert failed["status"] == "failed" and failed["checkpoint"]["epochs"] == 1
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    written = last.stat().st_mtime_ns
+    # test callbacks are dropped (a run folder builds only our classes); the stop is not redone
+    resumed = run(
+        compose_cfg(
+            tmp_path / "x", f"resume={tmp_path}", "+callbacks.kill=null", "+callbacks.stop=null"
+        )
+    )
+    assert resumed["status"] == "finished" and resumed["previous_status"] == "failed"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["checkpoint"] == failed["checkpoint"]  # the model the fit chose, scored
+    assert saved["timings"]["fit_s"] == failed["timings"]["fit_s"]  # no second fit
+    assert last.stat().st_mtime_ns == written and (tmp_path / "scores.csv").is_file()
+
+
 def test_a_requeued_slurm_job_continues_its_fit_from_its_last_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -97,10 +97,12 @@ def test_ctrl_c_is_recorded_as_interrupted_and_the_fit_resumes(tmp_path: Path, b
         f"+callbacks.stop.by={by}",
     )
     try:
-        with pytest.raises(SystemExit):  # Lightning's answer to KeyboardInterrupt and SIGTERM
+        with pytest.raises(SystemExit) as stopped:  # Lightning's answer to both
             run(cfg)
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C
+    # not 0: a scheduler or a script checking $? must not take the stopped run for a finished one
+    assert stopped.value.code == (143 if by == "SIGTERM" else 1)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["status"] == "interrupted", saved.get("error")
     reached = saved["interrupted_at"]
