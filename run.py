@@ -4,6 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ad_lightning.launcher_env import configure_job
+from ad_lightning.stopped_jobs import record_stopped_jobs
 from ad_lightning.train import run
 
 
@@ -19,4 +20,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a joblib sweep's jobs its launcher killed get their record
+        record_stopped_jobs()
+        raise

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -67,6 +68,16 @@ def mid_epoch(trainer: pl.Trainer) -> bool:
     return 0 < done < trainer.num_training_batches
 
 
+def saved_mid_epoch(ckpt_path: Path) -> bool:
+    """Whether a checkpoint was saved inside an epoch (as `mid_epoch` counts it), read from
+    the fit loop's progress it holds: for a checkpoint whose saving process was killed before
+    it said so."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    progress = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    done = progress.get("current", {}).get("processed", 0)
+    return bool(done > 0 and not progress.get("is_last_batch", True))
+
+
 def is_interrupt(err: BaseException, callback: InterruptCheckpoint | None) -> bool:
     """Ctrl-C or SIGTERM, whether it reached run() as KeyboardInterrupt or as Lightning's
     SystemExit."""
@@ -84,10 +95,11 @@ def exit_status(err: BaseException) -> SystemExit | None:
 
 
 def interrupt_record(
-    out: Path, ckpt_dir: Path, callback: InterruptCheckpoint | None, rerun: str
+    out: Path, ckpt_dir: Path, reached: dict[str, Any] | None, rerun: str
 ) -> dict[str, Any]:
-    """results.json fields of an interrupted run: how far it got and the command to go on."""
-    reached = (callback.reached if callback else None) or {"stage": "setup"}
+    """results.json fields of an interrupted run: how far it got (`reached`, as
+    InterruptCheckpoint notes it) and the command to go on."""
+    reached = reached or {"stage": "setup"}
     record: dict[str, Any] = {"status": "interrupted", "interrupted_at": reached}
     if (ckpt_dir / "last.ckpt").exists() and ckpt_dir.parent == out:
         record["resume_command"] = f"python run.py resume={out}"

@@ -73,6 +73,23 @@ def holding(out: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def is_held(out: Path) -> bool:
+    """Whether a live process holds `out` (`holding`): its lock cannot be taken now. A folder
+    without a lock file, or on a file system without locks, is not held."""
+    lock = out / LOCK
+    if not lock.is_file():
+        return False
+    with lock.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def set_aside(ckpt_dir: Path) -> Path | None:
     """A new fit in a folder that holds an earlier, unfinished attempt's checkpoints (a job
     killed, then relaunched with skip_done, maybe with other values) starts without them:

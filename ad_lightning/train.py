@@ -871,9 +871,9 @@ class RunStatus:
             )
         elif is_interrupt(err, self.job.callbacks.interrupt):
             rerun = results.restart_command or self.rerun
-            results.update(
-                **interrupt_record(self.out, ckpt_dir, self.job.callbacks.interrupt, rerun)
-            )
+            callback = self.job.callbacks.interrupt
+            reached = callback.reached if callback else None
+            results.update(**interrupt_record(self.out, ckpt_dir, reached, rerun))
             log.warning("interrupted; %s", results.resume_command or results.note)
         else:
             results.update(status="failed", error=f"{type(err).__name__}: {err}")

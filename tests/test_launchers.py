@@ -9,8 +9,10 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,11 @@ from ad_lightning.launcher_env import (
     plan_joblib_job,
     thread_share,
 )
+from ad_lightning.outputs.artifacts import write_results
 from ad_lightning.report import main as report_main
+from ad_lightning.results import RunResults, read_results
+from ad_lightning.run_folder import holding
+from ad_lightning.stopped_jobs import record_stopped_jobs
 from tests.test_run import CONF, ROOT
 
 #: the fastest run: one statistics pass of the variation model on 32 px images
@@ -164,3 +170,60 @@ def test_slurm_job_shape_runs_through_submitits_local_executor(tmp_path: Path) -
     sweep_then_report(sweep, "slurm_local", jobs=2)
     # submitit ran each job as its own process, with its own logs
     assert len(list((sweep / ".submitit").glob("*/*_0_log.out"))) == 2
+
+
+def test_jobs_left_running_by_a_killed_process_are_recorded_as_interrupted(tmp_path: Path) -> None:
+    """After Ctrl-C, a job folder still `running` that no process holds was killed by the
+    launcher: it gets an interrupted record; a live job's folder and finished ones are left."""
+    records = {"0": "running", "1": "running", "2": "finished", "3": "running"}
+    for job, status in records.items():
+        (tmp_path / job).mkdir()
+        results = RunResults(status=status, restart_command="python run.py -m seed=0,1,2,3")
+        write_results(tmp_path / job / "results.json", results)
+    (tmp_path / "0" / "checkpoints").mkdir()
+    (tmp_path / "0" / "checkpoints" / "last.ckpt").write_bytes(b"cut short by the kill")
+    with holding(tmp_path / "3"):  # a job whose process is alive
+        recorded = record_stopped_jobs(tmp_path, wait_s=0.5)
+    assert recorded == [tmp_path / "0", tmp_path / "1"]
+    zero, one = (read_results(tmp_path / job) for job in ("0", "1"))
+    assert zero.status == one.status == "interrupted"
+    assert zero.resume_command == f"python run.py resume={tmp_path / '0'}"
+    assert "checkpoint_unreadable" in zero.interrupted_at  # resume names the file, no guess
+    assert one.resume_command is None and "python run.py -m seed=0,1,2,3" in one.note
+    assert read_results(tmp_path / "2").status == "finished"
+    assert read_results(tmp_path / "3").status == "running"
+    assert record_stopped_jobs(None) == []  # no joblib sweep launched by this process
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_joblib_sweep_leaves_every_started_job_resumable(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the sweep and its workers; joblib kills the workers at
+    once. Every job that started is recorded as interrupted, with the command to resume it."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "run.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    cmd += ["model=skip_dfr", "data.image_size=32", "backbone.feature_size=8", "logger=csv"]
+    cmd += ["trainer.max_steps=1000000", "trainer.enable_progress_bar=false", "seed=0,1,2"]
+    cmd += [f"hydra.sweep.dir={sweep}"]
+    env = os.environ | {"WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    started = [sweep / job for job in ("0", "1")]
+    deadline = time.monotonic() + 240
+    while not all((job / "checkpoints" / "last.ckpt").is_file() for job in started):
+        assert proc.poll() is None and time.monotonic() < deadline, "the jobs did not start"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    for job in started:
+        results = read_results(job)
+        assert results.status == "interrupted", err.decode()[-2000:]
+        assert results.interrupted_at["by"] == "Ctrl-C"
+        assert results.resume_command == f"python run.py resume={job}"
+    assert not (sweep / "2" / "results.json").is_file()  # never started: nothing to record
