@@ -68,14 +68,18 @@ def mid_epoch(trainer: pl.Trainer) -> bool:
     return 0 < done < trainer.num_training_batches
 
 
-def saved_mid_epoch(ckpt_path: Path) -> bool:
-    """Whether a checkpoint was saved inside an epoch (as `mid_epoch` counts it), read from
-    the fit loop's progress it holds: for a checkpoint whose saving process was killed before
-    it said so."""
+def saved_progress(ckpt_path: Path) -> dict[str, Any]:
+    """Where a checkpoint's fit stood (`epoch`, `global_step`, whether it was saved inside an
+    epoch as `mid_epoch` counts it), read from the progress it holds: for a checkpoint whose
+    saving process was killed before it said so."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     progress = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
     done = progress.get("current", {}).get("processed", 0)
-    return bool(done > 0 and not progress.get("is_last_batch", True))
+    return {
+        "epoch": int(ckpt.get("epoch", 0)),
+        "global_step": int(ckpt.get("global_step", 0)),
+        "mid_epoch": bool(done > 0 and not progress.get("is_last_batch", True)),
+    }
 
 
 def is_interrupt(err: BaseException, callback: InterruptCheckpoint | None) -> bool:

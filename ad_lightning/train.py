@@ -598,10 +598,10 @@ def carry_over(
         # kept through later stops and resumes: the fit did draw an epoch's batches twice
         results.warnings += [w for w in previous.warnings or [] if MID_EPOCH_RESUME in w]
         reached = previous.interrupted_at or {}
-        if reached.get("mid_epoch") and reached.get("checkpoint"):
+        if reached.get("mid_epoch") and reached.get("checkpoint") and not fit_ended(previous):
             results.warnings.append(
-                f"{MID_EPOCH_RESUME} at the interrupt (epoch {reached['epoch']}, step "
-                f"{reached['global_step']}): that epoch's batches were drawn from its first "
+                f"{MID_EPOCH_RESUME} at the interrupt (epoch {reached.get('epoch', '?')}, step "
+                f"{reached.get('global_step', '?')}): that epoch's batches were drawn from its first "
                 "again, so the scores are close to an uninterrupted run's, not equal"
             )
     if previous and (mode == "test" or (mode == "resume" and fit_ended(previous))):
@@ -618,6 +618,32 @@ def carry_over(
         if not results.timings:
             results.timings = Timings()
         results.timings.test_only = True
+
+
+#: override keys that only shape a fit: a resume whose fit had ended does not fit
+FIT_ONLY = (
+    "trainer.max_",
+    "trainer.min_",
+    "trainer.accumulate_grad_batches",
+    "trainer.gradient_clip",
+    "trainer.val_check_interval",
+    "trainer.check_val_every_n_epoch",
+    "feature_store",
+)
+
+
+def warn_unused_fit_overrides(job: Job, overrides: list[str] | None) -> None:
+    """A resume of a run whose fit had ended only scores: say so where its command asked for
+    more fitting (trainer.max_epochs=...), instead of leaving the user to think it trained."""
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides or []]
+    unused = [k for k in keys if k.startswith(FIT_ONLY)]
+    if unused:
+        message = (
+            f"{', '.join(unused)} had no effect: this run's fit had ended (its checkpoint choice "
+            "is on record), so the resume only scored it; train a new run to fit with them"
+        )
+        log.warning(message)
+        job.results.warnings.append(message)
 
 
 def fit_ended(previous: RunResults | None) -> bool:
@@ -962,8 +988,10 @@ def run_in(
             previous if mode == "resume" else None,
         )
         carry_over(job, mode, previous, rescore_of, rerun)
-        status.running(job)
         fits = mode == "train" or (mode == "resume" and not fit_ended(previous))
+        if mode == "resume" and not fits:
+            warn_unused_fit_overrides(job, overrides)
+        status.running(job)
         if fits:
             fit(job, str(ckpt_dir / "last.ckpt") if mode == "resume" else None)
         ckpt_path = choose_checkpoint(job, fitted=fits)

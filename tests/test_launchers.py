@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf.errors import InterpolationResolutionError
 
 import ad_lightning  # noqa: F401 - registers the resolvers the presets use
+from ad_lightning import stopped_jobs
 from ad_lightning.launcher_env import (
     check_slurm_tasks,
     claim_device,
@@ -29,7 +31,7 @@ from ad_lightning.launcher_env import (
 )
 from ad_lightning.outputs.artifacts import write_results
 from ad_lightning.report import main as report_main
-from ad_lightning.results import RunResults, read_results
+from ad_lightning.results import CheckpointChoice, RunResults, read_results
 from ad_lightning.run_folder import holding
 from ad_lightning.stopped_jobs import record_stopped_jobs
 from tests.test_run import CONF, ROOT
@@ -172,27 +174,60 @@ def test_slurm_job_shape_runs_through_submitits_local_executor(tmp_path: Path) -
     assert len(list((sweep / ".submitit").glob("*/*_0_log.out"))) == 2
 
 
-def test_jobs_left_running_by_a_killed_process_are_recorded_as_interrupted(tmp_path: Path) -> None:
-    """After Ctrl-C, a job folder still `running` that no process holds was killed by the
-    launcher: it gets an interrupted record; a live job's folder and finished ones are left."""
-    records = {"0": "running", "1": "running", "2": "finished", "3": "running"}
+def fabricated_last_ckpt(folder: Path, mid_epoch: bool) -> None:
+    """A last.ckpt holding only what the record reads: the epoch, the step and the fit loop's
+    batch progress (3 of an epoch's batches done, the last not reached when `mid_epoch`)."""
+    progress = {"current": {"processed": 3}, "is_last_batch": not mid_epoch}
+    ckpt = {
+        "epoch": 2,
+        "global_step": 17,
+        "loops": {"fit_loop": {"epoch_loop.batch_progress": progress}},
+    }
+    (folder / "checkpoints").mkdir()
+    torch.save(ckpt, folder / "checkpoints" / "last.ckpt")
+
+
+def test_jobs_left_running_by_a_killed_process_are_recorded_as_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After Ctrl-C, a job folder of this launch still `running` that no process holds was
+    killed by the launcher: it gets an interrupted record saying where its last.ckpt stands.
+    A live job's folder, finished ones, an earlier launch's and another machine's are left."""
+    records = {job: "running" for job in "0123456"} | {"2": "finished"}
     for job, status in records.items():
         (tmp_path / job).mkdir()
         results = RunResults(status=status, restart_command="python run.py -m seed=0,1,2,3")
+        if job == "4":  # its fit ended (the checkpoint choice is on record) before the kill
+            results.checkpoint = CheckpointChoice(scored="last", epochs=3)
         write_results(tmp_path / job / "results.json", results)
     (tmp_path / "0" / "checkpoints").mkdir()
     (tmp_path / "0" / "checkpoints" / "last.ckpt").write_bytes(b"cut short by the kill")
+    fabricated_last_ckpt(tmp_path / "1", mid_epoch=True)
+    fabricated_last_ckpt(tmp_path / "4", mid_epoch=True)  # a max_steps budget ends mid-epoch
+    old = time.time() - 3600
+    os.utime(tmp_path / "5" / "results.json", (old, old))  # an earlier launch's job
+    (tmp_path / "6" / ".lock").write_text("pid 12 on another-node\n")
+    since = time.time() - 60
     with holding(tmp_path / "3"):  # a job whose process is alive
-        recorded = record_stopped_jobs(tmp_path, wait_s=0.5)
-    assert recorded == [tmp_path / "0", tmp_path / "1"]
-    zero, one = (read_results(tmp_path / job) for job in ("0", "1"))
-    assert zero.status == one.status == "interrupted"
-    assert zero.resume_command == f"python run.py resume={tmp_path / '0'}"
-    assert "checkpoint_unreadable" in zero.interrupted_at  # resume names the file, no guess
-    assert one.resume_command is None and "python run.py -m seed=0,1,2,3" in one.note
+        recorded = record_stopped_jobs(tmp_path, wait_s=0.5, since=since)
+    assert recorded == [tmp_path / "0", tmp_path / "1", tmp_path / "4"]
+    zero, one, four = (read_results(tmp_path / job) for job in "014")
+    assert zero.status == one.status == four.status == "interrupted"
+    # a checkpoint cut short by the kill: resume would refuse it, so the way on is a restart
+    assert "checkpoint_unreadable" in zero.interrupted_at and zero.resume_command is None
+    assert "python run.py -m seed=0,1,2,3" in zero.note and "last.ckpt" in zero.note
+    assert one.resume_command == f"python run.py resume={tmp_path / '1'}"
+    assert {k: one.interrupted_at[k] for k in ("epoch", "global_step", "mid_epoch")} == {
+        "epoch": 2,
+        "global_step": 17,
+        "mid_epoch": True,
+    }
+    assert four.interrupted_at["stage"] == "test" and four.interrupted_at["mid_epoch"] is False
     assert read_results(tmp_path / "2").status == "finished"
-    assert read_results(tmp_path / "3").status == "running"
-    assert record_stopped_jobs(None) == []  # no joblib sweep launched by this process
+    for job in "356":
+        assert read_results(tmp_path / job).status == "running"
+    monkeypatch.setattr(stopped_jobs, "_SWEEP", None)
+    assert record_stopped_jobs() == []  # no joblib sweep launched by this process
 
 
 @pytest.mark.slow
@@ -227,3 +262,13 @@ def test_ctrl_c_in_a_joblib_sweep_leaves_every_started_job_resumable(tmp_path: P
         assert results.interrupted_at["by"] == "Ctrl-C"
         assert results.resume_command == f"python run.py resume={job}"
     assert not (sweep / "2" / "results.json").is_file()  # never started: nothing to record
+    # the record is one resume= takes: a job killed before it said where it stopped, if any
+    job = next(
+        (j for j in started if read_results(j).interrupted_at["stage"] == "unknown"), started[0]
+    )
+    step = read_results(job).interrupted_at["global_step"]
+    resume = [sys.executable, "run.py", f"resume={job}", f"trainer.max_steps={step + 2}"]
+    done = subprocess.run(resume, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = read_results(job)
+    assert resumed.status == "finished" and resumed.previous_status == "interrupted"

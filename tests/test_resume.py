@@ -148,13 +148,19 @@ def test_a_resume_after_the_fit_ended_only_scores(tmp_path: Path) -> None:
     assert failed["status"] == "failed" and failed["checkpoint"]["epochs"] == 1
     last = tmp_path / "checkpoints" / "last.ckpt"
     written = last.stat().st_mtime_ns
-    # test callbacks are dropped (a run folder builds only our classes); the stop is not redone
+    # test callbacks are dropped (a run folder builds only our classes); the stop is not redone,
+    # and a longer fit asked for is not done either: the user is told so
     resumed = run(
         compose_cfg(
-            tmp_path / "x", f"resume={tmp_path}", "+callbacks.kill=null", "+callbacks.stop=null"
+            tmp_path / "x",
+            f"resume={tmp_path}",
+            "+callbacks.kill=null",
+            "+callbacks.stop=null",
+            "trainer.max_epochs=5",
         )
     )
     assert resumed["status"] == "finished" and resumed["previous_status"] == "failed"
+    assert any("trainer.max_epochs had no effect" in w for w in resumed["warnings"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["checkpoint"] == failed["checkpoint"]  # the model the fit chose, scored
     assert saved["timings"]["fit_s"] == failed["timings"]["fit_s"]  # no second fit
