@@ -40,6 +40,7 @@ from ad_lightning.backbones.features import (
     FeatureExtractor,
     normalization_mismatch,
 )
+from ad_lightning.checkpoints import BestCheckpoint
 from ad_lightning.config_check import validate
 from ad_lightning.data import DataLayoutError
 from ad_lightning.ddp_checks import apply_ddp_rules, request_unused_parameter_search
@@ -261,7 +262,7 @@ def best_checkpoint(model: AnomalyModule, ckpt_dir: Path) -> ModelCheckpoint | N
     a method that monitors no loss."""
     if not model.monitor:
         return None
-    return ModelCheckpoint(
+    return BestCheckpoint(
         dirpath=ckpt_dir, monitor=model.monitor, mode="min", save_top_k=1, filename="best-{epoch}"
     )
 

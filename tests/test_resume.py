@@ -190,6 +190,50 @@ def test_a_requeued_slurm_job_continues_its_fit_from_its_last_checkpoint(
     assert again["checkpoint"]["epochs"] == 4
 
 
+def saved_best(callback: pl.Callback, path: Path, score: float) -> None:
+    """A best checkpoint as the callback writes it: its state names itself, with its score."""
+    state = callback.state_dict() | {"best_model_path": str(path), "best_model_score": score}
+    torch.save({"callbacks": {callback.state_key: state}}, path)
+
+
+@pytest.mark.parametrize(
+    ("on_disk", "expected"),
+    [
+        (
+            {"best-epoch=1.ckpt": 0.5},
+            "best-epoch=1.ckpt",
+        ),  # the named best deleted, its successor kept
+        (
+            {"best-epoch=0.ckpt": 0.8, "best-epoch=1.ckpt": 0.5},
+            "best-epoch=1.ckpt",
+        ),  # not deleted yet
+        ({"best-epoch=0.ckpt": 0.8}, "best-epoch=0.ckpt"),  # as the state says
+        ({}, ""),  # nothing there: the resumed fit chooses afresh
+    ],
+)
+def test_a_resume_takes_the_best_checkpoint_the_folder_holds(
+    tmp_path: Path, on_disk: dict[str, float], expected: str
+) -> None:
+    """A process killed after the best epoch's callback saved (and deleted the previous best)
+    but before last.ckpt was written leaves a last.ckpt whose state names the old best: the
+    resumed fit used to score a file that is gone (FileNotFoundError after the whole fit) or
+    the worse epoch."""
+    callback = best_checkpoint(SimpleNamespace(monitor="val/loss"), tmp_path)
+    for name, score in on_disk.items():
+        saved_best(callback, tmp_path / name, score)
+    state = callback.state_dict() | {
+        "best_model_path": str(tmp_path / "best-epoch=0.ckpt"),
+        "best_model_score": torch.tensor(0.8),
+        "best_k_models": {str(tmp_path / "best-epoch=0.ckpt"): torch.tensor(0.8)},
+        "dirpath": str(tmp_path),
+    }
+    callback.load_state_dict(state)  # what Lightning does with last.ckpt's state on resume
+    assert callback.best_model_path == (str(tmp_path / expected) if expected else "")
+    assert list(callback.best_k_models) == ([str(tmp_path / expected)] if expected else [])
+    if expected:
+        assert float(callback.best_model_score) == pytest.approx(on_disk[expected])
+
+
 class WorseEachEpoch(pl.LightningModule):
     """Its validation loss rises every epoch: the best epoch is the first, the last is not."""
 
